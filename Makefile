@@ -1,0 +1,50 @@
+# The few verbs people type. Each sets up what it needs first (virtualenv, pinned CPU torch,
+# redis-server from the system packages, helm for the chart tests), so on a fresh Debian/Ubuntu
+# machine with Python 3.11 `make run` and `make test` are the whole set-up.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JOB    ?= examples/digits.yaml
+
+.PHONY: setup run test lint typecheck unit bench clean tools
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (system package)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v gcc >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq gcc >/dev/null; }
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# Pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 numpy
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+tools:
+	@bash hack/install-tools.sh
+
+run: $(STAMP)
+	$(BIN)/p2ptrain run $(JOB)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit -q
+
+test: $(STAMP) tools lint typecheck
+	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/accumulate.py
+	$(BIN)/python bench/round.py
+
+clean:
+	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

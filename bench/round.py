@@ -1,0 +1,137 @@
+"""Round wall time of p2ptrain, split by phase, against PyTorch DDP (gloo) on the same job.
+
+Runs the digits job with the local runner (real Redis servers, peers and function processes on this
+machine), then the same model, data shards, batch size, optimizer and number of steps with
+``torch.nn.parallel.DistributedDataParallel`` over gloo with as many workers as peers. Prints both and
+their ratio, measured in one run, and writes ``docs/bench-round.md``. Usage:
+``python bench/round.py [examples/digits.yaml] [--rounds N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from p2ptrain.data import batch_indices, load_dataset, shard_indices
+from p2ptrain.local import LocalRun, RunOptions
+from p2ptrain.metrics import ROUND_PHASES
+from p2ptrain.models import build_model
+from p2ptrain.spec import JobSpec, load_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_p2ptrain(spec: JobSpec) -> dict:
+    import asyncio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True)
+        runner = LocalRun(spec, options, out=io.StringIO())
+        return asyncio.run(runner.run())
+
+
+def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str) -> None:
+    from p2ptrain.spec import spec_from_dict
+
+    spec = spec_from_dict(json.loads(spec_json))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = load_dataset(spec.dataset)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = spec.optimizer
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=opt.learning_rate, momentum=opt.momentum)
+    shard = shard_indices(len(data.y_train), world, rank, spec.dataset.split_seed)
+    rounds = spec.total_rounds(len(shard))
+    step_seconds = []
+    dist.barrier()
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        idx = batch_indices(shard, r, spec.batch_size, spec.seed + rank)
+        x, y = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        step_seconds.append(time.perf_counter() - t0)
+    dist.barrier()
+    if rank == 0:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(data.x_test))
+            accuracy = float((logits.argmax(1) == torch.from_numpy(data.y_test)).float().mean())
+        Path(out_path).write_text(json.dumps({"step_seconds": step_seconds, "accuracy": accuracy}))
+    dist.destroy_process_group()
+
+
+def run_ddp(spec: JobSpec) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        started = time.perf_counter()
+        mp.spawn(_ddp_worker, args=(spec.peers, port, json.dumps(spec.to_dict()), out.name), nprocs=spec.peers)
+        wall = time.perf_counter() - started
+        result: dict = json.loads(Path(out.name).read_text())
+    steps = result["step_seconds"][2:] or result["step_seconds"]  # leave out warm-up steps
+    return {"step_seconds_median": statistics.median(steps), "step_seconds_mean": statistics.fmean(steps),
+            "accuracy": result["accuracy"], "wall_seconds": wall, "steps": len(result["step_seconds"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", nargs="?", default=str(ROOT / "examples" / "digits.yaml"))
+    parser.add_argument("--rounds", type=int, help="override spec.rounds")
+    parser.add_argument("--report", default=str(ROOT / "docs" / "bench-round.md"))
+    args = parser.parse_args()
+    spec = load_manifest(args.manifest)
+    if args.rounds:
+        spec = dataclasses.replace(spec, rounds=args.rounds, epochs=None)
+
+    p2p = run_p2ptrain(spec)
+    ddp = run_ddp(spec)
+    round_seconds = p2p["round_seconds"]
+    ratio = round_seconds / ddp["step_seconds_mean"]
+    lines = [
+        f"# Round time: p2ptrain vs PyTorch DDP (gloo), {spec.name}",
+        "",
+        f"{spec.peers} peers/workers, batch {spec.batch_size} per peer, {p2p['rounds']} rounds, model "
+        f"{spec.model.name} {dict(spec.model.args)}, {spec.functions_per_peer} functions per peer, one machine "
+        f"({os.cpu_count()} cores). Measured in one run; compare the ratio, not the absolute times.",
+        "",
+        "| phase | p2ptrain mean ms/round |",
+        "|---|---|",
+        *[f"| {p} | {p2p['phases'][p] * 1000:.2f} |" for p in ROUND_PHASES],
+        f"| **round** | **{round_seconds * 1000:.2f}** |",
+        "",
+        "| system | ms per round/step | test accuracy | wall s (incl. start-up) |",
+        "|---|---|---|---|",
+        f"| p2ptrain (local runner) | {round_seconds * 1000:.2f} | {p2p['test_accuracy']:.4f} | {p2p['wall_seconds']:.1f} |",
+        f"| DDP gloo | {ddp['step_seconds_mean'] * 1000:.2f} | {ddp['accuracy']:.4f} | {ddp['wall_seconds']:.1f} |",
+        "",
+        f"**p2ptrain round / DDP step = {ratio:.1f}x**. Function cold starts: {p2p['function']['cold_starts']} "
+        f"(mean {p2p['function']['cold_start_seconds_mean'] or 0:.2f} s) vs warm request "
+        f"{(p2p['function']['warm_request_seconds_mean'] or 0) * 1000:.1f} ms.",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text(report, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""A local stand-in for a Knative Service: function instances that scale from and to zero.
+
+An HTTP front door (like Knative's activator) holds each request until an instance has a free slot
+(``containerConcurrency``), starts a new instance process when all are busy and fewer than
+``maxScale`` run (a cold start, timed and counted), and stops instances idle for ``idleSeconds``
+(scale to zero). A crashed instance is dropped and its request answered 503, which the peer retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from p2ptrain import metrics
+from p2ptrain.redis_server import die_with_parent, free_port
+from p2ptrain.spec import FunctionSpec
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_READY_TIMEOUT_SECONDS = 120.0
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+
+
+@dataclass
+class Instance:
+    number: int
+    port: int
+    process: subprocess.Popen[bytes]
+    started: float
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    inflight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    failed: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return not self.failed and self.process.poll() is None
+
+
+@dataclass
+class ScaleStats:
+    cold_starts: int = 0
+    cold_start_seconds: list[float] = field(default_factory=list)
+    scale_to_zero: int = 0
+    crashed: int = 0
+    max_instances: int = 0
+    requests: int = 0
+    warm_request_seconds: list[float] = field(default_factory=list)
+    cold_request_seconds: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        def mean(values: list[float]) -> float | None:
+            return sum(values) / len(values) if values else None
+
+        return {
+            "cold_starts": self.cold_starts,
+            "cold_start_seconds_mean": mean(self.cold_start_seconds),
+            "scaled_to_zero": self.scale_to_zero,
+            "crashed_instances": self.crashed,
+            "max_instances": self.max_instances,
+            "requests": self.requests,
+            "warm_request_seconds_mean": mean(self.warm_request_seconds),
+            "cold_request_seconds_mean": mean(self.cold_request_seconds),
+        }
+
+
+class LocalFunctionService:
+    def __init__(
+        self,
+        scale: FunctionSpec,
+        command: Sequence[str],
+        env: dict[str, str],
+        log_dir: Path,
+        labels: dict[str, str],
+    ) -> None:
+        self.scale = scale
+        self.command = list(command)
+        self.env = env
+        self.log_dir = log_dir
+        self.labels = labels
+        self.instances: list[Instance] = []
+        self.stats = ScaleStats()
+        self._changed = asyncio.Condition()
+        self._numbers = 0
+        self._client = httpx.AsyncClient(timeout=scale.timeout_seconds, limits=httpx.Limits(max_connections=256))
+        self._reaper: asyncio.Task[None] | None = None
+        self._waiters = 0
+        self._warming: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for _ in range(self.scale.min_scale):
+            await self._spawn()
+        self._reaper = asyncio.create_task(self._reap_forever())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for instance in list(self.instances):
+            await asyncio.to_thread(_terminate, instance.process)
+        self.instances.clear()
+        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(0)
+        await self._client.aclose()
+
+    def kill_one(self) -> int | None:
+        """Kill a running instance (SIGKILL) — for failure drills; returns its pid."""
+        for instance in self.instances:
+            if instance.alive:
+                instance.process.kill()
+                return instance.process.pid
+        return None
+
+    # --- the front door -----------------------------------------------------------------------------
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope["headers"]
+            if k.decode("latin-1").lower() not in _HOP_HEADERS
+        }
+        status, out_headers, content = await self.forward(scope["method"], scope["path"], headers, body)
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": content})
+
+    async def forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        started = time.monotonic()
+        self.stats.requests += 1
+        try:
+            instance, cold = await asyncio.wait_for(self._acquire(), timeout=self.scale.timeout_seconds)
+        except TimeoutError:
+            return 503, [(b"content-type", b"text/plain")], b"no function instance became available in time"
+        try:
+            response = await self._client.request(method, instance.url + path, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            instance.failed = instance.process.poll() is not None or isinstance(exc, httpx.ConnectError)
+            return 503, [(b"content-type", b"text/plain")], f"function instance failed: {type(exc).__name__}".encode()
+        finally:
+            await self._release(instance)
+        elapsed = time.monotonic() - started
+        (self.stats.cold_request_seconds if cold else self.stats.warm_request_seconds).append(elapsed)
+        out = [
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in response.headers.items()
+            if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"
+        ]
+        out.append((b"content-length", str(len(response.content)).encode()))
+        return response.status_code, out, response.content
+
+    # --- scaling ------------------------------------------------------------------------------------
+    def _capacity(self) -> int:
+        return self.scale.container_concurrency or 1_000_000
+
+    async def _acquire(self) -> tuple[Instance, bool]:
+        """A slot on a ready instance; starts an instance when all are busy (scale from zero / out)."""
+        cold = False
+        async with self._changed:
+            while True:
+                self._drop_dead()
+                ready = [i for i in self.instances if i.ready.is_set() and i.inflight < self._capacity()]
+                if ready:
+                    instance = min(ready, key=lambda i: i.inflight)
+                    instance.inflight += 1
+                    instance.last_used = time.monotonic()
+                    return instance, cold
+                starting = [i for i in self.instances if not i.ready.is_set()]
+                waiting_capacity = len(starting) * self._capacity()
+                if len(self.instances) < self.scale.max_scale and waiting_capacity <= self._waiters:
+                    cold = True
+                    instance = self._start_instance()
+                    self._warming.add(asyncio.create_task(self._become_ready(instance)))
+                self._waiters += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiters -= 1
+
+    async def _release(self, instance: Instance) -> None:
+        async with self._changed:
+            instance.inflight -= 1
+            instance.last_used = time.monotonic()
+            self._changed.notify_all()
+
+    async def _spawn(self) -> None:
+        async with self._changed:
+            instance = self._start_instance()
+        await self._become_ready(instance)
+
+    def _start_instance(self) -> Instance:
+        """Start an instance process (call with the condition held, so no two requests over-spawn)."""
+        self._numbers += 1
+        port = free_port()
+        log_path = self.log_dir / f"function-{self._numbers}.log"
+        env = {**self.env, "LISTEN_ADDRESS": f"127.0.0.1:{port}"}
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                self.command,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                start_new_session=True,  # Ctrl-C reaches the runner, which stops instances in order
+            )
+        instance = Instance(number=self._numbers, port=port, process=process, started=time.monotonic())
+        self.instances.append(instance)
+        self.stats.max_instances = max(self.stats.max_instances, len(self.instances))
+        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
+        return instance
+
+    async def _become_ready(self, instance: Instance) -> None:
+        ok = await self._wait_ready(instance)
+        async with self._changed:
+            if ok:
+                instance.ready.set()
+                instance.last_used = time.monotonic()
+                self.stats.cold_starts += 1
+                self.stats.cold_start_seconds.append(time.monotonic() - instance.started)
+                log.info("function instance %d ready in %.2fs", instance.number, time.monotonic() - instance.started)
+            else:
+                instance.failed = True
+                log.warning("function instance %d did not become ready; see its log", instance.number)
+            self._changed.notify_all()
+        task = asyncio.current_task()
+        if task is not None:
+            self._warming.discard(task)
+
+    async def _wait_ready(self, instance: Instance) -> bool:
+        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
+        while time.monotonic() < deadline and instance.process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                response = await self._client.get(instance.url + "/health/readiness", timeout=1)
+                if response.status_code == 200:
+                    return True
+            await asyncio.sleep(0.05)
+        return False
+
+    def _drop_dead(self) -> None:
+        for instance in [i for i in self.instances if not i.alive and (i.ready.is_set() or i.failed)]:
+            self.instances.remove(instance)
+            self.stats.crashed += 1
+            with contextlib.suppress(Exception):
+                instance.process.kill()
+                instance.process.wait(timeout=1)
+            log.warning("function instance %d is gone (exit code %s)", instance.number, instance.process.returncode)
+        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.5, max(0.05, self.scale.idle_seconds / 4)))
+            async with self._changed:
+                self._drop_dead()
+                now = time.monotonic()
+                idle = [
+                    i
+                    for i in self.instances
+                    if i.ready.is_set() and i.inflight == 0 and now - i.last_used >= self.scale.idle_seconds
+                ]
+                keep = max(0, len(self.instances) - self.scale.min_scale)
+                for instance in idle[:keep]:
+                    self.instances.remove(instance)
+                    self.stats.scale_to_zero += 1
+                    await asyncio.to_thread(_terminate, instance.process)
+                    log.info("function instance %d idle for %.0fs: stopped", instance.number, self.scale.idle_seconds)
+                metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
+                self._changed.notify_all()
+
+    @property
+    def running(self) -> int:
+        return sum(1 for i in self.instances if i.alive)
+
+
+def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment for child processes: ours, plus ``extra``; one torch thread each."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra)
+    return env

@@ -1,0 +1,68 @@
+"""Model and optimizer state as bytes, without pickle (safetensors + JSON metadata).
+
+Checkpoints live in the peer's Redis and may be read back by another peer or after a restart, so
+they are untrusted input: safetensors stores only named tensors, and the optimizer's non-tensor state
+(param groups, hyper-parameters) travels as JSON in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model or optimizer it is loaded into."""
+
+
+def pack_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
+    tensors: dict[str, torch.Tensor] = {
+        f"model.{name}": value.detach().contiguous() for name, value in model.state_dict().items()
+    }
+    opt_state = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in opt_state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{name}"] = value.detach().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    metadata = {
+        "meta": json.dumps(meta),
+        "param_groups": json.dumps(opt_state["param_groups"]),
+        "optim_scalars": json.dumps(scalars),
+    }
+    return st_save(tensors, metadata=metadata)
+
+
+def unpack_state(data: bytes, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load ``data`` into ``model`` and ``optimizer``; returns the checkpoint's metadata."""
+    try:
+        tensors = st_load(data)
+        metadata = _metadata(data)
+        model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        model.load_state_dict(model_state, strict=True)
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, entries in json.loads(metadata["optim_scalars"]).items():
+            state.setdefault(int(index), {}).update(entries)
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+        meta: dict[str, Any] = json.loads(metadata["meta"])
+        return meta
+    except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint does not fit this job's model/optimizer: {exc}") from exc
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    metadata: dict[str, str] = header.get("__metadata__", {})
+    return metadata

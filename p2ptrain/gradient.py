@@ -1,0 +1,324 @@
+"""The gradient function: one micro-batch in, its gradient summed into the peer's Redis, a receipt out.
+
+It is a func-python (Knative Python functions) Function: ``handle(scope, receive, send)`` gets the
+decoded CloudEvent in ``scope["event"]``. Each ``gradient.requested`` event names a peer, a model
+version and the sample indices; the function loads that version from the peer's Redis (cached per
+version), computes the gradient with torch, adds it into the peer's accumulator in Redis (idempotently,
+so retries never double-count) and replies with a ``gradient.computed`` event (loss, samples, timings).
+The event boundary runs in four visible steps: decode (func-python), validate, process, encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import redis
+import torch
+from cloudevents.core.v1.event import CloudEvent
+
+from p2ptrain import metrics, wire
+from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
+from p2ptrain.config import CONFIG_ENV, RedisAddress, RuntimeConfig, Secrets
+from p2ptrain.data import Dataset, load_dataset
+from p2ptrain.models import build_model
+
+log = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[..., Awaitable[None]]
+
+SOURCE = "/functions/gradient"
+_MODEL_CACHE_VERSIONS = 16
+
+
+@dataclass(frozen=True)
+class GradientRequest:
+    """A validated ``gradient.requested`` event."""
+
+    peer: int
+    round: int
+    version: int
+    part: str
+    redis: RedisAddress
+    model_key: str
+    accumulator_key: str
+    accumulator_meta_key: str
+    indices: np.ndarray
+
+
+class RequestError(ValueError):
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class GradientFunction:
+    """The function instance func-python serves (``new()`` returns one)."""
+
+    def __init__(self, config: RuntimeConfig | None = None, secrets: Secrets | None = None) -> None:
+        self.config = config
+        self.secrets = secrets
+        self._ready = False
+        self._served = 0
+        self._lock = threading.Lock()
+        self._clients: dict[RedisAddress, tuple[redis.Redis, Accumulator]] = {}
+        self._params: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._dataset: Dataset | None = None
+        self._model: torch.nn.Module | None = None
+        self._labels: dict[str, str] = {}
+
+    # --- lifecycle (func-python calls these) ----------------------------------------------------
+    def start(self, env: dict[str, str]) -> None:
+        """Load configuration from the environment (the edge), the data set and the model skeleton."""
+        if self.config is None:
+            path = env.get(CONFIG_ENV)
+            if not path:
+                raise RuntimeError(f"{CONFIG_ENV} must name the job's runtime config (job.json)")
+            self.config = RuntimeConfig.from_file(path)
+        if self.secrets is None:
+            self.secrets = Secrets.from_env()
+        torch.set_num_threads(int(env.get("P2PTRAIN_TORCH_THREADS", "1")))
+        spec = self.config.spec
+        self._labels = {"job": spec.name, "namespace": spec.namespace}
+        self._dataset = load_dataset(spec.dataset)
+        torch.manual_seed(spec.seed)
+        self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes)
+        self._model.train()
+        self._ready = True
+        log.info("gradient function ready", extra={"job": spec.name, "namespace": spec.namespace})
+
+    def stop(self) -> None:
+        for client, _ in self._clients.values():
+            client.close()
+        self._clients.clear()
+
+    def alive(self) -> tuple[bool, str]:
+        return True, "OK"
+
+    def ready(self) -> tuple[bool, str]:
+        return (True, "OK") if self._ready else (False, "loading data and model")
+
+    # --- the event boundary -----------------------------------------------------------------------
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        event: CloudEvent = scope["event"]
+        try:
+            request = self.validate(event)
+            result = await asyncio.to_thread(self.process, request)
+        except (RequestError, wire.WireError) as exc:
+            status = exc.status if isinstance(exc, RequestError) else 400
+            status = 401 if exc.reason == "signature" else status
+            metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome=exc.reason).inc()
+            log.warning("rejected gradient request: %s", exc, extra={"reason": exc.reason})
+            await _reply_error(send, status, exc.reason, str(exc))
+            return
+        except (AccumulatorError, redis.RedisError) as exc:
+            metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="redis").inc()
+            log.warning("gradient could not be stored: %s", exc)
+            await _reply_error(send, 503, "redis", f"gradient could not be stored in the peer's Redis: {exc}")
+            return
+        result["timings"]["total"] = time.perf_counter() - started
+        metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="ok").inc()
+        metrics.FUNCTION_DURATION_SECONDS.labels(**self._labels).observe(result["timings"]["total"])
+        assert self.secrets is not None
+        reply = wire.build_event(
+            wire.GRADIENT_COMPUTED,
+            SOURCE,
+            data=result,
+            subject=f"round/{request.round}",
+            extensions={"round": request.round, "peer": request.peer},
+            key=self.secrets.signing_key,
+        )
+        await send.binary(reply)  # type: ignore[attr-defined]
+
+    def validate(self, event: CloudEvent) -> GradientRequest:
+        """Check signature, type and every field against this job's config."""
+        if not self._ready or self.config is None or self.secrets is None or self._dataset is None:
+            raise RequestError("not-ready", "function is still starting", status=503)
+        wire.verify(event, self.secrets.signing_key)
+        if event.get_type() != wire.GRADIENT_REQUESTED:
+            raise RequestError("malformed", f"event type must be {wire.GRADIENT_REQUESTED}, got {event.get_type()}")
+        data = wire.event_json(event)
+        spec = self.config.spec
+        try:
+            peer = int(data["peer"])
+            round_index = int(data["round"])
+            version = int(data["version"])
+            part = str(data["part"])
+            address = str(data["redis"])
+            keys = (str(data["model"]), str(data["accumulator"]), str(data["accumulatorMeta"]))
+            indices = np.asarray(data["indices"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestError("malformed", f"gradient request field missing or of the wrong type: {exc!r}") from exc
+        if not 0 <= peer < spec.peers:
+            raise RequestError("unknown-peer", f"peer {peer} is not in this job (peers={spec.peers})")
+        expected = self.config.redis[peer]
+        if address != str(expected):
+            # Never connect where an event says: only to the peer's own Redis from the job config.
+            raise RequestError("unknown-peer", f"redis {address!r} is not peer {peer}'s Redis ({expected})")
+        prefix = f"p2p:{spec.name}:{peer}:"
+        if not all(k.startswith(prefix) for k in keys):
+            raise RequestError("malformed", f"keys must start with {prefix!r}")
+        if indices.ndim != 1 or not 0 < indices.size <= spec.batch_size:
+            raise RequestError("shape", f"indices must be a list of 1..{spec.batch_size} sample numbers")
+        n_train = len(self._dataset.y_train)
+        if indices.min() < 0 or indices.max() >= n_train:
+            raise RequestError("shape", f"sample indices must lie in [0, {n_train})")
+        if version < 0 or round_index < 0:
+            raise RequestError("version", "round and version must be non-negative")
+        return GradientRequest(peer, round_index, version, part, expected, *keys, indices=indices)
+
+    def process(self, request: GradientRequest) -> dict[str, Any]:
+        """Compute the micro-batch's gradient and add it into the peer's accumulator."""
+        assert self._dataset is not None and self._model is not None
+        timings: dict[str, float] = {}
+        with self._lock:
+            self._served += 1
+            cold = self._served == 1
+        if cold:
+            metrics.FUNCTION_COLD_STARTS_TOTAL.labels(**self._labels).inc()
+        t0 = time.perf_counter()
+        client, accumulator = self._client(request.redis)
+        flat = self._load_params(client, request)
+        timings["load"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        loss, correct, gradient = compute_gradient(
+            self._model, flat, self._dataset.x_train[request.indices], self._dataset.y_train[request.indices]
+        )
+        timings["compute"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        added = accumulator.add(
+            client,
+            request.accumulator_key,
+            request.accumulator_meta_key,
+            request.part,
+            float(request.indices.size),
+            wire.raw_float32(gradient),
+        )
+        timings["accumulate"] = time.perf_counter() - t0
+        return {
+            "peer": request.peer,
+            "round": request.round,
+            "part": request.part,
+            "samples": int(request.indices.size),
+            "loss": loss,
+            "correct": correct,
+            "added": added,
+            "cold": cold,
+            "pid": os.getpid(),
+            "timings": timings,
+        }
+
+    def _client(self, address: RedisAddress) -> tuple[redis.Redis, Accumulator]:
+        with self._lock:
+            if address not in self._clients:
+                assert self.secrets is not None and self.config is not None
+                client = redis.Redis(
+                    host=address.host, port=address.port, password=self.secrets.redis_password, socket_timeout=30
+                )
+                self._clients[address] = (client, detect(client, self.config.spec.redis.accumulator))
+            return self._clients[address]
+
+    def _load_params(self, client: redis.Redis, request: GradientRequest) -> torch.Tensor:
+        key = (request.peer, request.version)
+        with self._lock:
+            if key in self._params:
+                self._params.move_to_end(key)
+                return self._params[key]
+        blob = cast(bytes | None, client.get(request.model_key))
+        if blob is None:
+            raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
+        assert self._model is not None
+        numel = sum(p.numel() for p in self._model.parameters())
+        flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel))
+        metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()
+        with self._lock:
+            self._params[key] = flat
+            while len(self._params) > _MODEL_CACHE_VERSIONS:
+                self._params.popitem(last=False)
+        return flat
+
+
+def compute_gradient(
+    model: torch.nn.Module, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray
+) -> tuple[float, int, torch.Tensor]:
+    """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params``.
+
+    Stateless (``torch.func.functional_call``): concurrent requests share the model skeleton safely.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    pieces = torch.split(flat_params, [s.numel() for s in shapes])
+    params = {n: piece.view(s).detach().requires_grad_(True) for n, piece, s in zip(names, pieces, shapes, strict=True)}
+    inputs = torch.from_numpy(np.ascontiguousarray(x))
+    targets = torch.from_numpy(np.ascontiguousarray(y))
+    logits = torch.func.functional_call(model, params, (inputs,))
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    correct = int((logits.argmax(dim=1) == targets).sum())
+    return float(loss), correct, torch.cat([g.reshape(-1) for g in grads])
+
+
+async def _reply_error(send: Send, status: int, reason: str, message: str) -> None:
+    raw = getattr(send, "http", send)
+    await raw({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"x-p2ptrain-reason", reason.encode())],
+    })
+    await raw({"type": "http.response.body", "body": message.encode()})
+
+
+def new() -> GradientFunction:
+    """func-python's constructor hook: configuration is read in ``start`` from the environment."""
+    return GradientFunction()
+
+
+def serve() -> None:
+    """Serve the function with func-python's ASGI middleware, plus ``/metrics`` on the same port.
+
+    Knative gives a container one port, so metrics share it with events and health checks.
+    """
+    import signal
+
+    import hypercorn.asyncio
+    import hypercorn.config
+    from func_python.cloudevent import ASGIApplication
+    from func_python.sock import bind
+    from prometheus_client import make_asgi_app
+
+    function_app = ASGIApplication(new())
+    metrics_app = make_asgi_app()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            await metrics_app(scope, receive, send)
+        else:
+            await function_app(scope, receive, send)
+
+    config = hypercorn.config.Config()
+    config.bind = bind()
+    config.accesslog = None
+    config.graceful_timeout = 5
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())

@@ -1,0 +1,373 @@
+"""The local runner: ``p2ptrain run JOB.yaml`` runs a cluster's job on one machine.
+
+It reads the same manifest ``kubectl apply`` takes, starts one ``redis-server`` per peer on free
+loopback ports, a local stand-in for the Knative gradient Service (instances scale from and to zero),
+and one process per peer; shows progress; writes the trained model and a JSON summary; and stops every
+process it started on success, failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import httpx
+from safetensors.torch import load as st_load
+from safetensors.torch import save_file
+
+from p2ptrain import native
+from p2ptrain.autoscale import LocalFunctionService, child_env
+from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
+from p2ptrain.metrics import ROUND_PHASES
+from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
+from p2ptrain.spec import JobSpec
+from p2ptrain.store import Keys
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.25
+
+
+class RunError(RuntimeError):
+    """The local run could not finish; the message says what failed and where its logs are."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    output: Path | None = None
+    summary: Path | None = None
+    workdir: Path | None = None
+    quiet: bool = False
+    keep_logs: bool = False
+
+
+@dataclass
+class PeerProcess:
+    index: int
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    status: dict[str, Any] | None = None
+
+
+class LocalRun:
+    def __init__(self, spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> None:
+        self.spec = spec
+        self.options = options
+        self.out = out
+        self.redis_servers: list[RedisServer] = []
+        self.peers: list[PeerProcess] = []
+        self.functions: LocalFunctionService | None = None
+        self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix=f"p2ptrain-{spec.name}-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.password = secrets.token_hex(24)
+        self.signing_key = secrets.token_hex(32)
+        self._tty = out.isatty()
+        self._last_line = ""
+        self._last_print = 0.0
+        self._stop_servers: asyncio.Event | None = None
+        self._function_server: asyncio.Task[None] | None = None
+
+    # --- entry ----------------------------------------------------------------------------------------
+    async def run(self) -> dict[str, Any]:
+        """Run the job to the end and return the summary; always stops every process it started."""
+        started = time.monotonic()
+        self._stop_servers = asyncio.Event()
+        try:
+            config = await self._start()
+            await self._train()
+            summary = await asyncio.to_thread(self._finish, config, time.monotonic() - started)
+            return summary
+        finally:
+            await self.stop()
+
+    async def _start(self) -> RuntimeConfig:
+        spec = self.spec
+        module = None
+        if spec.redis.accumulator != "lua":
+            module = await asyncio.to_thread(native.module_path)
+            if module is None and spec.redis.accumulator == "module":
+                raise RunError("redis.accumulator=module but the p2ptrain Redis module could not be built (is gcc installed?)")
+        self._say(
+            f"starting {spec.peers} Redis servers, {spec.peers} peers and the gradient function "
+            f"(0..{spec.function.max_scale} instances; accumulator: {'module' if module else 'lua'})"
+        )
+        for _ in range(spec.peers):
+            server = RedisServer(password=self.password, module=module, persistence=spec.redis.persistence)
+            self.redis_servers.append(server)
+            await asyncio.to_thread(server.start)
+
+        secrets_env = {REDIS_PASSWORD_ENV: self.password, SIGNING_KEY_ENV: self.signing_key}
+        function_port = free_port()
+        peer_ports = [free_port() for _ in range(spec.peers)]
+        config = RuntimeConfig(
+            spec=spec,
+            peer_urls=tuple(f"http://127.0.0.1:{p}" for p in peer_ports),
+            redis=tuple(RedisAddress(s.host, s.port) for s in self.redis_servers),
+            function_url=f"http://127.0.0.1:{function_port}/",
+        )
+        config_path = self.workdir / "job.json"
+        config_path.write_text(config.to_json(), encoding="utf-8")
+
+        env = child_env({**secrets_env, CONFIG_ENV: str(config_path)})
+        self.functions = LocalFunctionService(
+            spec.function,
+            [sys.executable, "-m", "p2ptrain", "function"],
+            env,
+            self.workdir,
+            {"job": spec.name, "namespace": spec.namespace},
+        )
+        await self.functions.start()
+        assert self._stop_servers is not None
+        self._function_server = asyncio.create_task(_serve_asgi(self.functions.app, function_port, self._stop_servers))
+
+        for index, port in enumerate(peer_ports):
+            log_path = self.workdir / f"peer-{index}.log"
+            with open(log_path, "ab") as log_file:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "p2ptrain", "peer", "--config", str(config_path),
+                     "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"],
+                    env=env,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent,
+                    start_new_session=True,
+                )
+            self.peers.append(PeerProcess(index, port, process, log_path))
+        return config
+
+    async def _train(self) -> None:
+        async with httpx.AsyncClient(timeout=2) as http:
+            while True:
+                for peer in self.peers:
+                    code = peer.process.poll()
+                    if code is not None:
+                        raise RunError(
+                            f"peer {peer.index} exited with code {code} before the job finished:\n"
+                            + _tail(peer.log_path) + f"\n(full log: {peer.log_path})"
+                        )
+                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                        response = await http.get(f"http://127.0.0.1:{peer.port}/status")
+                        if response.status_code == 200:
+                            peer.status = response.json()
+                states = [p.status["state"] if p.status else "starting" for p in self.peers]
+                self._progress()
+                if "failed" in states:
+                    failed = next(p for p in self.peers if p.status and p.status["state"] == "failed")
+                    assert failed.status is not None
+                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
+                if all(s == "succeeded" for s in states):
+                    self._progress(final=True)
+                    return
+                await asyncio.sleep(_POLL_SECONDS)
+
+    def _finish(self, config: RuntimeConfig, wall_seconds: float) -> dict[str, Any]:
+        statuses = [p.status or {} for p in self.peers]
+        accuracies = [float(s["accuracy"]) for s in statuses if s.get("accuracy") is not None]
+        lead = statuses[0]
+        phases = {
+            phase: sum(s.get("phasesMean", {}).get(phase, 0.0) for s in statuses) / len(statuses)
+            for phase in ROUND_PHASES
+        }
+        assert self.functions is not None
+        summary: dict[str, Any] = {
+            "job": self.spec.name,
+            "peers": self.spec.peers,
+            "functions_per_peer": self.spec.functions_per_peer,
+            "aggregation": self.spec.aggregation.rule,
+            "rounds": min(int(s.get("round", 0)) for s in statuses),
+            "test_accuracy": lead.get("accuracy"),
+            "test_accuracy_min": min(accuracies) if accuracies else None,
+            "test_loss": lead.get("testLoss"),
+            "final_loss": lead.get("loss"),
+            "wall_seconds": wall_seconds,
+            "phases": phases,
+            "round_seconds": sum(phases.values()),
+            "function": self.functions.stats.as_dict(),
+            "rejected_events": _sum_counts(s.get("rejected", {}) for s in statuses),
+            "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
+            "function_retries": sum(s.get("functionRetries", 0) for s in statuses),
+            "per_peer": [
+                {"peer": s.get("peer"), "accuracy": s.get("accuracy"), "loss": s.get("loss"), "rounds": s.get("round")}
+                for s in statuses
+            ],
+            "logs": str(self.workdir),
+        }
+        output = self.options.output or Path(f"{self.spec.name}-model.safetensors")
+        summary["model"] = str(self._write_model(output))
+        if self.options.summary is not None:
+            self.options.summary.parent.mkdir(parents=True, exist_ok=True)
+            self.options.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        return summary
+
+    def _write_model(self, output: Path) -> Path:
+        """Peer 0's final model (from its checkpoint in Redis) as a safetensors file."""
+        client = self.redis_servers[0].client()
+        state = cast(bytes | None, client.get(Keys(self.spec.name, 0).checkpoint))
+        client.close()
+        if state is None:
+            raise RunError("peer 0 left no checkpoint in its Redis: cannot write the model")
+        tensors = {k.removeprefix("model."): v for k, v in st_load(state).items() if k.startswith("model.")}
+        output.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(output), metadata={"p2ptrain.job": json.dumps(self.spec.to_dict())})
+        return output
+
+    # --- shutdown -------------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop peers, functions and Redis servers (in that order); safe to call more than once."""
+        for peer in self.peers:
+            if peer.process.poll() is None:
+                peer.process.terminate()
+        for peer in self.peers:
+            try:
+                await asyncio.to_thread(peer.process.wait, 5)
+            except subprocess.TimeoutExpired:
+                peer.process.kill()
+                await asyncio.to_thread(peer.process.wait)
+        if self.functions is not None:
+            if self._stop_servers is not None and self._function_server is not None:
+                self._stop_servers.set()
+                with contextlib.suppress(Exception):
+                    await self._function_server
+            await self.functions.stop()
+        for server in self.redis_servers:
+            await asyncio.to_thread(server.stop)
+        if self.options.workdir is None and not self.options.keep_logs and self._succeeded():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _succeeded(self) -> bool:
+        return bool(self.peers) and all(p.status and p.status.get("state") == "succeeded" for p in self.peers)
+
+    def process_count(self) -> dict[str, int]:
+        return {
+            "peers": sum(1 for p in self.peers if p.process.poll() is None),
+            "functions": self.functions.running if self.functions else 0,
+            "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
+        }
+
+    # --- display --------------------------------------------------------------------------------------
+    def _progress(self, final: bool = False) -> None:
+        if self.options.quiet:
+            return
+        statuses = [p.status for p in self.peers if p.status]
+        if not statuses:
+            return
+        rounds = statuses[0].get("rounds", 0)
+        done = min(s.get("round", 0) for s in statuses)
+        losses = [s["loss"] for s in statuses if s.get("loss") is not None]
+        accuracy = statuses[0].get("accuracy")
+        phases = statuses[0].get("phases", {})
+        instances = self.functions.running if self.functions else 0
+        cold = self.functions.stats.cold_starts if self.functions else 0
+        line = (
+            f"round {done:>4}/{rounds}  loss {sum(losses) / len(losses):.4f}  " if losses else f"round {done:>4}/{rounds}  "
+        )
+        line += f"acc {accuracy:.4f}  " if accuracy is not None else "acc   --    "
+        line += f"round {sum(phases.values()):.3f}s [" + " ".join(
+            f"{p} {phases.get(p, 0.0) * 1000:.0f}ms" for p in ROUND_PHASES
+        ) + f"]  functions {instances} up, {cold} cold starts"
+        now = time.monotonic()
+        if self._tty:
+            self.out.write("\r" + line.ljust(len(self._last_line)))
+            if final:
+                self.out.write("\n")
+            self.out.flush()
+        elif final or (line != self._last_line and now - self._last_print >= 2.0):
+            self.out.write(line + "\n")
+            self.out.flush()
+            self._last_print = now
+        self._last_line = line
+
+    def _say(self, message: str) -> None:
+        if not self.options.quiet:
+            self.out.write(message + "\n")
+            self.out.flush()
+
+
+async def _serve_asgi(app: Any, port: int, stop: asyncio.Event) -> None:
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    config = hypercorn.config.Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 1
+    await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def _sum_counts(dicts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    phases = summary["phases"]
+    fn = summary["function"]
+    acc = summary["test_accuracy"]
+    lines = [
+        f"job {summary['job']}: {summary['rounds']} rounds on {summary['peers']} peers x "
+        f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
+        f"  test accuracy {acc:.4f}" if acc is not None else "  test accuracy n/a",
+        f"  final loss    {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "  final loss n/a",
+        f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean: "
+        + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
+        f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
+        f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
+        f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",
+        f"  model         {summary['model']}",
+    ]
+    if summary["rejected_events"] or summary["excluded_peers"]:
+        lines.append(f"  rejected events {summary['rejected_events']}, excluded gradients {summary['excluded_peers']}")
+    return "\n".join(lines)
+
+
+def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:
+    """Run a job locally; returns the process exit code (0 ok, 1 failed, 130 interrupted)."""
+    runner = LocalRun(spec, options, out)
+
+    async def main() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        return await runner.run()
+
+    try:
+        summary = asyncio.run(main())
+    except asyncio.CancelledError:
+        left = runner.process_count()
+        out.write(
+            f"\ninterrupted: stopped {len(runner.peers)} peers, the function instances and "
+            f"{len(runner.redis_servers)} Redis servers (left running: {sum(left.values())}); logs in {runner.workdir}\n"
+        )
+        return 130
+    except RunError as exc:
+        out.write(f"\nerror: {exc}\nlogs: {runner.workdir}\n")
+        return 1
+    out.write(format_summary(summary) + "\n")
+    return 0

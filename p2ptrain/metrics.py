@@ -1,0 +1,105 @@
+"""Every Prometheus metric p2ptrain exports, declared once.
+
+Peers, gradient functions and the operator import these objects; nothing else creates metrics. Names
+follow Prometheus conventions (base units, ``_total``, ``_seconds``, ``_bytes``) and labels are bounded:
+``job``, ``namespace``, ``peer`` plus small enums (``phase``, ``reason``, ``outcome``).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PEER_LABELS = ("job", "namespace", "peer")
+FUNCTION_LABELS = ("job", "namespace")
+
+ROUND_PHASES = ("publish", "fanout", "average", "exchange", "aggregate", "update")
+REJECT_REASONS = (
+    "malformed",
+    "signature",
+    "shape",
+    "nonfinite",
+    "version",
+    "oversize",
+    "stale",
+    "duplicate",
+    "unknown-peer",
+    "dataref",
+)
+EXCLUDE_REASONS = ("deadline", "rejected", "rule")
+
+# Rounds of a few milliseconds (tiny models, one machine) up to minutes (big models, cold starts).
+_ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+# --- peer ------------------------------------------------------------------------------------------
+ROUND_PHASE_SECONDS = Histogram(
+    "p2ptrain_round_phase_seconds",
+    "Wall time of one phase of a training round.",
+    (*PEER_LABELS, "phase"),
+    buckets=_ROUND_BUCKETS,
+)
+ROUND_SECONDS = Histogram(
+    "p2ptrain_round_seconds", "Wall time of a whole training round.", PEER_LABELS, buckets=_ROUND_BUCKETS
+)
+ROUNDS_TOTAL = Counter("p2ptrain_rounds_total", "Training rounds completed.", PEER_LABELS)
+ROUND = Gauge("p2ptrain_round", "The round the peer is in.", PEER_LABELS)
+LOSS = Gauge("p2ptrain_loss", "Training loss of the peer's last round (mean over its micro-batches).", PEER_LABELS)
+TEST_LOSS = Gauge("p2ptrain_test_loss", "Loss on the held-out split at the last evaluation.", PEER_LABELS)
+ACCURACY = Gauge("p2ptrain_accuracy", "Accuracy on the held-out split at the last evaluation.", PEER_LABELS)
+PEERS_ACTIVE = Gauge(
+    "p2ptrain_peers_active", "Peers whose gradient arrived in time in the last round (own included).", PEER_LABELS
+)
+PEERS_EXCLUDED_TOTAL = Counter(
+    "p2ptrain_peers_excluded_total",
+    "Peer gradients left out of aggregation, by reason.",
+    (*PEER_LABELS, "reason"),
+)
+EXCHANGE_SENT_BYTES_TOTAL = Counter(
+    "p2ptrain_exchange_sent_bytes_total", "Gradient bytes sent to other peers.", PEER_LABELS
+)
+EXCHANGE_RECEIVED_BYTES_TOTAL = Counter(
+    "p2ptrain_exchange_received_bytes_total", "Gradient bytes received from other peers.", PEER_LABELS
+)
+EVENTS_REJECTED_TOTAL = Counter(
+    "p2ptrain_events_rejected_total", "Incoming events refused, by reason.", (*PEER_LABELS, "reason")
+)
+FUNCTION_RETRIES_TOTAL = Counter(
+    "p2ptrain_function_retries_total", "Gradient function calls retried by the peer.", PEER_LABELS
+)
+
+# --- gradient function -----------------------------------------------------------------------------
+FUNCTION_INVOCATIONS_TOTAL = Counter(
+    "p2ptrain_function_invocations_total",
+    "Gradient function invocations, by outcome.",
+    (*FUNCTION_LABELS, "outcome"),
+)
+FUNCTION_DURATION_SECONDS = Histogram(
+    "p2ptrain_function_duration_seconds",
+    "Time the gradient function spends on one event.",
+    FUNCTION_LABELS,
+    buckets=_ROUND_BUCKETS,
+)
+FUNCTION_COLD_STARTS_TOTAL = Counter(
+    "p2ptrain_function_cold_starts_total",
+    "Gradient function instances started (first invocation after scale from zero or scale out).",
+    FUNCTION_LABELS,
+)
+FUNCTION_INSTANCES = Gauge(
+    "p2ptrain_function_instances", "Gradient function instances running (local runner's autoscaler).", FUNCTION_LABELS
+)
+FUNCTION_MODEL_LOADS_TOTAL = Counter(
+    "p2ptrain_function_model_loads_total", "Model versions loaded from Redis (cache misses).", FUNCTION_LABELS
+)
+
+# --- operator --------------------------------------------------------------------------------------
+OPERATOR_JOBS_CREATED_TOTAL = Counter("p2ptrain_operator_jobs_created_total", "Jobs whose children were created.")
+OPERATOR_JOBS_SUCCEEDED_TOTAL = Counter("p2ptrain_operator_jobs_succeeded_total", "Jobs that succeeded.")
+OPERATOR_JOBS_FAILED_TOTAL = Counter("p2ptrain_operator_jobs_failed_total", "Jobs that failed.")
+OPERATOR_JOBS_RESTARTED_TOTAL = Counter("p2ptrain_operator_jobs_restarted_total", "Job restarts after peer failure.")
+OPERATOR_RECONCILE_SECONDS = Histogram(
+    "p2ptrain_operator_reconcile_seconds", "Time one reconcile handler takes.", ("handler",)
+)
+OPERATOR_JOBS = Gauge("p2ptrain_operator_jobs", "Jobs known to the operator, by phase.", ("phase",))
+
+
+def peer_labels(job: str, namespace: str, peer: int) -> dict[str, str]:
+    return {"job": job, "namespace": namespace, "peer": str(peer)}

@@ -1,0 +1,124 @@
+"""The Redis layout of one peer: model versions, gradient accumulators, exchange outbox, checkpoint.
+
+Every key is namespaced ``p2p:{job}:{peer}:...`` and carries a TTL so a finished or abandoned job's
+data expires. Gradients are summed into the accumulator by the gradient functions (see
+``p2ptrain.accumulator``); this module owns the names and the peer's reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+
+from p2ptrain import wire
+from p2ptrain.accumulator import Accumulator, detect
+
+# How long round-scoped keys (model versions, accumulators, outbox) live: long enough for a slow
+# peer to fetch a dataref or a late function to finish, short enough not to pile up.
+ROUND_KEY_TTL_SECONDS = 600
+
+# Checkpoint writes carry the round as a version token: an older writer never replaces a newer state.
+_SAVE_CHECKPOINT = """
+local current = tonumber(redis.call('HGET', KEYS[2], 'round') or '-1')
+if tonumber(ARGV[1]) <= current then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[4])
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'round', ARGV[1], 'meta', ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Keys:
+    job: str
+    peer: int
+
+    @property
+    def prefix(self) -> str:
+        return f"p2p:{self.job}:{self.peer}"
+
+    def model(self, version: int) -> str:
+        return f"{self.prefix}:model:{version}"
+
+    def accumulator(self, round_index: int) -> str:
+        return f"{self.prefix}:acc:{round_index}"
+
+    def accumulator_meta(self, round_index: int) -> str:
+        return f"{self.prefix}:accmeta:{round_index}"
+
+    def outbox(self, round_index: int) -> str:
+        return f"{self.prefix}:out:{round_index}"
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.prefix}:checkpoint"
+
+    @property
+    def checkpoint_meta(self) -> str:
+        return f"{self.prefix}:checkpoint:meta"
+
+
+class PeerStore:
+    """A peer's view of its own Redis (blocking client; call from a worker thread in async code)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, accumulator_mode: str = "auto", key_ttl_seconds: int) -> None:
+        self.client = client
+        self.keys = keys
+        self.key_ttl_seconds = key_ttl_seconds
+        self.accumulator: Accumulator = detect(client, accumulator_mode)
+        self._save_checkpoint = client.register_script(_SAVE_CHECKPOINT)
+
+    def publish_model(self, version: int, params: np.ndarray) -> str:
+        """Write model version ``version`` (flat float32 parameters) for the gradient functions."""
+        key = self.keys.model(version)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, wire.encode_tensor(params), ex=ROUND_KEY_TTL_SECONDS)
+        if version >= 2:
+            pipe.delete(self.keys.model(version - 2))
+        pipe.execute()
+        return key
+
+    def read_average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
+        """The weighted mean of the gradients accumulated for a round, read in one call."""
+        return self.accumulator.mean(
+            self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index)
+        )
+
+    def clear_round(self, round_index: int) -> None:
+        self.client.delete(self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index))
+
+    def put_outbox(self, round_index: int, blob: bytes) -> str:
+        """Park an encoded gradient for other peers to fetch by reference (the ``dataref`` claim check)."""
+        key = self.keys.outbox(round_index)
+        self.client.set(key, blob, ex=ROUND_KEY_TTL_SECONDS)
+        return key
+
+    def save_checkpoint(self, round_index: int, state: bytes, meta: dict[str, Any]) -> bool:
+        """Persist model+optimizer state for ``round_index``; False if a newer one is already there."""
+        written = self._save_checkpoint(
+            keys=[self.keys.checkpoint, self.keys.checkpoint_meta],
+            args=[round_index, state, json.dumps(meta), self.key_ttl_seconds],
+        )
+        return bool(written)
+
+    def load_checkpoint(self) -> tuple[int, bytes, dict[str, Any]] | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.checkpoint)
+        pipe.hgetall(self.keys.checkpoint_meta)
+        state, meta = pipe.execute()
+        if state is None or not meta:
+            return None
+        return int(meta[b"round"]), state, json.loads(meta[b"meta"])
+
+    def expire_job_keys(self, seconds: int) -> int:
+        """Give every key of this peer a TTL (at job end): nothing of a job outlives it for long."""
+        count = 0
+        for key in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=500):
+            self.client.expire(key, seconds)
+            count += 1
+        return count

@@ -1,0 +1,179 @@
+"""The whole round against real parts: redis-server processes, HTTP CloudEvents, torch.
+
+The correctness test runs a 2-peer job and checks that the gradient each peer applies equals the
+full-batch gradient plain PyTorch computes on the same samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from p2ptrain import metrics, wire
+from p2ptrain.data import load_dataset
+from p2ptrain.models import build_model
+
+from .harness import make_spec, running_job
+
+
+def _full_batch_gradient(spec, indices: np.ndarray) -> np.ndarray:
+    data = load_dataset(spec.dataset)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, data.input_shape, data.num_classes)
+    x = torch.from_numpy(data.x_train[indices])
+    y = torch.from_numpy(data.y_train[indices])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy()
+
+
+async def test_two_peer_round_applies_the_full_batch_gradient() -> None:
+    spec = make_spec(peers=2, functionsPerPeer=3, batchSize=24, rounds=1, optimizer={"learningRate": 0.1})
+    async with running_job(spec, record_gradients=True) as job:
+        await job.train()
+        peer0, peer1 = job.peers
+        union = np.concatenate([peer0.batches[0], peer1.batches[0]])
+        expected = _full_batch_gradient(spec, union)
+        assert len(peer0.applied_gradients) == 1
+        np.testing.assert_allclose(peer0.applied_gradients[0], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(peer1.applied_gradients[0], expected, rtol=1e-4, atol=1e-6)
+
+
+async def test_replicas_stay_identical_and_loss_falls() -> None:
+    spec = make_spec(peers=3, functionsPerPeer=2, batchSize=32, rounds=12, optimizer={"learningRate": 0.2})
+    async with running_job(spec) as job:
+        reports = await job.train()
+        states = [p.final_state() for p in job.peers]
+        for state in states[1:]:
+            for name, tensor in state.items():
+                torch.testing.assert_close(tensor, states[0][name])
+        first = np.mean([r[0].loss for r in reports])
+        last = np.mean([r[-1].loss for r in reports])
+        assert last < first
+        assert all(r[-1].peers_used == 3 for r in reports)
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _rejected(job, peer: int, reason: str) -> float:
+    labels = metrics.peer_labels(job.spec.name, job.spec.namespace, peer)
+    return _sample("p2ptrain_events_rejected_total", **labels, reason=reason)
+
+
+async def test_bad_events_are_rejected_with_a_reason_and_training_continues() -> None:
+    spec = make_spec(name="rejects", peers=2, functionsPerPeer=1, batchSize=16, rounds=3)
+    async with running_job(spec) as job:
+        url = job.config.peer_urls[0] + "/"
+        key = job.secrets.signing_key
+        numel = job.peers[0].numel
+        source1 = f"/jobs/default/{spec.name}/peers/1"
+
+        def gradient_event(data: bytes, *, round_index: int = 0, signing_key: bytes | None = key):
+            event = wire.build_event(
+                wire.GRADIENT_AVERAGED, source1, data=data, extensions={"round": round_index, "peer": 1}, key=signing_key
+            )
+            return wire.to_http(event)
+
+        nan = np.zeros(numel, dtype=np.float32)
+        nan[3] = np.nan
+        bad_nan_blob = wire.encode_tensor(np.zeros(numel, dtype=np.float32))
+        # Forge a NaN inside a well-formed tensor (encode_tensor itself refuses nothing; decode must).
+        bad_nan_blob = bad_nan_blob[:16] + nan.astype("<f4").tobytes()
+        cases = {
+            "malformed": ({"content-type": "text/plain"}, b"not an event"),
+            "signature": gradient_event(wire.encode_tensor(np.zeros(numel)), signing_key=None),
+            "shape": gradient_event(wire.encode_tensor(np.zeros(numel + 1))),
+            "nonfinite": gradient_event(bad_nan_blob),
+        }
+        wrong_key_headers, wrong_key_body = gradient_event(wire.encode_tensor(np.zeros(numel)), signing_key=b"x" * 32)
+        async with httpx.AsyncClient() as http:
+            for reason, (headers, body) in cases.items():
+                before = _rejected(job, 0, reason)
+                response = await http.post(url, headers=headers, content=body)
+                assert 400 <= response.status_code < 500, reason
+                assert response.headers["x-p2ptrain-reason"] == reason
+                assert reason in response.text
+                assert _rejected(job, 0, reason) == before + 1
+            before = _rejected(job, 0, "signature")
+            response = await http.post(url, headers=wrong_key_headers, content=wrong_key_body)
+            assert response.status_code == 401 and "wrong signature" in response.text
+            assert _rejected(job, 0, "signature") == before + 1
+
+        reports = await job.train()
+        assert [len(r) for r in reports] == [3, 3]
+        assert all(report.peers_used == 2 for r in reports for report in r)
+
+
+async def test_function_refuses_unsigned_and_foreign_requests() -> None:
+    spec = make_spec(name="fnrefuse", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
+    async with running_job(spec) as job:
+        request = {
+            "peer": 0, "round": 0, "version": 0, "part": "0:0", "redis": "10.0.0.1:6379",
+            "model": "p2p:fnrefuse:0:model:0", "accumulator": "p2p:fnrefuse:0:acc:0",
+            "accumulatorMeta": "p2p:fnrefuse:0:accmeta:0", "indices": [1, 2, 3],
+        }
+        async with httpx.AsyncClient() as http:
+            unsigned = wire.to_http(wire.build_event(wire.GRADIENT_REQUESTED, "/x", data=request))
+            response = await http.post(job.config.function_url, headers=unsigned[0], content=unsigned[1])
+            assert response.status_code == 401
+            foreign = wire.to_http(
+                wire.build_event(wire.GRADIENT_REQUESTED, "/x", data=request, key=job.secrets.signing_key)
+            )
+            response = await http.post(job.config.function_url, headers=foreign[0], content=foreign[1])
+            assert response.status_code == 400
+            assert response.headers["x-p2ptrain-reason"] == "unknown-peer"
+            assert "10.0.0.1:6379" in response.text
+
+
+async def test_retried_micro_batch_is_counted_once() -> None:
+    spec = make_spec(name="retry", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
+    async with running_job(spec) as job:
+        peer = job.peers[0]
+        params = torch.nn.utils.parameters_to_vector(peer.model.parameters()).detach().numpy()
+        model_key = await asyncio.to_thread(peer.store.publish_model, 0, params)
+        keys = peer.store.keys
+        request = {
+            "peer": 0, "round": 0, "version": 0, "part": "0:0", "redis": str(job.config.redis[0]),
+            "model": model_key, "accumulator": keys.accumulator(0), "accumulatorMeta": keys.accumulator_meta(0),
+            "indices": [0, 1, 2, 3],
+        }
+        async with httpx.AsyncClient() as http:
+            replies = []
+            for _ in range(2):
+                headers, body = wire.to_http(
+                    wire.build_event(wire.GRADIENT_REQUESTED, peer.source, data=request, key=job.secrets.signing_key)
+                )
+                response = await http.post(job.config.function_url, headers=headers, content=body)
+                assert response.status_code == 200
+                replies.append(wire.event_json(wire.from_http(dict(response.headers), response.content)))
+        assert [r["added"] for r in replies] == [True, False]
+        average = await asyncio.to_thread(peer.store.read_average, 0)
+        assert average is not None
+        mean, weight, parts = average
+        assert (weight, parts) == (4.0, 1)
+        np.testing.assert_allclose(mean, _full_batch_gradient(spec, np.array([0, 1, 2, 3])), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,compression", [("float16", "zstd"), ("float32", "none")])
+async def test_large_gradients_travel_by_reference(dtype: str, compression: str) -> None:
+    spec = make_spec(
+        name="dataref",
+        peers=2,
+        functionsPerPeer=1,
+        batchSize=8,
+        rounds=2,
+        model={"name": "mlp", "args": {"hidden": 256}},
+        exchange={"inlineLimitBytes": 1024, "dtype": dtype, "compression": compression},
+    )
+    async with running_job(spec) as job:
+        reports = await job.train()
+        assert all(report.peers_used == 2 for r in reports for report in r)
+        labels = metrics.peer_labels(spec.name, spec.namespace, 0)
+        assert _sample("p2ptrain_exchange_received_bytes_total", **labels) > 0

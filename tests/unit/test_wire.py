@@ -1,0 +1,149 @@
+"""The wire format: tensor codec round trips and rejects bad input; events sign and verify."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from p2ptrain import wire
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-1e4, max_value=1e4)
+
+
+@given(arrays(np.float32, st.integers(0, 300), elements=finite32), st.sampled_from(["none", "zstd"]))
+def test_float32_round_trip_is_exact(values: np.ndarray, compression: str) -> None:
+    decoded = wire.decode_tensor(wire.encode_tensor(values, "float32", compression), expected_numel=values.size)
+    np.testing.assert_array_equal(decoded, values)
+    assert decoded.dtype == np.float32 and decoded.flags.writeable
+
+
+@given(arrays(np.float32, st.integers(1, 200), elements=finite32), st.sampled_from(["float16", "bfloat16"]))
+def test_half_precision_round_trip_is_within_its_precision(values: np.ndarray, dtype: str) -> None:
+    decoded = wire.decode_tensor(wire.encode_tensor(values, dtype, "zstd"))
+    relative = 2**-8 if dtype == "bfloat16" else 2**-11
+    np.testing.assert_allclose(decoded, values, rtol=relative, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda b: b[:10], "malformed"),
+        (lambda b: b"XXXX" + b[4:], "malformed"),
+        (lambda b: b[:4] + bytes([9]) + b[5:], "version"),
+        (lambda b: b[:5] + bytes([77]) + b[6:], "malformed"),
+        (lambda b: b[:-4], "shape"),
+        (lambda b: b + b"\0\0\0\0", "shape"),
+    ],
+    ids=["truncated-header", "bad-magic", "future-version", "bad-dtype", "short-payload", "long-payload"],
+)
+def test_corrupt_tensors_are_rejected_with_a_reason(mutate, reason: str) -> None:
+    blob = wire.encode_tensor(np.arange(8, dtype=np.float32))
+    with pytest.raises(wire.WireError) as info:
+        wire.decode_tensor(mutate(blob))
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected(bad: float) -> None:
+    values = np.ones(16, dtype=np.float32)
+    values[5] = bad
+    with pytest.raises(wire.WireError, match="NaN or Inf") as info:
+        wire.decode_tensor(wire.encode_tensor(values))
+    assert info.value.reason == "nonfinite"
+
+
+def test_wrong_element_count_is_a_shape_error() -> None:
+    with pytest.raises(wire.WireError, match="has 8 elements, expected 9") as info:
+        wire.decode_tensor(wire.encode_tensor(np.zeros(8)), expected_numel=9)
+    assert info.value.reason == "shape"
+
+
+def test_oversize_input_is_refused_before_decoding() -> None:
+    blob = wire.encode_tensor(np.zeros(1000, dtype=np.float32))
+    with pytest.raises(wire.WireError) as info:
+        wire.decode_tensor(blob, max_bytes=1000)
+    assert info.value.reason == "oversize"
+
+
+def test_zstd_bomb_cannot_inflate_past_its_header() -> None:
+    header = wire.encode_tensor(np.zeros(4, dtype=np.float32), compression="zstd")[:16]
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * 10_000_000)
+    with pytest.raises(wire.WireError) as info:
+        wire.decode_tensor(header + bomb)
+    assert info.value.reason in {"malformed", "shape"}
+
+
+KEY = b"k" * 32
+
+
+def _signed(**overrides):
+    event = wire.build_event(
+        wire.GRADIENT_AVERAGED,
+        "/jobs/default/j/peers/1",
+        data=wire.encode_tensor(np.arange(4, dtype=np.float32)),
+        subject="round/3",
+        extensions={"round": 3, "peer": 1},
+        key=KEY,
+    )
+    headers, body = wire.to_http(event)
+    headers.update(overrides)
+    return headers, body
+
+
+def test_signed_event_round_trips_through_http_headers() -> None:
+    headers, body = _signed()
+    assert headers["content-type"] == wire.OCTET_STREAM and headers["ce-type"] == wire.GRADIENT_AVERAGED
+    event = wire.from_http(headers, body)
+    wire.verify(event, KEY)
+    assert event.get_extension("round") == "3"
+    np.testing.assert_array_equal(wire.decode_tensor(wire.event_bytes(event)), np.arange(4, dtype=np.float32))
+
+
+@pytest.mark.parametrize("header", ["ce-round", "ce-peer", "ce-source", "ce-type", "ce-id"])
+def test_tampered_attributes_fail_verification(header: str) -> None:
+    headers, body = _signed(**{header: "tampered"})
+    with pytest.raises(wire.WireError, match="wrong signature"):
+        wire.verify(wire.from_http(headers, body), KEY)
+
+
+def test_tampered_body_fails_verification() -> None:
+    headers, body = _signed()
+    with pytest.raises(wire.WireError, match="wrong signature"):
+        wire.verify(wire.from_http(headers, body[:-1] + b"\1"), KEY)
+
+
+def test_unsigned_event_fails_verification() -> None:
+    headers, body = _signed()
+    del headers["ce-signature"]
+    with pytest.raises(wire.WireError, match="not signed") as info:
+        wire.verify(wire.from_http(headers, body), KEY)
+    assert info.value.reason == "signature"
+
+
+def test_json_events_verify_after_the_sdk_parses_them() -> None:
+    event = wire.build_event(wire.GRADIENT_REQUESTED, "/p", data={"indices": [1, 2], "loss": 0.1}, key=KEY)
+    parsed = wire.from_http(*wire.to_http(event))
+    wire.verify(parsed, KEY)
+    assert wire.event_json(parsed) == {"indices": [1, 2], "loss": 0.1}
+
+
+@pytest.mark.parametrize(
+    "headers,body",
+    [({"content-type": "text/plain"}, b"hello"), ({"ce-type": "x"}, b""), ({"ce-specversion": "0.1", "ce-id": "1"}, b"")],
+    ids=["not-an-event", "missing-attributes", "bad-specversion"],
+)
+def test_malformed_events_are_rejected(headers: dict[str, str], body: bytes) -> None:
+    with pytest.raises(wire.WireError) as info:
+        wire.from_http(headers, body)
+    assert info.value.reason == "malformed"
+
+
+def test_oversize_event_body_is_refused() -> None:
+    headers, body = _signed()
+    with pytest.raises(wire.WireError) as info:
+        wire.from_http(headers, body, max_body_bytes=10)
+    assert info.value.reason == "oversize"

@@ -137,7 +137,7 @@ class LocalRun:
             log_path = self.workdir / f"peer-{index}.log"
             with open(log_path, "ab") as log_file:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "p2ptrain", "peer", "--config", str(config_path),
+                    [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path),
                      "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"],
                     env=env,
                     stdout=log_file,
@@ -285,11 +285,13 @@ class LocalRun:
             if final:
                 self.out.write("\n")
             self.out.flush()
-        elif final or (line != self._last_line and now - self._last_print >= 2.0):
+        elif line != self._last_line and (final or now - self._last_print >= 2.0):
             self.out.write(line + "\n")
             self.out.flush()
             self._last_print = now
-        self._last_line = line
+            self._last_line = line
+        if self._tty:
+            self._last_line = line
 
     def _say(self, message: str) -> None:
         if not self.options.quiet:
@@ -304,6 +306,7 @@ async def _serve_asgi(app: Any, port: int, stop: asyncio.Event) -> None:
     config = hypercorn.config.Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
+    config.errorlog = None  # the runner's own output is the progress display
     config.graceful_timeout = 1
     await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
 

@@ -1,0 +1,190 @@
+"""``p2ptrain run`` end to end, as a user runs it: real processes, real Redis, real HTTP.
+
+Covers the summary a script reads, convergence of the digits job (every aggregation rule, one and two
+functions per peer), and that nothing is left behind when the run is interrupted or a function dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "examples" / "digits.yaml"
+
+
+def _write_job(tmp_path: Path, name: str = "digits", **overrides: object) -> Path:
+    manifest = yaml.safe_load(DIGITS.read_text())
+    manifest["metadata"]["name"] = name
+    for key, value in overrides.items():
+        manifest["spec"][key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2ptrain", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _processes_of(workdir: Path) -> list[int]:
+    """Pids of peers and function instances started for ``workdir`` (they carry its config path)."""
+    marker = f"P2PTRAIN_CONFIG={workdir}/job.json".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _redis_servers() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "redis-server":
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_gone(pids: list[int] | set[int], timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        time.sleep(0.1)
+    return alive
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "X"
+
+
+def test_digits_job_converges_and_writes_summary_and_model(tmp_path: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    model_path = tmp_path / "model.safetensors"
+    result = _run(["run", str(DIGITS), "--summary", str(summary_path), "--output", str(model_path)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["rounds"] == 100
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert set(summary["phases"]) == {"publish", "fanout", "average", "exchange", "aggregate", "update"}
+    assert all(v > 0 for v in summary["phases"].values())
+    assert summary["final_loss"] < 0.5 and summary["wall_seconds"] > 0
+    assert summary["function"]["cold_starts"] >= 1
+    assert model_path.stat().st_size > 1000
+    assert "test accuracy" in result.stdout + result.stderr and "fanout" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"functionsPerPeer": 1},
+        {"aggregation": {"rule": "median", "byzantine": 1}},
+        {"aggregation": {"rule": "trimmed-mean", "byzantine": 1}},
+        {"peers": 5, "aggregation": {"rule": "krum", "byzantine": 1}, "rounds": 80},
+        {"peers": 5, "aggregation": {"rule": "multi-krum", "byzantine": 1}},
+    ],
+    ids=["one-function-per-peer", "median", "trimmed-mean", "krum", "multi-krum"],
+)
+def test_variants_converge(tmp_path: Path, overrides: dict) -> None:
+    job = _write_job(tmp_path, **overrides)
+    summary_path = tmp_path / "summary.json"
+    result = _run(["run", str(job), "--quiet", "--summary", str(summary_path), "-o", str(tmp_path / "m.st")], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["test_accuracy"] >= 0.93, summary
+
+
+def test_bad_manifest_exits_2_naming_the_field(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, peers=3, aggregation={"rule": "krum", "byzantine": 1})
+    result = _run(["run", str(job)], tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert "peers=3 is too few for krum" in result.stderr
+
+
+def test_interrupt_mid_round_stops_every_process(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, name="interrupt", rounds=100000)
+    workdir = tmp_path / "work"
+    redis_before = _redis_servers()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p2ptrain", "run", str(job), "--workdir", str(workdir)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert _wait_training(workdir), "training did not start"
+        children = _processes_of(workdir)
+        redis_during = _redis_servers() - redis_before
+        assert len(children) >= 5 and len(redis_during) == 4  # 4 peers + at least one function instance
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert "interrupted" in stderr and "left running: 0" in stderr
+    assert _wait_gone(children) == []
+    assert _wait_gone(redis_during) == []
+
+
+def _wait_training(workdir: Path, rounds: int = 2, timeout: float = 120) -> bool:
+    """True once peer 0 reports ``rounds`` finished rounds on its /status endpoint."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            url = json.loads((workdir / "job.json").read_text())["peerUrls"][0]
+            if httpx.get(url + "/status", timeout=1).json()["round"] >= rounds:
+                return True
+        except (OSError, ValueError, KeyError, httpx.HTTPError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def test_killed_function_is_replaced_and_training_finishes(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, name="killfn", rounds=40, function={"maxScale": 2, "containerConcurrency": 4, "idleSeconds": 30})
+    workdir = tmp_path / "work"
+    summary_path = tmp_path / "summary.json"
+    redis_before = _redis_servers()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p2ptrain", "run", str(job), "--workdir", str(workdir), "--summary", str(summary_path),
+         "-o", str(tmp_path / "m.st")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert _wait_training(workdir), "training did not start"
+        functions = [p for p in _processes_of(workdir) if b"function" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert functions, "no function instance is running"
+        victim = functions[0]
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["rounds"] == 40
+    assert summary["function"]["crashed_instances"] + summary["function_retries"] >= 1
+    assert _wait_gone(_processes_of(workdir)) == []
+    assert _wait_gone(_redis_servers() - redis_before) == []

@@ -178,10 +178,11 @@ class LocalRun:
         statuses = [p.status or {} for p in self.peers]
         accuracies = [float(s["accuracy"]) for s in statuses if s.get("accuracy") is not None]
         lead = statuses[0]
-        phases = {
-            phase: sum(s.get("phasesMean", {}).get(phase, 0.0) for s in statuses) / len(statuses)
-            for phase in ROUND_PHASES
-        }
+        def mean_phases(key: str) -> dict[str, float]:
+            return {p: sum(s.get(key, {}).get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
+
+        phases = mean_phases("phasesMean")
+        first = mean_phases("phasesFirst")
         assert self.functions is not None
         summary: dict[str, Any] = {
             "job": self.spec.name,
@@ -196,6 +197,8 @@ class LocalRun:
             "wall_seconds": wall_seconds,
             "phases": phases,
             "round_seconds": sum(phases.values()),
+            "phases_first_round": first,
+            "first_round_seconds": sum(first.values()),
             "function": self.functions.stats.as_dict(),
             "rejected_events": _sum_counts(s.get("rejected", {}) for s in statuses),
             "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
@@ -336,8 +339,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
         f"  test accuracy {acc:.4f}" if acc is not None else "  test accuracy n/a",
         f"  final loss    {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "  final loss n/a",
-        f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean: "
+        f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
         + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
+        f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
         f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
         f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",

@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        peer_process = Peer(config, index, secrets)
+        try:
+            peer_process = Peer(config, index, secrets)
+        except Exception as exc:  # the process edge: one clear line instead of a traceback
+            logging.getLogger("p2ptrain.peer").error("peer %d cannot start: %s", index, exc)
+            print(f"error: peer {index} cannot start: {exc}", file=sys.stderr)
+            return 1
         return asyncio.run(
             serve_peer(
                 peer_process,

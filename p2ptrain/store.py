@@ -119,6 +119,6 @@ class PeerStore:
         """Give every key of this peer a TTL (at job end): nothing of a job outlives it for long."""
         count = 0
         for key in self.client.scan_iter(match=f"{self.keys.prefix}:*", count=500):
-            self.client.expire(key, seconds)
+            self.client.expire(key, seconds, lt=True)  # shorten, never extend, a TTL
             count += 1
         return count

@@ -188,3 +188,14 @@ def test_killed_function_is_replaced_and_training_finishes(tmp_path: Path) -> No
     assert summary["function"]["crashed_instances"] + summary["function_retries"] >= 1
     assert _wait_gone(_processes_of(workdir)) == []
     assert _wait_gone(_redis_servers() - redis_before) == []
+
+
+def test_a_failing_peer_fails_the_run_with_its_log_and_leaves_nothing(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, name="broken", dataset={"name": "path", "path": str(tmp_path / "missing.npz")})
+    workdir = tmp_path / "work"
+    redis_before = _redis_servers()
+    result = _run(["run", str(job), "--workdir", str(workdir)], tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert "exited with code" in result.stderr and "missing.npz" in result.stderr
+    assert _wait_gone(_processes_of(workdir)) == []
+    assert _wait_gone(_redis_servers() - redis_before) == []

@@ -1,0 +1,56 @@
+"""A peer's Redis layout against a real redis-server: model versions, checkpoints with a version
+token, outbox, and expiry at job end."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from p2ptrain import wire
+from p2ptrain.store import Keys, PeerStore
+
+
+def _store(redis_server, job: str = "job", peer: int = 1) -> PeerStore:
+    return PeerStore(redis_server.client(), Keys(job, peer), accumulator_mode="lua", key_ttl_seconds=3600)
+
+
+def test_keys_are_namespaced_by_job_and_peer() -> None:
+    keys = Keys("digits", 3)
+    names = [keys.model(5), keys.accumulator(5), keys.accumulator_meta(5), keys.outbox(5), keys.checkpoint]
+    assert all(name.startswith("p2p:digits:3:") for name in names)
+    assert len(set(names)) == len(names)
+
+
+def test_published_models_expire_and_old_versions_are_dropped(redis_server) -> None:
+    store = _store(redis_server)
+    params = np.arange(10, dtype=np.float32)
+    for version in range(4):
+        store.publish_model(version, params + version)
+    client = redis_server.client()
+    assert client.exists(store.keys.model(0)) == 0 and client.exists(store.keys.model(1)) == 0
+    blob = client.get(store.keys.model(3))
+    np.testing.assert_array_equal(wire.decode_tensor(blob), params + 3)
+    assert 0 < client.ttl(store.keys.model(3)) <= 600
+
+
+def test_an_older_checkpoint_never_replaces_a_newer_one(redis_server) -> None:
+    store = _store(redis_server)
+    assert store.save_checkpoint(5, b"state-5", {"loss": 0.5})
+    assert not store.save_checkpoint(4, b"state-4", {"loss": 0.9})
+    assert store.load_checkpoint() == (5, b"state-5", {"loss": 0.5})
+    assert store.save_checkpoint(6, b"state-6", {"loss": 0.4})
+    assert store.load_checkpoint() == (6, b"state-6", {"loss": 0.4})
+
+
+def test_no_checkpoint_reads_as_none(redis_server) -> None:
+    assert _store(redis_server).load_checkpoint() is None
+
+
+def test_job_keys_get_a_ttl_at_the_end_and_other_jobs_are_untouched(redis_server) -> None:
+    store = _store(redis_server)
+    store.save_checkpoint(1, b"s", {})
+    store.put_outbox(1, b"blob")
+    client = redis_server.client()
+    client.set("p2p:other:1:checkpoint", b"x")
+    assert store.expire_job_keys(120) >= 3
+    assert 0 < client.ttl(store.keys.checkpoint) <= 3600
+    assert client.ttl("p2p:other:1:checkpoint") == -1

@@ -269,7 +269,7 @@ def compute_gradient(
     loss = torch.nn.functional.cross_entropy(logits, targets)
     grads = torch.autograd.grad(loss, list(params.values()))
     correct = int((logits.argmax(dim=1) == targets).sum())
-    return float(loss), correct, torch.cat([g.reshape(-1) for g in grads])
+    return float(loss.detach()), correct, torch.cat([g.reshape(-1) for g in grads])
 
 
 async def _reply_error(send: Send, status: int, reason: str, message: str) -> None:

@@ -1,0 +1,90 @@
+"""In-database gradient accumulation: the Python side of ``P2P.ACCUM`` / ``P2P.MEAN``.
+
+Functions add a micro-batch gradient (weighted by its sample count) into the peer's accumulator with
+one atomic, idempotent command; the peer reads the weighted mean with one call. The commands come
+from the p2ptrain Redis module (native speed) or, where modules cannot be loaded, from a Redis 7 Lua
+function library with the same semantics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal
+
+import numpy as np
+import redis
+
+log = logging.getLogger(__name__)
+
+MODULE_NAME = "p2ptrain"
+LIBRARY_NAME = "p2ptrain"
+
+
+class AccumulatorError(RuntimeError):
+    """Redis refused an accumulation (shape mismatch, non-finite values, bad weight) or lacks the commands."""
+
+
+def lua_library() -> str:
+    return resources.files("p2ptrain").joinpath("accumulate.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    kind: Literal["module", "lua"]
+
+    def add(self, client: redis.Redis, acc_key: str, meta_key: str, part: str, weight: float, blob: bytes) -> bool:
+        """Add ``weight * blob`` (raw float32) once per ``part``; False when ``part`` was already added."""
+        try:
+            if self.kind == "module":
+                reply = client.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
+            else:
+                reply = client.fcall("p2p_accum", 2, acc_key, meta_key, part, repr(float(weight)), blob)
+        except redis.ResponseError as exc:
+            raise AccumulatorError(f"accumulating into {acc_key} failed: {exc}") from exc
+        return bool(reply)
+
+    def mean(self, client: redis.Redis, acc_key: str, meta_key: str) -> tuple[np.ndarray, float, int] | None:
+        """(weighted mean as float32, total weight, parts) or None when nothing was accumulated."""
+        try:
+            if self.kind == "module":
+                reply = client.execute_command("P2P.MEAN", acc_key, meta_key)
+            else:
+                reply = client.fcall_ro("p2p_mean", 2, acc_key, meta_key)
+        except redis.ResponseError as exc:
+            raise AccumulatorError(f"reading the mean of {acc_key} failed: {exc}") from exc
+        if not reply:
+            return None
+        blob, total, parts = reply
+        return np.frombuffer(blob, dtype="<f4").astype(np.float32), float(total), int(parts)
+
+
+def detect(client: redis.Redis, mode: str = "auto") -> Accumulator:
+    """The accumulator this server supports: the module if loaded (``auto``/``module``), else Lua."""
+    if mode not in ("auto", "module", "lua"):
+        raise AccumulatorError(f"accumulator mode must be auto, module or lua, got {mode!r}")
+    if mode != "lua":
+        modules = client.execute_command("MODULE", "LIST")
+        names = {_module_name(m) for m in modules}
+        if MODULE_NAME in names:
+            return Accumulator("module")
+        if mode == "module":
+            raise AccumulatorError(
+                "redis.accumulator=module but the p2ptrain module is not loaded in this Redis "
+                "(start redis-server with --loadmodule $(p2ptrain redis-module))"
+            )
+    try:
+        client.function_load(lua_library(), replace=True)
+    except redis.ResponseError as exc:
+        raise AccumulatorError(f"cannot load the p2ptrain Lua function library: {exc}") from exc
+    return Accumulator("lua")
+
+
+def _module_name(entry: object) -> str:
+    if isinstance(entry, dict):
+        name = entry.get(b"name", entry.get("name", b""))
+    else:  # RESP2: flat [b"name", b"p2ptrain", b"ver", 1, ...]
+        items = list(entry)  # type: ignore[call-overload]
+        name = items[items.index(b"name") + 1] if b"name" in items else b""
+    return name.decode() if isinstance(name, bytes) else str(name)

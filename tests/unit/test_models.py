@@ -1,0 +1,72 @@
+"""Built-in models for each input shape, determinism under a seed, and the user's own factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from p2ptrain.models import ModelError, build_model
+from p2ptrain.spec import ModelSpec
+
+SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32), "tabular": (20,)}
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+def test_builtin_models_map_inputs_to_class_scores(name: str, shape: str) -> None:
+    if name == "cnn" and shape == "tabular":
+        with pytest.raises(ModelError, match="image inputs"):
+            build_model(ModelSpec(name), SHAPES[shape], 10)
+        return
+    model = build_model(ModelSpec(name), SHAPES[shape], 10)
+    assert model(torch.rand(3, *SHAPES[shape])).shape == (3, 10)
+
+
+def test_initialisation_is_identical_under_the_same_seed() -> None:
+    def params(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        model = build_model(ModelSpec("cnn", {"channels": 4}), (1, 8, 8), 10)
+        return torch.nn.utils.parameters_to_vector(model.parameters())
+
+    assert torch.equal(params(1), params(1))
+    assert not torch.equal(params(1), params(2))
+
+
+def test_mlp_takes_a_list_of_widths() -> None:
+    model = build_model(ModelSpec("mlp", {"hidden": [16, 8]}), (4,), 3)
+    widths = [m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 8, 3]
+
+
+def test_user_factory_is_imported_and_called(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def tiny(input_shape, num_classes, width=5):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[-1], width),"
+        " torch.nn.Linear(width, num_classes))\n"
+        "def not_a_model(input_shape, num_classes):\n    return 42\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model(ModelSpec("mymodels:tiny", {"width": 7}), (6,), 2)
+    assert model(torch.rand(4, 6)).shape == (4, 2)
+    with pytest.raises(ModelError, match="returned int, not a torch.nn.Module"):
+        build_model(ModelSpec("mymodels:not_a_model"), (6,), 2)
+    with pytest.raises(ModelError, match="has no callable 'missing'"):
+        build_model(ModelSpec("mymodels:missing"), (6,), 2)
+    with pytest.raises(ModelError, match="cannot import model module 'nosuchmodule'"):
+        build_model(ModelSpec("nosuchmodule:f"), (6,), 2)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (ModelSpec("resnet"), "unknown model 'resnet'; built-in: cnn, logreg, mlp"),
+        (ModelSpec("mlp", {"depth": 3}), "does not take arguments"),
+        (ModelSpec("mlp", {"hidden": -1}), "positive int"),
+    ],
+)
+def test_bad_model_specs_are_clear_errors(spec: ModelSpec, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        build_model(spec, (1, 8, 8), 10)

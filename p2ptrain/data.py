@@ -71,7 +71,7 @@ def _synthetic(seed: int, test: float, samples: int = 2000, features: int = 20, 
 
 def _split(x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float) -> Dataset:
     order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
+    n_test = round(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return _dataset(x[train], y[train], x[test], y[test])
 

@@ -112,4 +112,4 @@ def _import_factory(name: str) -> Callable[..., Any]:
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelError(f"module {module_name!r} has no callable {attribute!r}")
-    return factory  # type: ignore[no-any-return]
+    return factory

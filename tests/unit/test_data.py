@@ -19,7 +19,7 @@ def test_digits_are_8x8_images_in_unit_range_with_a_seeded_split() -> None:
     data = load_dataset(DatasetSpec("digits", split_seed=0, test_fraction=0.2))
     assert data.input_shape == (1, 8, 8) and data.num_classes == 10
     assert len(data.y_train) + len(data.y_test) == 1797 and len(data.y_test) == 359
-    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
     other = load_dataset(DatasetSpec("digits", split_seed=1, test_fraction=0.2))
     assert not np.array_equal(data.y_test, other.y_test)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from p2ptrain.native import module_path
 from p2ptrain.redis_server import RedisServer
 
 
@@ -15,3 +17,19 @@ def redis_server() -> Iterator[RedisServer]:
     """A real redis-server (no module loaded) on a free port with a random password."""
     with RedisServer(password=secrets.token_hex(16)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_module() -> Path:
+    """The p2ptrain Redis module, built from the packaged C source (gcc is part of the set-up)."""
+    path = module_path()
+    assert path is not None, "the p2ptrain Redis module did not build: is gcc installed?"
+    return path
+
+
+@pytest.fixture(params=["module", "lua"])
+def accumulating_redis(request: pytest.FixtureRequest, redis_module: Path) -> Iterator[tuple[str, RedisServer]]:
+    """A real redis-server with the module loaded ("module") or without it ("lua")."""
+    module = redis_module if request.param == "module" else None
+    with RedisServer(password=secrets.token_hex(16), module=module) as server:
+        yield request.param, server

@@ -1,0 +1,119 @@
+"""In-database accumulation against real redis-server processes, with the module and with Lua.
+
+Both back-ends must agree: weighted mean, idempotent parts, atomic concurrent adds, and bad input
+refused with the server's message and nothing changed.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from p2ptrain.accumulator import AccumulatorError, detect
+from p2ptrain.native import module_path
+from p2ptrain.redis_server import RedisServer
+
+
+def _grads(k: int, d: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(d).astype("<f4") for _ in range(k)]
+
+
+def test_detect_picks_the_backend_the_server_has(accumulating_redis) -> None:
+    kind, server = accumulating_redis
+    assert detect(server.client()).kind == kind
+    assert detect(server.client(), "lua").kind == "lua"
+
+
+def test_module_mode_without_the_module_is_a_clear_error(redis_server) -> None:
+    with pytest.raises(AccumulatorError, match="not loaded"):
+        detect(redis_server.client(), "module")
+
+
+def test_weighted_mean_matches_numpy(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    grads, weights = _grads(5, 10_000), [3.0, 1.0, 2.0, 5.0, 1.0]
+    for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+        assert accumulator.add(client, "acc", "meta", f"part{i}", w, g.tobytes())
+    result = accumulator.mean(client, "acc", "meta")
+    assert result is not None
+    mean, total, parts = result
+    expected = sum(w * g.astype(np.float64) for g, w in zip(grads, weights, strict=True)) / sum(weights)
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-6)
+    assert (total, parts) == (12.0, 5)
+
+
+def test_a_repeated_part_is_counted_once(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    (g,) = _grads(1, 100)
+    assert accumulator.add(client, "acc", "meta", "round3:0", 4.0, g.tobytes())
+    assert not accumulator.add(client, "acc", "meta", "round3:0", 4.0, (g * 10).tobytes())
+    mean, total, parts = accumulator.mean(client, "acc", "meta")  # type: ignore[misc]
+    np.testing.assert_allclose(mean, g, rtol=1e-6)
+    assert (total, parts) == (4.0, 1)
+
+
+def test_concurrent_adds_are_atomic(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    accumulator = detect(server.client())
+    grads = _grads(16, 2_000, seed=1)
+
+    def add(i: int) -> None:
+        client = server.client()
+        accumulator.add(client, "acc", "meta", f"p{i}", 1.0, grads[i].tobytes())
+        accumulator.add(client, "acc", "meta", f"p{i}", 1.0, grads[i].tobytes())  # a retry
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    mean, total, parts = accumulator.mean(server.client(), "acc", "meta")  # type: ignore[misc]
+    assert (total, parts) == (16.0, 16)
+    np.testing.assert_allclose(mean, np.mean(grads, axis=0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "weight,blob,message",
+    [
+        (1.0, b"abc", "multiple of 4"),
+        (1.0, np.ones(7, dtype="<f4").tobytes(), "shape mismatch: accumulator has 8 floats, got 7"),
+        (0.0, np.ones(8, dtype="<f4").tobytes(), "weight must be a finite positive number"),
+        (float("inf"), np.ones(8, dtype="<f4").tobytes(), "weight must be a finite positive number"),
+        (1.0, np.array([1, 2, np.nan, 4, 5, 6, 7, 8], dtype="<f4").tobytes(), "non-finite"),
+    ],
+    ids=["ragged", "wrong-shape", "zero-weight", "inf-weight", "nan"],
+)
+def test_bad_input_is_refused_and_changes_nothing(accumulating_redis, weight: float, blob: bytes, message: str) -> None:
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    accumulator.add(client, "acc", "meta", "good", 2.0, np.arange(8, dtype="<f4").tobytes())
+    before = (client.get("acc"), client.hgetall("meta"))
+    with pytest.raises(AccumulatorError, match=message):
+        accumulator.add(client, "acc", "meta", "bad", weight, blob)
+    assert (client.get("acc"), client.hgetall("meta")) == before
+
+
+def test_mean_of_nothing_is_none(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    assert detect(server.client()).mean(server.client(), "absent", "absent-meta") is None
+
+
+def test_module_builds_from_a_clean_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("P2PTRAIN_CACHE", str(tmp_path))
+    monkeypatch.delenv("P2PTRAIN_REDIS_MODULE", raising=False)
+    from p2ptrain import native
+
+    native._build.cache_clear()
+    built = module_path()
+    assert built is not None and built.parent == tmp_path and built.stat().st_size > 0
+    with RedisServer(password="pw", module=built) as server:
+        assert detect(server.client()).kind == "module"

@@ -174,7 +174,7 @@ def test_killed_function_is_replaced_and_training_finishes(tmp_path: Path) -> No
     )
     try:
         assert _wait_training(workdir), "training did not start"
-        functions = [p for p in _processes_of(workdir) if b"function" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        functions = [p for p in _processes_of(workdir) if b"function" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
         assert functions, "no function instance is running"
         victim = functions[0]
         os.kill(victim, signal.SIGKILL)

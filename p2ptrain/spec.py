@@ -41,6 +41,7 @@ class ModelSpec:
 class DatasetSpec:
     name: str = "digits"
     path: str | None = None
+    claim_name: str | None = None
     format: str = "auto"
     split_seed: int = 0
     test_fraction: float = 0.2

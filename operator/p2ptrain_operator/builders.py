@@ -1,0 +1,358 @@
+"""The desired Kubernetes objects for a job: pure functions of the spec, tested without a server.
+
+``build_children`` returns every child of a ``P2PTrainingJob``: the Secret (Redis password,
+event-signing key), the ConfigMap (the job's runtime config), one independent Redis per peer
+(StatefulSet + headless Service), the peers (StatefulSet + headless Service) and the Knative Service of
+the gradient function. Each carries the standard labels and an owner reference, so deleting the job
+deletes them all.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from p2ptrain.config import (
+    CONFIG_ENV,
+    PEER_PORT,
+    REDIS_PASSWORD_ENV,
+    REDIS_PORT,
+    SIGNING_KEY_ENV,
+    ChildNames,
+    cluster_config,
+)
+from p2ptrain.spec import API_GROUP, API_VERSION, KIND, JobSpec
+from p2ptrain_operator.settings import Settings
+
+Object = dict[str, Any]
+
+CONFIG_DIR = "/etc/p2ptrain"
+DATA_DIR = "/data"
+RUN_AS = 10001
+COMPONENTS = ("config", "redis", "peer", "gradient-function")
+
+
+def labels(job: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "p2ptrain",
+        "app.kubernetes.io/instance": job,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "p2ptrain-operator",
+        "p2ptrain.dev/job": job,
+    }
+
+
+def selector(job: str, component: str) -> dict[str, str]:
+    return {k: v for k, v in labels(job, component).items() if k != "app.kubernetes.io/managed-by"}
+
+
+def owner_reference(owner: Object) -> Object:
+    meta = owner["metadata"]
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(spec: JobSpec, name: str, component: str, owner: Object) -> Object:
+    return {
+        "name": name,
+        "namespace": spec.namespace,
+        "labels": labels(spec.name, component),
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def _pod_security() -> Object:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> Object:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _secret_env(names: ChildNames) -> list[Object]:
+    return [
+        {"name": env, "valueFrom": {"secretKeyRef": {"name": names.secret, "key": key}}}
+        for env, key in ((REDIS_PASSWORD_ENV, "redis-password"), (SIGNING_KEY_ENV, "signing-key"))
+    ]
+
+
+def _data_volume(spec: JobSpec) -> tuple[list[Object], list[Object]]:
+    """(volumes, mounts) for the data set's PersistentVolumeClaim, when the spec names one."""
+    if not spec.dataset.claim_name:
+        return [], []
+    return (
+        [{"name": "data", "persistentVolumeClaim": {"claimName": spec.dataset.claim_name, "readOnly": True}}],
+        [{"name": "data", "mountPath": DATA_DIR, "readOnly": True}],
+    )
+
+
+# --- Secret and ConfigMap ------------------------------------------------------------------------------
+
+def build_secret(spec: JobSpec, owner: Object, *, redis_password: str, signing_key: str) -> Object:
+    names = ChildNames(spec.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(spec, names.secret, "config", owner),
+        "type": "Opaque",
+        "data": {
+            "redis-password": base64.b64encode(redis_password.encode()).decode(),
+            "signing-key": base64.b64encode(signing_key.encode()).decode(),
+        },
+    }
+
+
+def build_configmap(spec: JobSpec, owner: Object, settings: Settings) -> Object:
+    names = ChildNames(spec.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, names.configmap, "config", owner),
+        "data": {"job.json": cluster_config(spec, settings.cluster_domain).to_json()},
+    }
+
+
+# --- Redis -----------------------------------------------------------------------------------------------
+
+def redis_command(spec: JobSpec) -> list[str]:
+    """redis-server with AUTH from the Secret (written to a private file, never on the command line)."""
+    persistence = {"none": '--save "" --appendonly no', "rdb": '--save "60 1" --appendonly no',
+                   "aof": '--save "" --appendonly yes'}[spec.redis.persistence]
+    module = "" if spec.redis.image else ' --loadmodule "$P2PTRAIN_REDIS_MODULE"'
+    script = (
+        "umask 077 && printf 'requirepass %s\\n' \"$P2PTRAIN_REDIS_PASSWORD\" > /tmp/redis.conf && "
+        f"exec redis-server /tmp/redis.conf --port {REDIS_PORT} --dir /data/redis --protected-mode no "
+        f"{persistence}{module}"
+    )
+    return ["sh", "-c", script]
+
+
+def build_redis_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> Object:
+    names = ChildNames(spec.name)
+    persistent = spec.redis.persistence != "none" and spec.redis.storage
+    volumes: list[Object] = [{"name": "tmp", "emptyDir": {}}]
+    if not persistent:
+        volumes.append({"name": "redis-data", "emptyDir": {}})
+    statefulset: Object = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(spec, names.redis, "redis", owner),
+        "spec": {
+            "serviceName": names.redis,
+            "replicas": spec.peers,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(spec.name, "redis")},
+            "template": {
+                "metadata": {"labels": labels(spec.name, "redis")},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security(),
+                    "containers": [
+                        {
+                            "name": "redis",
+                            "image": spec.redis.image or settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "command": redis_command(spec),
+                            "env": _secret_env(names)[:1],
+                            "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+                            "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
+                            "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10,
+                                              "failureThreshold": 6},
+                            "securityContext": _container_security(),
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                {"name": "redis-data", "mountPath": "/data/redis"},
+                            ],
+                        }
+                    ],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    if persistent:
+        statefulset["spec"]["volumeClaimTemplates"] = [
+            {
+                "metadata": {"name": "redis-data", "labels": labels(spec.name, "redis")},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": spec.redis.storage}}},
+            }
+        ]
+    return statefulset
+
+
+def build_headless_service(spec: JobSpec, owner: Object, *, name: str, component: str, ports: list[Object]) -> Object:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, name, component, owner),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(spec.name, component),
+            "ports": ports,
+        },
+    }
+
+
+# --- peers -------------------------------------------------------------------------------------------------
+
+def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> Object:
+    names = ChildNames(spec.name)
+    data_volumes, data_mounts = _data_volume(spec)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(spec, names.peer, "peer", owner),
+        "spec": {
+            "serviceName": names.peers_service,
+            "replicas": spec.peers,
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector(spec.name, "peer")},
+            "template": {
+                "metadata": {
+                    "labels": labels(spec.name, "peer"),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics.port)},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security(),
+                    "containers": [
+                        {
+                            "name": "peer",
+                            "image": spec.image or settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "args": ["peer", "--config", f"{CONFIG_DIR}/job.json",
+                                     "--metrics-port", str(spec.metrics.port)],
+                            "env": [*_secret_env(names), {"name": "P2PTRAIN_LOG_LEVEL", "value": "INFO"}],
+                            "ports": [
+                                {"name": "http", "containerPort": PEER_PORT, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": spec.metrics.port, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 5},
+                            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10,
+                                              "failureThreshold": 6, "initialDelaySeconds": 10},
+                            "securityContext": _container_security(),
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                *data_mounts,
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": names.configmap}},
+                        {"name": "tmp", "emptyDir": {}},
+                        *data_volumes,
+                    ],
+                },
+            },
+        },
+    }
+
+
+# --- the gradient function ---------------------------------------------------------------------------------
+
+def knative_annotations(spec: JobSpec) -> dict[str, str]:
+    fn = spec.function
+    return {
+        "autoscaling.knative.dev/min-scale": str(fn.min_scale),
+        "autoscaling.knative.dev/max-scale": str(fn.max_scale),
+        "autoscaling.knative.dev/target": str(fn.container_concurrency or 100),
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": f"{int(fn.idle_seconds)}s",
+    }
+
+
+def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> Object:
+    names = ChildNames(spec.name)
+    fn = spec.function
+    data_volumes, data_mounts = _data_volume(spec)
+    container: Object = {
+        "name": "gradient",
+        "image": fn.image or spec.image or settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["function"],
+        "env": [
+            {"name": CONFIG_ENV, "value": f"{CONFIG_DIR}/job.json"},
+            {"name": "LISTEN_ADDRESS", "value": f"0.0.0.0:{PEER_PORT}"},
+            {"name": "P2PTRAIN_TORCH_THREADS", "value": "1"},
+            *_secret_env(names),
+        ],
+        "ports": [{"containerPort": PEER_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health/readiness"}},
+        "livenessProbe": {"httpGet": {"path": "/health/liveness"}},
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *data_mounts,
+        ],
+    }
+    if fn.resources:
+        container["resources"] = dict(fn.resources)
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {
+            **_metadata(spec, names.gradient, "gradient-function", owner),
+            # Only the peers call the function: keep it off the cluster's ingress.
+            "labels": {**labels(spec.name, "gradient-function"), "networking.knative.dev/visibility": "cluster-local"},
+        },
+        "spec": {
+            "template": {
+                "metadata": {
+                    "labels": labels(spec.name, "gradient-function"),
+                    "annotations": knative_annotations(spec),
+                },
+                "spec": {
+                    "containerConcurrency": fn.container_concurrency,
+                    "timeoutSeconds": fn.timeout_seconds,
+                    "automountServiceAccountToken": False,
+                    "securityContext": _pod_security(),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": names.configmap}},
+                        {"name": "tmp", "emptyDir": {}},
+                        *data_volumes,
+                    ],
+                },
+            }
+        },
+    }
+
+
+# --- all of them ------------------------------------------------------------------------------------------
+
+def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_password: str, signing_key: str) -> list[Object]:
+    """Every child of a job, in the order to create them (configuration before its users)."""
+    names = ChildNames(spec.name)
+    return [
+        build_secret(spec, owner, redis_password=redis_password, signing_key=signing_key),
+        build_configmap(spec, owner, settings),
+        build_headless_service(spec, owner, name=names.redis, component="redis",
+                               ports=[{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]),
+        build_redis_statefulset(spec, owner, settings),
+        build_headless_service(spec, owner, name=names.peers_service, component="peer",
+                               ports=[{"name": "http", "port": PEER_PORT, "targetPort": "http"},
+                                      {"name": "metrics", "port": spec.metrics.port, "targetPort": "metrics"}]),
+        build_peer_statefulset(spec, owner, settings),
+        build_knative_service(spec, owner, settings),
+    ]

@@ -1,0 +1,113 @@
+"""A job's lifecycle: phases with terminal flags, one pure transition function, derived conditions.
+
+``next_phase`` decides what a job is from what was observed (peers' reported states, pod restarts,
+deadlines, suspension) and never from handler-local state, so a restarted operator reaches the same
+answer. Conditions are derived from the phase, never set ad hoc.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class Phase(str, enum.Enum):
+    PENDING = "Pending"
+    CREATED = "Created"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+CONDITION_TYPES = ("Created", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw of a job's children and peers."""
+
+    peers: int
+    peer_states: Sequence[str | None] = ()  # from each peer's /status; None when it did not answer
+    restarts: int = 0  # container restarts summed over the job's pods
+    previous_restarts: int = 0
+    suspended: bool = False
+    backoff_limit: int = 3
+    elapsed_seconds: float | None = None
+    active_deadline_seconds: int | None = None
+    failure_message: str = ""
+
+
+@dataclass(frozen=True)
+class Transition:
+    phase: Phase
+    reason: str
+    message: str
+
+
+def next_phase(current: Phase, observed: Observed) -> Transition:
+    """The phase a job is in now, given the phase it was in and what was observed."""
+    if current.is_terminal:
+        return Transition(current, "Finished", f"job already {current.value.lower()}")
+    if observed.suspended:
+        return Transition(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is true: peers and Redis scaled to zero")
+    deadline = observed.active_deadline_seconds
+    if deadline is not None and observed.elapsed_seconds is not None and observed.elapsed_seconds > deadline:
+        return Transition(Phase.FAILED, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds={deadline}")
+    if observed.restarts > observed.backoff_limit:
+        return Transition(
+            Phase.FAILED,
+            "BackoffLimitExceeded",
+            f"{observed.restarts} pod restarts exceed backoffLimit={observed.backoff_limit}",
+        )
+    states = list(observed.peer_states)
+    if "failed" in states:
+        peer = states.index("failed")
+        return Transition(Phase.FAILED, "PeerFailed", observed.failure_message or f"peer {peer} failed")
+    if len(states) == observed.peers and states and all(s == "succeeded" for s in states):
+        return Transition(Phase.SUCCEEDED, "AllPeersSucceeded", f"all {observed.peers} peers finished training")
+    if observed.restarts > observed.previous_restarts:
+        return Transition(Phase.RESTARTING, "PodRestarted", f"{observed.restarts} pod restarts so far")
+    if any(s in ("training", "succeeded") for s in states):
+        return Transition(Phase.RUNNING, "Training", "peers are training")
+    if current in (Phase.RUNNING, Phase.RESTARTING):
+        return Transition(current, "Waiting", "waiting for peers to report")
+    return Transition(Phase.CREATED, "ChildrenCreated", "children created, waiting for peers to start")
+
+
+def conditions(
+    transition: Transition,
+    previous: Sequence[Mapping[str, Any]],
+    now: str,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Kubernetes-style conditions derived from the phase; lastTransitionTime moves only on change."""
+    earlier = {c.get("type"): c for c in previous}
+    phase = transition.phase
+    result = []
+    for kind in CONDITION_TYPES:
+        if kind == "Created":
+            active = phase != Phase.PENDING
+        else:
+            active = phase.value == kind
+        status = "True" if active else "False"
+        before = earlier.get(kind)
+        changed = before is None or before.get("status") != status
+        condition: dict[str, Any] = {
+            "type": kind,
+            "status": status,
+            "reason": transition.reason if active else (before or {}).get("reason", kind + "NotActive"),
+            "message": transition.message if active else "",
+            "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),  # type: ignore[union-attr]
+        }
+        if generation is not None:
+            condition["observedGeneration"] = generation
+        result.append(condition)
+    return result

@@ -1,0 +1,52 @@
+"""Job lifecycle: the transition table and the conditions derived from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
+
+
+@pytest.mark.parametrize(
+    "current,observed,expected",
+    [
+        (Phase.PENDING, Observed(peers=2), Phase.CREATED),
+        (Phase.CREATED, Observed(peers=2, peer_states=["starting", None]), Phase.CREATED),
+        (Phase.CREATED, Observed(peers=2, peer_states=["training", "starting"]), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=["succeeded", "training"]), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=["succeeded", "succeeded"]), Phase.SUCCEEDED),
+        (Phase.RUNNING, Observed(peers=2, peer_states=["training", "failed"]), Phase.FAILED),
+        (Phase.RUNNING, Observed(peers=2, peer_states=[None, None]), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=["training"] * 2, restarts=1), Phase.RESTARTING),
+        (Phase.RESTARTING, Observed(peers=2, peer_states=["training"] * 2, restarts=1, previous_restarts=1), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, restarts=4, backoff_limit=3), Phase.FAILED),
+        (Phase.RUNNING, Observed(peers=2, elapsed_seconds=61, active_deadline_seconds=60), Phase.FAILED),
+        (Phase.RUNNING, Observed(peers=2, suspended=True), Phase.SUSPENDED),
+        (Phase.SUSPENDED, Observed(peers=2, peer_states=["training"] * 2), Phase.RUNNING),
+        (Phase.SUCCEEDED, Observed(peers=2, suspended=True, restarts=9), Phase.SUCCEEDED),
+        (Phase.FAILED, Observed(peers=2, peer_states=["training"] * 2), Phase.FAILED),
+    ],
+)
+def test_next_phase(current: Phase, observed: Observed, expected: Phase) -> None:
+    assert next_phase(current, observed).phase == expected
+
+
+def test_terminal_phases() -> None:
+    assert {p for p in Phase if p.is_terminal} == {Phase.SUCCEEDED, Phase.FAILED}
+
+
+def test_failure_reasons_name_the_cause() -> None:
+    assert next_phase(Phase.RUNNING, Observed(peers=1, elapsed_seconds=10, active_deadline_seconds=5)).reason == "DeadlineExceeded"
+    assert "backoffLimit=0" in next_phase(Phase.RUNNING, Observed(peers=1, restarts=1, backoff_limit=0)).message
+
+
+def test_conditions_follow_the_phase_and_keep_transition_times() -> None:
+    running = conditions(Transition(Phase.RUNNING, "Training", "peers are training"), [], "t1", generation=3)
+    by_type = {c["type"]: c for c in running}
+    assert by_type["Created"]["status"] == "True" and by_type["Running"]["status"] == "True"
+    assert by_type["Succeeded"]["status"] == "False" and by_type["Running"]["observedGeneration"] == 3
+    again = conditions(Transition(Phase.RUNNING, "Training", "peers are training"), running, "t2")
+    assert {c["type"]: c["lastTransitionTime"] for c in again}["Running"] == "t1"
+    done = {c["type"]: c for c in conditions(Transition(Phase.SUCCEEDED, "AllPeersSucceeded", "ok"), again, "t3")}
+    assert done["Running"]["status"] == "False" and done["Running"]["lastTransitionTime"] == "t3"
+    assert done["Succeeded"]["status"] == "True" and done["Created"]["lastTransitionTime"] == "t1"

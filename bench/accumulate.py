@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
-import redis
 
 from p2ptrain.accumulator import detect
 from p2ptrain.native import module_path
@@ -64,7 +64,7 @@ def client_side(server: RedisServer, grads: list[bytes], repeat: int) -> tuple[f
         for key, blob in zip(keys, grads, strict=True):
             client.set(key, blob)
         blobs = client.mget(keys)
-        stacked = np.stack([np.frombuffer(b, dtype="<f4") for b in blobs])  # type: ignore[union-attr]
+        stacked = np.stack([np.frombuffer(cast(bytes, b), dtype="<f4") for b in blobs])
         result[:] = [stacked.mean(axis=0)]
         client.delete(*keys)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-class Phase(str, enum.Enum):
+class Phase(enum.StrEnum):
     PENDING = "Pending"
     CREATED = "Created"
     RUNNING = "Running"

@@ -138,6 +138,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Callable
             )
             if transition.phase == Phase.RESTARTING:
                 metrics.OPERATOR_JOBS_RESTARTED_TOTAL.inc()
+            if transition.phase == Phase.SUSPENDED:
+                await _scale(kube(), job, 0)
             if transition.phase.is_terminal:
                 patch.status["completionTime"] = _now()
                 (metrics.OPERATOR_JOBS_SUCCEEDED_TOTAL if transition.phase == Phase.SUCCEEDED

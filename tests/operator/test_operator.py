@@ -270,7 +270,7 @@ async def test_suspend_scales_to_zero_and_resume_scales_back(cluster: Cluster) -
     await cluster.patch_job({"spec": {"runPolicy": {"suspend": True}}})
     await eventually(lambda: _phase(cluster) == "Suspended")
     for name in ("digits-peer", "digits-redis"):
-        await eventually(lambda: cluster.child("apps/v1/statefulsets", name)["spec"]["replicas"] == 0)  # type: ignore[index]
+        await eventually(lambda name=name: cluster.child("apps/v1/statefulsets", name)["spec"]["replicas"] == 0)  # type: ignore[index,misc]
     await cluster.patch_job({"spec": {"runPolicy": {"suspend": False}}})
     await eventually(lambda: _phase(cluster) == "Created")
     await eventually(lambda: cluster.child("apps/v1/statefulsets", "digits-peer")["spec"]["replicas"] == 3)  # type: ignore[index]

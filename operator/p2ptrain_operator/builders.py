@@ -325,7 +325,7 @@ def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> O
                 "spec": {
                     "containerConcurrency": fn.container_concurrency,
                     "timeoutSeconds": fn.timeout_seconds,
-                    "automountServiceAccountToken": False,
+                    # Pod-level securityContext needs Knative's kubernetes.podspec-securitycontext flag.
                     "securityContext": _pod_security(),
                     "containers": [container],
                     "volumes": [

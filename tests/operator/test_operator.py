@@ -303,3 +303,14 @@ async def test_every_api_call_is_covered_by_the_rbac_rules(cluster: Cluster) -> 
         assert allows(request.resource.group or "", plural, verb), f"RBAC lacks {verb} {request.resource.group}/{plural}"
         checked += 1
     assert checked > 10
+
+
+async def test_changing_peers_of_a_created_job_is_refused_with_a_message(cluster: Cluster) -> None:
+    await cluster.apply(job_manifest())
+    await asyncio.to_thread(cluster.start_operator)
+    await eventually(lambda: _phase(cluster) == "Created")
+    await cluster.patch_job({"spec": {"peers": 4}})
+    await eventually(lambda: "spec.peers changed from 2 to 4" in (cluster.job() or {}).get("status", {}).get("message", ""))
+    assert cluster.child("apps/v1/statefulsets", "digits-peer")["spec"]["replicas"] == 2  # type: ignore[index]
+    reasons = [r.data.get("reason") for r in cluster.k8s if r.method == "POST" and r.url.path.endswith("/events")]
+    assert "PeersChangeRejected" in reasons

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import cast
 
 import numpy as np
+from report import publish
 
 from p2ptrain.accumulator import detect
 from p2ptrain.native import module_path
@@ -129,10 +130,7 @@ def main() -> int:
         "memory speed, Lua unpacks and repacks every float, and the client-side method moves the bytes a "
         "second time (MGET) before numpy averages them.",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(report, encoding="utf-8")
+    publish(lines, args.report)
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from report import publish
 
 from p2ptrain.data import batch_indices, load_dataset, shard_indices
 from p2ptrain.local import LocalRun, RunOptions
@@ -133,10 +134,7 @@ def main() -> int:
         "robustness; on one small machine it pays in per-round overhead, which shrinks relative to compute "
         "as models and micro-batches grow.",
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text(report, encoding="utf-8")
+    publish(lines, args.report)
     return 0
 
 

@@ -177,3 +177,18 @@ async def test_large_gradients_travel_by_reference(dtype: str, compression: str)
         assert all(report.peers_used == 2 for r in reports for report in r)
         labels = metrics.peer_labels(spec.name, spec.namespace, 0)
         assert _sample("p2ptrain_exchange_received_bytes_total", **labels) > 0
+
+
+async def test_a_silent_peer_is_excluded_at_the_deadline_and_counted() -> None:
+    spec = make_spec(
+        name="deadline", peers=3, functionsPerPeer=1, batchSize=8, rounds=2,
+        exchange={"roundDeadlineSeconds": 1.5},
+    )
+    async with running_job(spec) as job:
+        live = job.peers[:2]  # peer 2 never starts: its endpoint answers, but it sends nothing
+        reports = await asyncio.wait_for(asyncio.gather(*(p.run() for p in live)), 60)
+        assert all(report.peers_used == 2 for r in reports for report in r)
+        labels = metrics.peer_labels(spec.name, spec.namespace, 0)
+        assert _sample("p2ptrain_peers_excluded_total", **labels, reason="deadline") == 2
+        assert live[0].status.excluded == {"deadline": 2}
+        assert _sample("p2ptrain_peers_active", **labels) == 2

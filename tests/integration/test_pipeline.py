@@ -7,6 +7,7 @@ full-batch gradient plain PyTorch computes on the same samples.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ from prometheus_client import REGISTRY
 from p2ptrain import metrics, wire
 from p2ptrain.data import load_dataset
 from p2ptrain.models import build_model
+from p2ptrain.peer import Peer
 
 from .harness import make_spec, running_job
 
@@ -192,3 +194,20 @@ async def test_a_silent_peer_is_excluded_at_the_deadline_and_counted() -> None:
         assert _sample("p2ptrain_peers_excluded_total", **labels, reason="deadline") == 2
         assert live[0].status.excluded == {"deadline": 2}
         assert _sample("p2ptrain_peers_active", **labels) == 2
+
+
+async def test_a_restarted_peer_resumes_from_its_checkpoint_in_redis() -> None:
+    spec = make_spec(name="resume", peers=1, functionsPerPeer=2, batchSize=16, rounds=3, optimizer={"momentum": 0.9})
+    async with running_job(spec) as job:
+        (first,) = await job.train()
+        assert [r.round for r in first] == [0, 1, 2]
+        trained = job.peers[0].final_state()
+        longer = dataclasses.replace(job.config, spec=dataclasses.replace(spec, rounds=5))
+        restarted = Peer(longer, 0, job.secrets)  # a fresh process would build exactly this
+        resumed = await asyncio.to_thread(restarted._resume)
+        assert resumed == 3
+        for name, tensor in restarted.final_state().items():
+            torch.testing.assert_close(tensor, trained[name])
+        assert restarted.optimizer.state_dict()["state"], "optimizer momentum was not restored"
+        reports = await restarted.run()
+        assert [r.round for r in reports] == [3, 4]

@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # One line per HTTP request would drown the per-round events (and cost CPU on the hot path).
+    for noisy in ("httpx", "httpcore", "hypercorn.access"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
     if args.command == "run":
         from p2ptrain.local import RunOptions, run_job

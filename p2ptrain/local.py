@@ -37,7 +37,7 @@ from p2ptrain.store import Keys
 
 log = logging.getLogger(__name__)
 
-_POLL_SECONDS = 0.25
+_POLL_SECONDS = 0.5
 
 
 class RunError(RuntimeError):

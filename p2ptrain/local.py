@@ -77,6 +77,7 @@ class LocalRun:
         self._tty = out.isatty()
         self._last_line = ""
         self._last_print = 0.0
+        self._said_waiting = False
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
 
@@ -270,6 +271,11 @@ class LocalRun:
             return
         rounds = statuses[0].get("rounds", 0)
         done = min(s.get("round", 0) for s in statuses)
+        if done == 0 and not final:
+            if not self._said_waiting:
+                self._say("round 0: functions starting from zero (cold start) ...")
+                self._said_waiting = True
+            return
         losses = [s["loss"] for s in statuses if s.get("loss") is not None]
         accuracy = statuses[0].get("accuracy")
         phases = statuses[0].get("phases", {})

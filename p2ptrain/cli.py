@@ -14,6 +14,7 @@ import socket
 import sys
 from pathlib import Path
 
+from p2ptrain import logs
 from p2ptrain.config import ConfigError, RuntimeConfig, Secrets, peer_index_from_hostname
 from p2ptrain.spec import SpecError, load_manifest
 
@@ -83,14 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command != "operator" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # One line per HTTP request would drown the per-round events (and cost CPU on the hot path).
-    for noisy in ("httpx", "httpcore", "hypercorn.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(args.log_level)
 
     if args.command == "run":
         from p2ptrain.local import RunOptions, run_job
@@ -126,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        logs.set_context(job=config.spec.name, peer=index)
         try:
             peer_process = Peer(config, index, secrets)
         except Exception as exc:  # the process edge: one clear line instead of a traceback

@@ -312,6 +312,7 @@ def serve() -> None:
     config = hypercorn.config.Config()
     config.bind = bind()
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, once
     config.graceful_timeout = 5
 
     async def main() -> None:

@@ -387,6 +387,7 @@ class Peer:
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
                     break  # the request itself is wrong; retrying cannot help
             if attempt + 1 < attempts:
+                log.info("retrying micro-batch", extra={"part": request["part"], "attempt": attempt + 1, "error": last_error})
                 metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
                 self.status.function_retries += 1
                 await asyncio.sleep(min(0.1 * 2**attempt, 2.0) * (1 + random.random()))
@@ -527,7 +528,15 @@ class Peer:
             metrics.TEST_LOSS.labels(**self.labels).set(evaluation[1])
         log.info(
             "round done",
-            extra={"round": round_index, "loss": loss, "peers_used": peers_used, "seconds": round(total, 4)},
+            extra={
+                "round": round_index + 1,  # 1-based like status.round and the progress display
+                "of": self.rounds,
+                "loss": loss,
+                "accuracy": evaluation[0] if evaluation else None,
+                "peers_used": peers_used,
+                "seconds": round(total, 4),
+                **{phase: round(seconds, 4) for phase, seconds in phases.items()},
+            },
         )
 
     def _resume(self) -> int:
@@ -623,6 +632,7 @@ async def serve_peer(peer: Peer, *, host: str, port: int, metrics_port: int | No
     config = hypercorn.config.Config()
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, once
     config.graceful_timeout = 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

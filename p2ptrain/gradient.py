@@ -11,8 +11,10 @@ The event boundary runs in four visible steps: decode (func-python), validate, p
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -76,6 +78,9 @@ class GradientFunction:
         self._params: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
         self._dataset: Dataset | None = None
         self._model: torch.nn.Module | None = None
+        # functional_call swaps parameters into the module it is given for the duration of the call,
+        # so two requests computing at once need two modules: idle skeletons wait here for reuse.
+        self._skeletons: queue.SimpleQueue[torch.nn.Module] = queue.SimpleQueue()
         self._labels: dict[str, str] = {}
 
     # --- lifecycle (func-python calls these) ----------------------------------------------------
@@ -127,6 +132,11 @@ class GradientFunction:
             metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="redis").inc()
             log.warning("gradient could not be stored: %s", exc)
             await _reply_error(send, 503, "redis", f"gradient could not be stored in the peer's Redis: {exc}")
+            return
+        except Exception as exc:  # a bug, not bad input: keep serving, count it, leave the traceback in the log
+            metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="error").inc()
+            log.exception("gradient request failed")
+            await _reply_error(send, 500, "error", f"gradient function failed: {type(exc).__name__}: {exc}")
             return
         result["timings"]["total"] = time.perf_counter() - started
         metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="ok").inc()
@@ -194,9 +204,7 @@ class GradientFunction:
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        loss, correct, gradient = compute_gradient(
-            self._model, flat, self._dataset.x_train[request.indices], self._dataset.y_train[request.indices]
-        )
+        loss, correct, gradient = self.gradient(flat, request.indices)
         timings["compute"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -221,6 +229,18 @@ class GradientFunction:
             "pid": os.getpid(),
             "timings": timings,
         }
+
+    def gradient(self, flat_params: torch.Tensor, indices: np.ndarray) -> tuple[float, int, torch.Tensor]:
+        """``compute_gradient`` on these training samples, safe to call from concurrent threads."""
+        assert self._dataset is not None and self._model is not None
+        try:
+            skeleton = self._skeletons.get_nowait()
+        except queue.Empty:
+            skeleton = copy.deepcopy(self._model)  # one more request computing at once than ever before
+        try:
+            return compute_gradient(skeleton, flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices])
+        finally:
+            self._skeletons.put(skeleton)
 
     def _client(self, address: RedisAddress) -> tuple[redis.Redis, Accumulator]:
         with self._lock:
@@ -257,7 +277,9 @@ def compute_gradient(
 ) -> tuple[float, int, torch.Tensor]:
     """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params``.
 
-    Stateless (``torch.func.functional_call``): concurrent requests share the model skeleton safely.
+    ``torch.func.functional_call`` swaps ``flat_params`` into ``model`` for the call and back: the result
+    depends only on the arguments, but one ``model`` must not serve two calls at the same time
+    (``GradientFunction.gradient`` gives each concurrent call its own).
     """
     names = [name for name, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]

@@ -200,6 +200,8 @@ class LocalRun:
             "round_seconds": sum(phases.values()),
             "phases_first_round": first,
             "first_round_seconds": sum(first.values()),
+            # peer 0's first evaluation at or above each accuracy, in seconds of training (rounds summed)
+            "time_to_accuracy": lead.get("reached", {}),
             "function": self.functions.stats.as_dict(),
             "rejected_events": _sum_counts(s.get("rejected", {}) for s in statuses),
             "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
@@ -348,6 +350,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
         + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
         f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
+        *(
+            ["  reached       " + ", ".join(
+                f"{float(acc):.2f} at round {at['round']} ({at['seconds']:.1f} s)" for acc, at in reached.items()
+            ) + " test accuracy"]
+            if (reached := summary.get("time_to_accuracy"))
+            else []
+        ),
         f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
         f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",

@@ -42,6 +42,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Gradients for rounds this far ahead of ours are buffered (faster peers); further ones are refused.
 ROUND_WINDOW = 4
 _EVAL_BATCH = 4096
+# Test accuracies whose first crossing a peer reports (round and training seconds): time to accuracy.
+ACCURACY_MILESTONES = (0.5, 0.8, 0.9, 0.95, 0.99)
 
 
 class PeerError(RuntimeError):
@@ -78,6 +80,14 @@ class PeerStatus:
     function_retries: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
+    training_seconds: float = 0.0  # sum of this run's round times
+    reached: dict[str, dict[str, float]] = field(default_factory=dict)  # "0.9" -> first round, seconds
+
+    def record_accuracy(self, accuracy: float) -> None:
+        """Remember when each accuracy milestone was first reached (time to accuracy)."""
+        for milestone in ACCURACY_MILESTONES:
+            if accuracy >= milestone and f"{milestone:g}" not in self.reached:
+                self.reached[f"{milestone:g}"] = {"round": self.round, "seconds": round(self.training_seconds, 3)}
 
     def as_dict(self) -> dict[str, Any]:
         mean = {k: v / self.rounds_timed for k, v in self.phases_total.items()} if self.rounds_timed else {}
@@ -98,6 +108,8 @@ class PeerStatus:
             "functionRetries": self.function_retries,
             "rejected": self.rejected,
             "excluded": self.excluded,
+            "trainingSeconds": self.training_seconds,
+            "reached": self.reached,
         }
 
 
@@ -519,11 +531,13 @@ class Peer:
             self.status.rounds_timed += 1
         self.status.phases_last = dict(phases)
         self.status.round = round_index + 1
+        self.status.training_seconds += total
         if loss is not None:
             metrics.LOSS.labels(**self.labels).set(loss)
             self.status.loss = loss
         if evaluation is not None:
             self.status.accuracy, self.status.test_loss = evaluation
+            self.status.record_accuracy(evaluation[0])
             metrics.ACCURACY.labels(**self.labels).set(evaluation[0])
             metrics.TEST_LOSS.labels(**self.labels).set(evaluation[1])
         log.info(

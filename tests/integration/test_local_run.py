@@ -6,6 +6,7 @@ functions per peer), and that nothing is left behind when the run is interrupted
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -93,6 +94,12 @@ def test_digits_job_converges_and_writes_summary_and_model(tmp_path: Path) -> No
     assert all(v > 0 for v in summary["phases"].values())
     assert summary["final_loss"] < 0.5 and summary["wall_seconds"] > 0
     assert summary["function"]["cold_starts"] >= 1
+    # Time to accuracy: milestones reached in order, each no later (in rounds and seconds) than the next.
+    reached = summary["time_to_accuracy"]
+    assert "0.95" in reached, reached
+    ordered = [reached[m] for m in sorted(reached, key=float)]
+    assert all(a["round"] <= b["round"] and a["seconds"] <= b["seconds"] for a, b in itertools.pairwise(ordered))
+    assert 0 < reached["0.95"]["round"] <= 100 and 0 < reached["0.95"]["seconds"] < summary["wall_seconds"]
     assert model_path.stat().st_size > 1000
     assert "test accuracy" in result.stdout + result.stderr and "fanout" in result.stderr
 

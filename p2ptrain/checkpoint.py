@@ -8,6 +8,8 @@ they are untrusted input: safetensors stores only named tensors, and the optimiz
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,6 +61,35 @@ def unpack_state(data: bytes, model: torch.nn.Module, optimizer: torch.optim.Opt
         return meta
     except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not fit this job's model/optimizer: {exc}") from exc
+
+
+def median_state(states: Sequence[bytes]) -> bytes:
+    """The coordinate-wise median of checkpoints of the same model and optimizer.
+
+    Robust to a minority of arbitrary (Byzantine) checkpoints: every merged coordinate lies within
+    the range of the honest ones. Non-tensor metadata comes from the checkpoint closest to the median.
+    """
+    if not states:
+        raise CheckpointError("no checkpoints to merge")
+    try:
+        loaded = [st_load(state) for state in states]
+    except SafetensorError as exc:
+        raise CheckpointError(f"not a checkpoint: {exc}") from exc
+    layout = {name: (tensor.shape, tensor.dtype) for name, tensor in loaded[0].items()}
+    for tensors in loaded[1:]:
+        if {name: (t.shape, t.dtype) for name, t in tensors.items()} != layout:
+            raise CheckpointError("checkpoints have different tensors, shapes or dtypes: not replicas of one job")
+    merged = {
+        name: torch.stack([tensors[name] for tensors in loaded]).double().nanmedian(dim=0).values.to(dtype).contiguous()
+        for name, (_, dtype) in layout.items()
+    }
+
+    def distance(tensors: dict[str, torch.Tensor]) -> float:
+        d = sum(float((tensors[n].double() - merged[n].double()).square().sum()) for n in layout)
+        return d if math.isfinite(d) else math.inf
+
+    closest = min(range(len(states)), key=lambda i: distance(loaded[i]))
+    return st_save(merged, metadata=_metadata(states[closest]))
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -27,11 +27,11 @@ from prometheus_client import make_asgi_app
 
 from p2ptrain import metrics, wire
 from p2ptrain.aggregate import AggregationError, aggregate, minimum_gradients
-from p2ptrain.checkpoint import CheckpointError, pack_state, unpack_state
+from p2ptrain.checkpoint import CheckpointError, median_state, pack_state, unpack_state
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, batch_indices, load_dataset, shard_indices, split_micro_batches
 from p2ptrain.models import build_model
-from p2ptrain.store import Keys, PeerStore
+from p2ptrain.store import Keys, PeerStore, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class PeerStatus:
     rejected: dict[str, int] = field(default_factory=dict)
     excluded: dict[str, int] = field(default_factory=dict)
     training_seconds: float = 0.0  # sum of this run's round times
+    caught_up: dict[str, int] = field(default_factory=dict)  # rounds skipped by adopting peers' state
     reached: dict[str, dict[str, float]] = field(default_factory=dict)  # "0.9" -> first round, seconds
 
     def record_accuracy(self, accuracy: float) -> None:
@@ -110,6 +111,7 @@ class PeerStatus:
             "excluded": self.excluded,
             "trainingSeconds": self.training_seconds,
             "reached": self.reached,
+            "caughtUp": self.caught_up,
         }
 
 
@@ -155,6 +157,7 @@ class Peer:
         )
         self._peer_clients: dict[int, redis.Redis] = {}
         self._inbox: dict[int, dict[int, np.ndarray]] = {}
+        self._newest_from: dict[int, int] = {}  # the latest round each peer sent a gradient for
         self._inbox_changed = asyncio.Condition()
         self._round = 0
         self._http: httpx.AsyncClient | None = None
@@ -238,21 +241,27 @@ class Peer:
             raise wire.WireError("dataref", f"dataref {dataref!r} does not point at peer {sender}'s Redis")
         if not key.startswith(f"p2p:{self.spec.name}:{sender}:out:"):
             raise wire.WireError("dataref", f"dataref key {key!r} is not peer {sender}'s outbox")
-        client = self._peer_clients.get(sender)
-        if client is None:
-            client = redis.Redis(host=expected.host, port=expected.port, password=self.secrets.redis_password, socket_timeout=30)
-            self._peer_clients[sender] = client
         try:
-            blob = cast(bytes | None, client.get(key))
+            blob = cast(bytes | None, self._peer_redis(sender).get(key))
         except redis.RedisError as exc:
             raise wire.WireError("dataref", f"cannot read dataref from peer {sender}'s Redis: {exc}") from exc
         if blob is None:
             raise wire.WireError("dataref", f"dataref {key} has expired or was never written")
         return bytes(blob)
 
+    def _peer_redis(self, peer: int) -> redis.Redis:
+        """A client for another peer's Redis (claim checks, catching up), only at the job's own address."""
+        client = self._peer_clients.get(peer)
+        if client is None:
+            address = self.config.redis[peer]
+            client = redis.Redis(host=address.host, port=address.port, password=self.secrets.redis_password, socket_timeout=30)
+            self._peer_clients[peer] = client
+        return client
+
     async def _file_gradient(self, round_index: int, sender: int, gradient: np.ndarray) -> None:
         async with self._inbox_changed:
             self._inbox.setdefault(round_index, {})[sender] = gradient
+            self._newest_from[sender] = max(round_index, self._newest_from.get(sender, -1))
             self._inbox_changed.notify_all()
 
     # --- the round -----------------------------------------------------------------------------------
@@ -265,6 +274,7 @@ class Peer:
         async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
             self._http = http
             await self._wait_for_peers()
+            start = await asyncio.to_thread(self._catch_up, start)
             for round_index in range(start, self.rounds):
                 reports.append(await self.run_round(round_index))
             self._http = None
@@ -449,7 +459,7 @@ class Peer:
         async with self._inbox_changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._inbox_changed.wait_for(lambda: len(self._inbox.get(round_index, {})) >= quorum),
+                    self._inbox_changed.wait_for(lambda: self._round_closed(round_index, quorum)),
                     timeout=max(0.0, deadline - time.monotonic()),
                 )
             gradients = self._inbox.pop(round_index, {})
@@ -461,6 +471,19 @@ class Peer:
             self.status.excluded["deadline"] = self.status.excluded.get("deadline", 0) + missing
         metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
         return gradients
+
+    def _round_closed(self, round_index: int, quorum: int) -> bool:
+        """A quorum arrived, or every peer still missing has already sent a later round's gradient.
+
+        Peers send their rounds in order, so one that has moved past this round will never send it
+        (it was down, or we were): waiting for the deadline could not help, and a peer that is behind
+        catches up one quick round at a time instead of one deadline at a time.
+        """
+        arrived = self._inbox.get(round_index, {})
+        if len(arrived) >= quorum:
+            return True
+        missing = [p for p in range(self.spec.peers) if p not in arrived and p != self.index]
+        return all(self._newest_from.get(p, -1) > round_index for p in missing)
 
     def _aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
         rule = self.spec.aggregation
@@ -569,6 +592,46 @@ class Peer:
             return 0
         log.info("resumed from checkpoint", extra={"round": round_index})
         return round_index + 1
+
+    def _catch_up(self, start: int) -> int:
+        """Start from the other peers' state when they are ahead (a restarted or late peer).
+
+        Reads the latest checkpoint in every other peer's Redis (the claim-check path; it works while
+        those peers are busy training). With a Byzantine budget f, a round counts as reached only when
+        f+1 peers report it, and with 2f+1 checkpoints the adopted state is their coordinate-wise median,
+        so f lying peers can neither drag nor poison a restarting one.
+        """
+        candidates: list[tuple[int, int, bytes]] = []
+        for peer in range(self.spec.peers):
+            if peer == self.index:
+                continue
+            try:
+                saved = read_checkpoint(self._peer_redis(peer), Keys(self.spec.name, peer))
+            except redis.RedisError as exc:
+                log.info("cannot read peer %d's checkpoint: %s", peer, exc)
+                continue
+            if saved is not None:
+                candidates.append((peer, saved[0], saved[1]))
+        byzantine = self.spec.aggregation.byzantine
+        rounds = sorted((r for _, r, _ in candidates), reverse=True)
+        if len(rounds) <= byzantine or rounds[byzantine] < start:
+            return start  # nobody (trustworthy) is ahead of us
+        if byzantine and len(candidates) >= 2 * byzantine + 1:
+            state = median_state([c[2] for c in candidates])
+            reached = sorted(rounds)[(len(rounds) - 1) // 2]
+            source = f"the median of peers {sorted(c[0] for c in candidates)}"
+        else:
+            peer, reached, state = max(candidates, key=lambda c: c[1])
+            source = f"peer {peer}"
+        try:
+            unpack_state(state, self.model, self.optimizer)
+        except CheckpointError as exc:
+            log.warning("cannot adopt the other peers' state, continuing from round %d: %s", start, exc)
+            return start
+        log.info("caught up: adopted the state after round %d from %s", reached + 1, source,
+                 extra={"skipped_rounds": reached + 1 - start})
+        self.status.caught_up = {"from": start, "to": reached + 1}
+        return reached + 1
 
     async def _wait_for_peers(self) -> None:
         """Start together: wait (up to one round deadline) until every peer's endpoint answers."""

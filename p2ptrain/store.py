@@ -63,6 +63,17 @@ class Keys:
         return f"{self.prefix}:checkpoint:meta"
 
 
+def read_checkpoint(client: redis.Redis, keys: Keys) -> tuple[int, bytes, dict[str, Any]] | None:
+    """A peer's latest checkpoint (round, state, metadata), read atomically; also from another peer's Redis."""
+    pipe = client.pipeline(transaction=True)
+    pipe.get(keys.checkpoint)
+    pipe.hgetall(keys.checkpoint_meta)
+    state, meta = pipe.execute()
+    if state is None or not meta:
+        return None
+    return int(meta[b"round"]), state, json.loads(meta[b"meta"])
+
+
 class PeerStore:
     """A peer's view of its own Redis (blocking client; call from a worker thread in async code)."""
 
@@ -107,13 +118,7 @@ class PeerStore:
         return bool(written)
 
     def load_checkpoint(self) -> tuple[int, bytes, dict[str, Any]] | None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.keys.checkpoint)
-        pipe.hgetall(self.keys.checkpoint_meta)
-        state, meta = pipe.execute()
-        if state is None or not meta:
-            return None
-        return int(meta[b"round"]), state, json.loads(meta[b"meta"])
+        return read_checkpoint(self.client, self.keys)
 
     def expire_job_keys(self, seconds: int) -> int:
         """Give every key of this peer a TTL (at job end): nothing of a job outlives it for long."""

@@ -25,7 +25,8 @@ what it starts (all on 127.0.0.1, all stopped at the end, on failure and on Ctrl
   - the gradient function as a local stand-in for its Knative Service: instances start on the first
     request (cold start, timed), at most function.maxScale of them, each serving
     function.containerConcurrency requests, and stop after function.idleSeconds without work
-  - one process per peer (spec.peers)
+  - one process per peer (spec.peers); a peer killed by a signal is restarted, like a pod, up to
+    runPolicy.backoffLimit times in all, and catches up from its checkpoint and the other peers
 
 the manifest is the same P2PTrainingJob you would `kubectl apply`; cluster-only fields (images,
 resources, storage) are ignored here.

@@ -80,6 +80,9 @@ class LocalRun:
         self._said_waiting = False
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
+        self._peer_command: list[str] = []
+        self._peer_env: dict[str, str] = {}
+        self.peer_restarts = 0
 
     # --- entry ----------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -134,21 +137,47 @@ class LocalRun:
         assert self._stop_servers is not None
         self._function_server = asyncio.create_task(_serve_asgi(self.functions.app, function_port, self._stop_servers))
 
+        self._peer_command = [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path)]
+        self._peer_env = env
         for index, port in enumerate(peer_ports):
             log_path = self.workdir / f"peer-{index}.log"
-            with open(log_path, "ab") as log_file:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path),
-                     "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"],
-                    env=env,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent,
-                    start_new_session=True,
-                )
-            self.peers.append(PeerProcess(index, port, process, log_path))
+            self.peers.append(PeerProcess(index, port, self._start_peer(index, port, log_path), log_path))
         return config
+
+    def _start_peer(self, index: int, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen(
+                [*self._peer_command, "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"],
+                env=self._peer_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+                start_new_session=True,
+            )
+
+    def _restart_or_fail(self, peer: PeerProcess, code: int) -> None:
+        """A peer process ended before the job did: restart it like a pod, or fail the run.
+
+        As Kubeflow's ``restartPolicy: ExitCode``: a peer killed by a signal (OOM killer, ``kill -9``) is
+        restarted — it resumes from its checkpoint and catches up with the others — up to
+        ``runPolicy.backoffLimit`` restarts in all; an exit code is the peer's own verdict and final.
+        """
+        limit = self.spec.run_policy.backoff_limit
+        if code < 0 and self.peer_restarts < limit:
+            self.peer_restarts += 1
+            self._say(
+                f"peer {peer.index} was killed ({signal.Signals(-code).name}); restarting it "
+                f"({self.peer_restarts} of backoffLimit={limit} restarts)"
+            )
+            peer.process = self._start_peer(peer.index, peer.port, peer.log_path)
+            return
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        spent = f" after {self.peer_restarts} restarts (backoffLimit={limit})" if code < 0 else ""
+        raise RunError(
+            f"peer {peer.index} {how} before the job finished{spent}:\n"
+            + _tail(peer.log_path) + f"\n(full log: {peer.log_path})"
+        )
 
     async def _train(self) -> None:
         async with httpx.AsyncClient(timeout=2) as http:
@@ -156,10 +185,8 @@ class LocalRun:
                 for peer in self.peers:
                     code = peer.process.poll()
                     if code is not None:
-                        raise RunError(
-                            f"peer {peer.index} exited with code {code} before the job finished:\n"
-                            + _tail(peer.log_path) + f"\n(full log: {peer.log_path})"
-                        )
+                        self._restart_or_fail(peer, code)
+                        continue
                     with contextlib.suppress(httpx.HTTPError, ValueError):
                         response = await http.get(f"http://127.0.0.1:{peer.port}/status")
                         if response.status_code == 200:
@@ -206,6 +233,7 @@ class LocalRun:
             "rejected_events": _sum_counts(s.get("rejected", {}) for s in statuses),
             "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
             "function_retries": sum(s.get("functionRetries", 0) for s in statuses),
+            "peer_restarts": self.peer_restarts,
             "per_peer": [
                 {"peer": s.get("peer"), "accuracy": s.get("accuracy"), "loss": s.get("loss"), "rounds": s.get("round")}
                 for s in statuses
@@ -362,6 +390,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",
         f"  model         {summary['model']}",
     ]
+    if summary.get("peer_restarts"):
+        lines.append(f"  peers         restarted {summary['peer_restarts']} time(s) after being killed; they caught up")
     if summary["rejected_events"] or summary["excluded_peers"]:
         lines.append(f"  rejected events {summary['rejected_events']}, excluded gradients {summary['excluded_peers']}")
     return "\n".join(lines)

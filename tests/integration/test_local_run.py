@@ -169,6 +169,14 @@ def _wait_training(workdir: Path, rounds: int = 2, timeout: float = 120) -> bool
     return False
 
 
+def _peer_pid(workdir: Path, index: int) -> int:
+    for pid in _processes_of(workdir):
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"peer" in args and args[args.index(b"--index") + 1] == str(index).encode():
+            return pid
+    raise AssertionError(f"no process for peer {index}")
+
+
 def test_killed_function_is_replaced_and_training_finishes(tmp_path: Path) -> None:
     job = _write_job(tmp_path, name="killfn", rounds=40, function={"maxScale": 2, "containerConcurrency": 4, "idleSeconds": 30})
     workdir = tmp_path / "work"
@@ -195,6 +203,33 @@ def test_killed_function_is_replaced_and_training_finishes(tmp_path: Path) -> No
     assert summary["function"]["crashed_instances"] + summary["function_retries"] >= 1
     assert _wait_gone(_processes_of(workdir)) == []
     assert _wait_gone(_redis_servers() - redis_before) == []
+
+
+def test_a_killed_peer_is_restarted_catches_up_and_the_job_succeeds(tmp_path: Path) -> None:
+    job = _write_job(tmp_path, name="killpeer", rounds=60, exchange={"roundDeadlineSeconds": 20})
+    workdir = tmp_path / "work"
+    summary_path = tmp_path / "summary.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "p2ptrain", "run", str(job), "--workdir", str(workdir), "--summary", str(summary_path),
+         "-o", str(tmp_path / "m.st")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert _wait_training(workdir, rounds=5), "training did not start"
+        os.kill(_peer_pid(workdir, 1), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    assert "peer 1 was killed (SIGKILL); restarting it (1 of backoffLimit=3 restarts)" in stderr
+    summary = json.loads(summary_path.read_text())
+    assert summary["peer_restarts"] == 1
+    assert summary["rounds"] == 60 and summary["test_accuracy"] >= 0.93, summary
+    # The restarted peer went on from where the job was, and ended as a replica of the others.
+    assert summary["per_peer"][1]["rounds"] == 60
+    assert abs(summary["per_peer"][1]["accuracy"] - summary["per_peer"][0]["accuracy"]) <= 0.03, summary["per_peer"]
+    assert _wait_gone(_processes_of(workdir)) == []
 
 
 def test_a_failing_peer_fails_the_run_with_its_log_and_leaves_nothing(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import importlib
 import secrets
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,10 +16,12 @@ import pytest
 import torch
 import yaml
 from func_python.cloudevent import ASGIApplication
+from prometheus_client import REGISTRY
 
 from p2ptrain import wire
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.gradient import GradientFunction, compute_gradient
+from p2ptrain.store import Keys, PeerStore
 
 from .harness import make_spec
 
@@ -79,3 +82,42 @@ def test_concurrent_requests_get_the_gradient_of_their_own_model_version(redis_s
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         wrong = sum(pool.map(check, range(4)))
     assert wrong == 0, f"{wrong} of 400 gradients were computed at another request's parameters"
+
+
+async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_serving(redis_server, monkeypatch) -> None:
+    spec = make_spec(name="fnbug", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
+    address = RedisAddress(redis_server.host, redis_server.port)
+    config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (address,), "http://x")
+    job_secrets = Secrets(redis_server.password, secrets.token_bytes(16))
+    function = GradientFunction(config, job_secrets)
+    app = ASGIApplication(function)
+    await app.on_start()
+    assert function._model is not None
+    keys = Keys(spec.name, 0)
+    store = PeerStore(redis_server.client(), keys, key_ttl_seconds=60)
+    params = torch.nn.utils.parameters_to_vector(function._model.parameters()).detach().numpy()
+    model_key = store.publish_model(0, params)
+    request = {"peer": 0, "round": 0, "version": 0, "part": "0:0", "redis": str(address), "model": model_key,
+               "accumulator": keys.accumulator(0), "accumulatorMeta": keys.accumulator_meta(0), "indices": list(range(8))}
+
+    def post(client: httpx.AsyncClient) -> Any:
+        event = wire.build_event(wire.GRADIENT_REQUESTED, "/jobs/default/fnbug/peers/0", data=request, key=job_secrets.signing_key)
+        headers, body = wire.to_http(event)
+        return client.post("/", headers=headers, content=body)
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value(
+            "p2ptrain_function_invocations_total", {"job": "fnbug", "namespace": "default", "outcome": "error"}
+        ) or 0.0
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fn") as client:
+        assert (await post(client)).status_code == 200  # the real request works ...
+        before = failures()
+        # ... then a bug inside the computation (fault injected: no real input reaches this path).
+        monkeypatch.setattr(function, "gradient", lambda *a: (_ for _ in ()).throw(RuntimeError("injected bug")))
+        response = await post(client)
+        assert response.status_code == 500 and response.headers["x-p2ptrain-reason"] == "error"
+        assert "RuntimeError: injected bug" in response.text
+        assert failures() == before + 1
+        monkeypatch.undo()
+        assert (await post(client)).status_code == 200  # and the instance keeps serving

@@ -82,6 +82,7 @@ class PeerStatus:
     excluded: dict[str, int] = field(default_factory=dict)
     training_seconds: float = 0.0  # sum of this run's round times
     caught_up: dict[str, int] = field(default_factory=dict)  # rounds skipped by adopting peers' state
+    recovered: int = 0  # gradients taken from other peers' outboxes after their events were missed
     reached: dict[str, dict[str, float]] = field(default_factory=dict)  # "0.9" -> first round, seconds
 
     def record_accuracy(self, accuracy: float) -> None:
@@ -112,6 +113,7 @@ class PeerStatus:
             "trainingSeconds": self.training_seconds,
             "reached": self.reached,
             "caughtUp": self.caught_up,
+            "recovered": self.recovered,
         }
 
 
@@ -158,6 +160,7 @@ class Peer:
         self._peer_clients: dict[int, redis.Redis] = {}
         self._inbox: dict[int, dict[int, np.ndarray]] = {}
         self._newest_from: dict[int, int] = {}  # the latest round each peer sent a gradient for
+        self._sending: set[asyncio.Task[Any]] = set()
         self._inbox_changed = asyncio.Condition()
         self._round = 0
         self._http: httpx.AsyncClient | None = None
@@ -249,6 +252,17 @@ class Peer:
             raise wire.WireError("dataref", f"dataref {key} has expired or was never written")
         return bytes(blob)
 
+    def _fetch_outbox(self, peer: int, round_index: int) -> np.ndarray | None:
+        """Another peer's gradient for a round, from the outbox in its Redis; None if not there (yet)."""
+        try:
+            blob = cast(bytes | None, self._peer_redis(peer).get(Keys(self.spec.name, peer).outbox(round_index)))
+            if blob is None:
+                return None
+            return wire.decode_tensor(bytes(blob), expected_numel=self.numel, max_bytes=self._max_body_bytes() + 4 * self.numel)
+        except (redis.RedisError, wire.WireError) as exc:
+            log.info("cannot take peer %d's round %d gradient from its outbox: %s", peer, round_index + 1, exc)
+            return None
+
     def _peer_redis(self, peer: int) -> redis.Redis:
         """A client for another peer's Redis (claim checks, catching up), only at the job's own address."""
         client = self._peer_clients.get(peer)
@@ -277,6 +291,8 @@ class Peer:
             start = await asyncio.to_thread(self._catch_up, start)
             for round_index in range(start, self.rounds):
                 reports.append(await self.run_round(round_index))
+            if self._sending:  # the last rounds' gradients still on their way (bounded by the deadline)
+                await asyncio.wait(set(self._sending))
             self._http = None
         await asyncio.to_thread(self.store.expire_job_keys, self.spec.redis.key_ttl_seconds)
         self.status.state = "succeeded"
@@ -421,8 +437,10 @@ class Peer:
         blob = wire.encode_tensor(gradient, exchange.dtype, exchange.compression)
         extensions: dict[str, str | int] = {"round": round_index, "peer": self.index}
         data = blob
+        # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
+        # reached) fetches it from there instead of closing the round without us.
+        key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
         if len(blob) > exchange.inline_limit_bytes:
-            key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
             address = self.config.redis[self.index]
             extensions[wire.DATAREF_ATTRIBUTE] = f"redis://{address.host}:{address.port}/{key}"
             data = b""
@@ -436,7 +454,13 @@ class Peer:
         )
         headers, body = wire.to_http(event)
         others = [i for i in range(self.spec.peers) if i != self.index]
-        await asyncio.gather(*(self._post_to_peer(i, headers, body) for i in others))
+        # Delivered in the background (retried until the deadline): an unreachable peer must not hold
+        # up our round, which only needs a quorum.
+        sending = asyncio.create_task(asyncio.wait([
+            asyncio.create_task(self._post_to_peer(i, headers, body)) for i in others
+        ]))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
         metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
 
     async def _post_to_peer(self, peer: int, headers: dict[str, str], body: bytes) -> None:
@@ -465,6 +489,17 @@ class Peer:
             gradients = self._inbox.pop(round_index, {})
             for old in [r for r in self._inbox if r < round_index]:
                 del self._inbox[old]
+        if len(gradients) < quorum:
+            # Closed by the deadline or because the missing peers moved on: their gradients may still
+            # be in their outboxes (they sent while we were down, or could not reach us).
+            absent = [p for p in range(self.spec.peers) if p not in gradients and p != self.index]
+            for peer, gradient in zip(absent, await asyncio.gather(
+                *(asyncio.to_thread(self._fetch_outbox, p, round_index) for p in absent)
+            ), strict=True):
+                if gradient is not None:
+                    gradients[peer] = gradient
+                    self.status.recovered += 1
+                    log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
         missing = self.spec.peers - len(gradients)
         if missing:
             metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)

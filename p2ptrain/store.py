@@ -20,6 +20,7 @@ from p2ptrain.accumulator import Accumulator, detect
 # How long round-scoped keys (model versions, accumulators, outbox) live: long enough for a slow
 # peer to fetch a dataref or a late function to finish, short enough not to pile up.
 ROUND_KEY_TTL_SECONDS = 600
+OUTBOX_ROUNDS = 8  # rounds of sent gradients each peer keeps for others to fetch
 
 # Checkpoint writes carry the round as a version token: an older writer never replaces a newer state.
 _SAVE_CHECKPOINT = """
@@ -104,9 +105,16 @@ class PeerStore:
         self.client.delete(self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index))
 
     def put_outbox(self, round_index: int, blob: bytes) -> str:
-        """Park an encoded gradient for other peers to fetch by reference (the ``dataref`` claim check)."""
+        """Park an encoded gradient for other peers to fetch by reference (``dataref``, missed events).
+
+        Only the last ``OUTBOX_ROUNDS`` rounds are kept: a peer further behind catches up from state.
+        """
         key = self.keys.outbox(round_index)
-        self.client.set(key, blob, ex=ROUND_KEY_TTL_SECONDS)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, blob, ex=ROUND_KEY_TTL_SECONDS)
+        if round_index >= OUTBOX_ROUNDS:
+            pipe.delete(self.keys.outbox(round_index - OUTBOX_ROUNDS))
+        pipe.execute()
         return key
 
     def save_checkpoint(self, round_index: int, state: bytes, meta: dict[str, Any]) -> bool:

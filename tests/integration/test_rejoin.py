@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from p2ptrain import wire
 from p2ptrain.checkpoint import pack_state
 from p2ptrain.store import Keys, PeerStore
 
@@ -97,7 +98,15 @@ async def test_a_round_closes_early_when_the_missing_peers_have_moved_past_it() 
         gradients = await asyncio.wait_for(peer._wait_for_quorum(2, deadline), timeout=10)
         assert sorted(gradients) == [0, 2]
 
-        # Peer 1 has not moved past round 4 yet (it sent round 3 only): round 4 waits for it.
-        await peer._file_gradient(4, 0, gradient)
+        # Peer 1 sent round 5 too; its round 4 event never reached us, but it is in its outbox.
+        for round_index, sender in ((4, 0), (4, 2), (5, 1)):
+            await peer._file_gradient(round_index, sender, gradient + sender)
+        PeerStore(job.peers[1].redis, Keys(spec.name, 1), key_ttl_seconds=60).put_outbox(4, wire.encode_tensor(gradient + 41))
+        gradients = await asyncio.wait_for(peer._wait_for_quorum(4, deadline), timeout=10)
+        assert sorted(gradients) == [0, 1, 2] and float(gradients[1][0]) == 41.0
+        assert peer.status.recovered == 1
+
+        # Peer 1 has not moved past round 6 yet (it sent round 5 only): round 6 waits for it.
+        await peer._file_gradient(6, 0, gradient)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(peer._wait_for_quorum(4, deadline), timeout=0.5)
+            await asyncio.wait_for(peer._wait_for_quorum(6, deadline), timeout=0.5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from p2ptrain import wire
-from p2ptrain.store import Keys, PeerStore
+from p2ptrain.store import OUTBOX_ROUNDS, Keys, PeerStore
 
 
 def _store(redis_server, job: str = "job", peer: int = 1) -> PeerStore:
@@ -54,3 +54,13 @@ def test_job_keys_get_a_ttl_at_the_end_and_other_jobs_are_untouched(redis_server
     assert store.expire_job_keys(120) >= 3
     assert 0 < client.ttl(store.keys.checkpoint) <= 3600
     assert client.ttl("p2p:other:1:checkpoint") == -1
+
+
+def test_the_outbox_keeps_only_the_last_rounds(redis_server) -> None:
+    store = _store(redis_server)
+    for round_index in range(OUTBOX_ROUNDS + 3):
+        store.put_outbox(round_index, f"gradient-{round_index}".encode())
+    client = redis_server.client()
+    kept = [r for r in range(OUTBOX_ROUNDS + 3) if client.exists(store.keys.outbox(r))]
+    assert kept == list(range(3, OUTBOX_ROUNDS + 3))
+    assert client.get(store.keys.outbox(OUTBOX_ROUNDS + 2)) == f"gradient-{OUTBOX_ROUNDS + 2}".encode()

@@ -234,6 +234,7 @@ class LocalRun:
             "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
             "function_retries": sum(s.get("functionRetries", 0) for s in statuses),
             "peer_restarts": self.peer_restarts,
+            "recovered_gradients": sum(s.get("recovered", 0) for s in statuses),  # taken from outboxes
             "per_peer": [
                 {"peer": s.get("peer"), "accuracy": s.get("accuracy"), "loss": s.get("loss"), "rounds": s.get("round")}
                 for s in statuses
@@ -370,6 +371,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     phases = summary["phases"]
     fn = summary["function"]
     acc = summary["test_accuracy"]
+    reached = ", ".join(
+        f"{float(milestone):.2f} at round {at['round']} ({at['seconds']:.1f} s)"
+        for milestone, at in summary.get("time_to_accuracy", {}).items()
+    )
     lines = [
         f"job {summary['job']}: {summary['rounds']} rounds on {summary['peers']} peers x "
         f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
@@ -378,13 +383,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
         + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
         f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
-        *(
-            ["  reached       " + ", ".join(
-                f"{float(acc):.2f} at round {at['round']} ({at['seconds']:.1f} s)" for acc, at in reached.items()
-            ) + " test accuracy"]
-            if (reached := summary.get("time_to_accuracy"))
-            else []
-        ),
+        *([f"  reached       {reached} test accuracy"] if reached else []),
         f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
         f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",

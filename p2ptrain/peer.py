@@ -456,11 +456,10 @@ class Peer:
         others = [i for i in range(self.spec.peers) if i != self.index]
         # Delivered in the background (retried until the deadline): an unreachable peer must not hold
         # up our round, which only needs a quorum.
-        sending = asyncio.create_task(asyncio.wait([
-            asyncio.create_task(self._post_to_peer(i, headers, body)) for i in others
-        ]))
-        self._sending.add(sending)
-        sending.add_done_callback(self._sending.discard)
+        for peer in others:
+            sending = asyncio.create_task(self._post_to_peer(peer, headers, body))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
         metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
 
     async def _post_to_peer(self, peer: int, headers: dict[str, str], body: bytes) -> None:

@@ -65,6 +65,16 @@ EVENTS_REJECTED_TOTAL = Counter(
 FUNCTION_RETRIES_TOTAL = Counter(
     "p2ptrain_function_retries_total", "Gradient function calls retried by the peer.", PEER_LABELS
 )
+GRADIENTS_RECOVERED_TOTAL = Counter(
+    "p2ptrain_gradients_recovered_total",
+    "Peer gradients taken from the sender's outbox in Redis after their event was missed.",
+    PEER_LABELS,
+)
+CATCH_UPS_TOTAL = Counter(
+    "p2ptrain_catch_ups_total",
+    "Times a (re)started peer adopted the other peers' state because it was behind.",
+    PEER_LABELS,
+)
 
 # --- gradient function -----------------------------------------------------------------------------
 FUNCTION_INVOCATIONS_TOTAL = Counter(

@@ -498,6 +498,7 @@ class Peer:
                 if gradient is not None:
                     gradients[peer] = gradient
                     self.status.recovered += 1
+                    metrics.GRADIENTS_RECOVERED_TOTAL.labels(**self.labels).inc()
                     log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
         missing = self.spec.peers - len(gradients)
         if missing:
@@ -665,6 +666,7 @@ class Peer:
         log.info("caught up: adopted the state after round %d from %s", reached + 1, source,
                  extra={"skipped_rounds": reached + 1 - start})
         self.status.caught_up = {"from": start, "to": reached + 1}
+        metrics.CATCH_UPS_TOTAL.labels(**self.labels).inc()
         return reached + 1
 
     async def _wait_for_peers(self) -> None:

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from p2ptrain import wire
 from p2ptrain.checkpoint import pack_state
@@ -78,6 +79,7 @@ async def test_a_restarting_peer_is_not_fooled_by_one_byzantine_checkpoint() -> 
 
         start = await asyncio.to_thread(restarting._catch_up, 0)
         assert start == 9, "the median round of the three checkpoints, 8, was not the one adopted"
+        assert REGISTRY.get_sample_value("p2ptrain_catch_ups_total", restarting.labels) == 1
         for name, value in restarting.final_state().items():
             np.testing.assert_allclose(value.numpy(), honest.model.state_dict()[name].numpy(), rtol=0, atol=1e-6)
 
@@ -105,6 +107,7 @@ async def test_a_round_closes_early_when_the_missing_peers_have_moved_past_it() 
         gradients = await asyncio.wait_for(peer._wait_for_quorum(4, deadline), timeout=10)
         assert sorted(gradients) == [0, 1, 2] and float(gradients[1][0]) == 41.0
         assert peer.status.recovered == 1
+        assert REGISTRY.get_sample_value("p2ptrain_gradients_recovered_total", peer.labels) == 1
 
         # Peer 1 has not moved past round 6 yet (it sent round 5 only): round 6 waits for it.
         await peer._file_gradient(6, 0, gradient)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import redis
@@ -40,7 +40,7 @@ class Accumulator:
             if self.kind == "module":
                 reply = client.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
             else:
-                reply = client.fcall("p2p_accum", 2, acc_key, meta_key, part, repr(float(weight)), blob)
+                reply = _fcall(client, "p2p_accum", acc_key, meta_key, part, repr(float(weight)), blob)
         except redis.ResponseError as exc:
             raise AccumulatorError(f"accumulating into {acc_key} failed: {exc}") from exc
         return bool(reply)
@@ -51,13 +51,24 @@ class Accumulator:
             if self.kind == "module":
                 reply = client.execute_command("P2P.MEAN", acc_key, meta_key)
             else:
-                reply = client.fcall_ro("p2p_mean", 2, acc_key, meta_key)
+                reply = _fcall(client, "p2p_mean", acc_key, meta_key)
         except redis.ResponseError as exc:
             raise AccumulatorError(f"reading the mean of {acc_key} failed: {exc}") from exc
         if not reply:
             return None
         blob, total, parts = reply
         return np.frombuffer(blob, dtype="<f4").astype(np.float32), float(total), int(parts)
+
+
+def _fcall(client: redis.Redis, function: str, acc_key: str, meta_key: str, *args: object) -> Any:
+    """FCALL, loading the library first if this server does not have it (it restarted empty)."""
+    try:
+        return client.fcall(function, 2, acc_key, meta_key, *args)
+    except redis.ResponseError as exc:
+        if "function not found" not in str(exc).lower():
+            raise
+    client.function_load(lua_library(), replace=True)
+    return client.fcall(function, 2, acc_key, meta_key, *args)
 
 
 def detect(client: redis.Redis, mode: str = "auto") -> Accumulator:

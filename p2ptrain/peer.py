@@ -42,6 +42,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # Gradients for rounds this far ahead of ours are buffered (faster peers); further ones are refused.
 ROUND_WINDOW = 4
 _EVAL_BATCH = 4096
+# Consecutive rounds without a single successful gradient function call before the peer gives up.
+MAX_ROUNDS_WITHOUT_GRADIENT = 3
+# How long a peer waits for its own Redis to come back (restarted pod, network blip) before failing.
+REDIS_OUTAGE_SECONDS = 120.0
 # Test accuracies whose first crossing a peer reports (round and training seconds): time to accuracy.
 ACCURACY_MILESTONES = (0.5, 0.8, 0.9, 0.95, 0.99)
 
@@ -161,6 +165,8 @@ class Peer:
         self._inbox: dict[int, dict[int, np.ndarray]] = {}
         self._newest_from: dict[int, int] = {}  # the latest round each peer sent a gradient for
         self._sending: set[asyncio.Task[Any]] = set()
+        self._rounds_without_gradient = 0
+        self._published: tuple[int, np.ndarray] | None = None  # the model version functions are reading
         self._inbox_changed = asyncio.Condition()
         self._round = 0
         self._http: httpx.AsyncClient | None = None
@@ -290,7 +296,7 @@ class Peer:
             await self._wait_for_peers()
             start = await asyncio.to_thread(self._catch_up, start)
             for round_index in range(start, self.rounds):
-                reports.append(await self.run_round(round_index))
+                reports.append(await self._run_round_through_redis_outages(round_index))
             if self._sending:  # the last rounds' gradients still on their way (bounded by the deadline)
                 await asyncio.wait(set(self._sending))
             self._http = None
@@ -298,6 +304,37 @@ class Peer:
         self.status.state = "succeeded"
         self.status.message = f"finished {self.rounds} rounds"
         return reports
+
+    async def _run_round_through_redis_outages(self, round_index: int) -> RoundReport:
+        """Run a round; if this peer's Redis goes away (pod restarted, network blip), wait for it and
+        run the round again — every step is idempotent (versioned keys, per-part accumulation,
+        duplicate gradients refused by the other peers)."""
+        while True:
+            try:
+                return await self.run_round(round_index)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                address = self.config.redis[self.index]
+                log.warning("lost this peer's Redis at %s in round %d: %s; waiting up to %.0fs for it",
+                            address, round_index + 1, exc, REDIS_OUTAGE_SECONDS)
+                self.status.message = f"waiting for Redis at {address}"
+                if not await asyncio.to_thread(self._wait_for_redis, REDIS_OUTAGE_SECONDS):
+                    raise PeerError(f"this peer's Redis at {address} did not come back within "
+                                    f"{REDIS_OUTAGE_SECONDS:.0f}s: {exc}") from exc
+                self.status.message = ""
+                log.info("Redis at %s is back; running round %d again", address, round_index + 1)
+
+    def _wait_for_redis(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while time.monotonic() < deadline:
+            try:
+                if self.redis.ping():
+                    return True
+            except redis.RedisError:
+                pass
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        return False
 
     async def run_round(self, round_index: int) -> RoundReport:
         spec = self.spec
@@ -312,6 +349,7 @@ class Peer:
         t0 = time.perf_counter()
         params = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
         model_key = await asyncio.to_thread(self.store.publish_model, round_index, params.numpy())
+        self._published = (round_index, params.numpy())
         phases["publish"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -382,8 +420,18 @@ class Peer:
         ]
         results = await asyncio.gather(*calls)
         receipts = [r for r in results if r is not None]
-        if not receipts:
-            raise PeerError(f"round {round_index}: no gradient function call succeeded before the deadline")
+        if receipts:
+            self._rounds_without_gradient = 0
+            return receipts
+        # A round without our own gradient still aggregates the others'; only a lasting outage fails.
+        self._rounds_without_gradient += 1
+        if self._rounds_without_gradient >= MAX_ROUNDS_WITHOUT_GRADIENT:
+            raise PeerError(
+                f"no gradient function call succeeded in {self._rounds_without_gradient} rounds in a row "
+                f"(last: round {round_index + 1}); is the gradient function at {self.config.function_url} up?"
+            )
+        log.warning("round %d: no gradient function call succeeded before the deadline; "
+                    "aggregating the other peers' gradients only", round_index + 1)
         return receipts
 
     async def _call_function(self, request: dict[str, Any], deadline: float) -> dict[str, Any] | None:
@@ -424,6 +472,9 @@ class Peer:
                 last_error = f"HTTP {response.status_code}: {response.text[:200]}"
                 if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
                     break  # the request itself is wrong; retrying cannot help
+                if response.headers.get("x-p2ptrain-reason") == "version" and self._published is not None:
+                    # Our Redis lost the model version (it restarted empty): publish it again.
+                    await asyncio.to_thread(self.store.publish_model, *self._published)
             if attempt + 1 < attempts:
                 log.info("retrying micro-batch", extra={"part": request["part"], "attempt": attempt + 1, "error": last_error})
                 metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()

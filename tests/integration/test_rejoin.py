@@ -113,3 +113,39 @@ async def test_a_round_closes_early_when_the_missing_peers_have_moved_past_it() 
         await peer._file_gradient(6, 0, gradient)
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(peer._wait_for_quorum(6, deadline), timeout=0.5)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["lua", "module"])
+async def test_training_survives_a_peer_redis_restarting_empty(module: bool) -> None:
+    """A peer's Redis pod restarts with no persistence: its model versions, accumulators, Lua library
+    and checkpoint are gone. The peer waits for it, runs the round again and training goes on."""
+    from p2ptrain import native
+
+    module_path = native.module_path() if module else None
+    assert not module or module_path is not None, "the Redis module could not be built"
+    spec = make_spec(name="redisgone", peers=2, functionsPerPeer=2, batchSize=32, rounds=30,
+                     exchange={"roundDeadlineSeconds": 20}, evaluation={"everyRounds": 5},
+                     optimizer={"learningRate": 0.1, "momentum": 0.9},
+                     function={"retries": 0})
+    async with running_job(spec, module=module_path) as job:
+        training = asyncio.ensure_future(job.train(timeout=180))
+        for _ in range(600):
+            if job.peers[0].status.round >= 5 or training.done():
+                break
+            await asyncio.sleep(0.05)
+        assert job.peers[0].status.round >= 5, "training did not get going"
+        await asyncio.to_thread(job.redis[0].stop)
+        for _ in range(600):  # until the peer notices (it needs its Redis in every round)
+            if job.peers[0].status.message.startswith("waiting for Redis") or training.done():
+                break
+            await asyncio.sleep(0.05)
+        assert job.peers[0].status.message.startswith("waiting for Redis"), job.peers[0].status.message
+        await asyncio.to_thread(job.redis[0].start)  # same port and password, empty
+        reports = await training
+
+        assert [len(r) for r in reports] == [30, 30], "a peer did not finish every round"
+        assert reports[0][-1].round == 29 and reports[1][-1].round == 29
+        # The restarted Redis holds this peer's state again, from the round after the restart on.
+        saved = PeerStore(job.redis[0].client(), Keys(spec.name, 0), key_ttl_seconds=60).load_checkpoint()
+        assert saved is not None and saved[0] == 29
+        assert min(p.status.accuracy or 0 for p in job.peers) >= 0.8

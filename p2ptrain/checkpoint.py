@@ -63,6 +63,19 @@ def unpack_state(data: bytes, model: torch.nn.Module, optimizer: torch.optim.Opt
         raise CheckpointError(f"checkpoint does not fit this job's model/optimizer: {exc}") from exc
 
 
+def model_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A trained model as users load it: ``safetensors.torch.load`` / ``model.load_state_dict``."""
+    return st_save({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
+
+
+def model_tensors(state: bytes) -> dict[str, torch.Tensor]:
+    """The model's tensors out of a checkpoint made by ``pack_state``."""
+    try:
+        return {k.removeprefix("model."): v for k, v in st_load(state).items() if k.startswith("model.")}
+    except SafetensorError as exc:
+        raise CheckpointError(f"not a checkpoint: {exc}") from exc
+
+
 def median_state(states: Sequence[bytes]) -> bytes:
     """The coordinate-wise median of checkpoints of the same model and optimizer.
 

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 import httpx
-from safetensors.torch import load as st_load
-from safetensors.torch import save_file
 
 from p2ptrain import native
 from p2ptrain.autoscale import LocalFunctionService, child_env
+from p2ptrain.checkpoint import model_file, model_tensors
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
@@ -255,9 +254,8 @@ class LocalRun:
         client.close()
         if state is None:
             raise RunError("peer 0 left no checkpoint in its Redis: cannot write the model")
-        tensors = {k.removeprefix("model."): v for k, v in st_load(state).items() if k.startswith("model.")}
         output.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(output), metadata={"p2ptrain.job": json.dumps(self.spec.to_dict())})
+        output.write_bytes(model_file(model_tensors(state), {"p2ptrain.job": json.dumps(self.spec.to_dict())}))
         return output
 
     # --- shutdown -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -27,7 +28,7 @@ from prometheus_client import make_asgi_app
 
 from p2ptrain import metrics, wire
 from p2ptrain.aggregate import AggregationError, aggregate, minimum_gradients
-from p2ptrain.checkpoint import CheckpointError, median_state, pack_state, unpack_state
+from p2ptrain.checkpoint import CheckpointError, median_state, model_file, pack_state, unpack_state
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, batch_indices, load_dataset, shard_indices, split_micro_batches
 from p2ptrain.models import build_model
@@ -174,7 +175,8 @@ class Peer:
 
     # --- the HTTP endpoint --------------------------------------------------------------------------
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI app: ``POST /`` takes gradient events; ``GET /status``, ``/healthz``, ``/metrics``."""
+        """ASGI app: ``POST /`` takes gradient events; ``GET /status``, ``/model`` (safetensors of this
+        replica, as trained so far), ``/healthz``, ``/metrics``."""
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
@@ -187,6 +189,11 @@ class Peer:
             await _respond(send, 200, b"ok")
         elif path == "/status" and method == "GET":
             await _respond_json(send, 200, self.status.as_dict())
+        elif path == "/model" and method == "GET":
+            tensors = self.final_state()  # copied between optimizer steps, serialised off the loop
+            metadata = {"p2ptrain.job": json.dumps(self.spec.to_dict()), "p2ptrain.round": str(self.status.round)}
+            model_bytes = await asyncio.to_thread(model_file, tensors, metadata)
+            await _respond(send, 200, model_bytes, content_type=b"application/octet-stream")
         elif path == "/" and method == "POST":
             body = await _read_body(receive, self._max_body_bytes())
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -774,8 +781,6 @@ async def _respond(send: Send, status: int, body: bytes, *, reason: str | None =
 
 
 async def _respond_json(send: Send, status: int, payload: Any) -> None:
-    import json
-
     await _respond(send, status, json.dumps(payload).encode(), content_type=b"application/json")
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import httpx
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from prometheus_client import REGISTRY
 
@@ -58,6 +59,17 @@ async def test_replicas_stay_identical_and_loss_falls() -> None:
         last = np.mean([r[-1].loss for r in reports])
         assert last < first
         assert all(r[-1].peers_used == 3 for r in reports)
+
+        # The trained model, as a user fetches it from a peer (kubectl port-forward + curl /model).
+        async with httpx.AsyncClient() as client:
+            response = await client.get(job.config.peer_urls[1] + "/model")
+        assert response.status_code == 200
+        served = safetensors.torch.load(response.content)
+        assert served.keys() == states[0].keys()
+        for name, tensor in served.items():
+            torch.testing.assert_close(tensor, states[0][name])
+        model = build_model(spec.model, (64,), 10)
+        model.load_state_dict(served)  # loads into the job's model as is
 
 
 def _sample(name: str, **labels: str) -> float:

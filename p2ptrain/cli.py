@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     peer.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (pods: spec.metrics.port)")
     peer.add_argument("--exit-when-done", action="store_true", help="exit after training instead of lingering")
 
+    export = sub.add_parser("export", help="write a peer's trained model from its Redis to a safetensors file "
+                            "(what the export Job runs when a job with spec.output succeeds)")
+    export.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
+    export.add_argument("--output", type=Path, required=True, help="where to write the model (.safetensors)")
+    export.add_argument("--peer", type=int, default=0, help="whose replica (default 0)")
+
     sub.add_parser("function", help="serve the gradient function (what the Knative Service runs; "
                    "env P2PTRAIN_CONFIG, LISTEN_ADDRESS)")
     sub.add_parser("operator", help="run the Kubernetes operator (kopf)", add_help=False)
@@ -137,6 +143,35 @@ def main(argv: list[str] | None = None) -> int:
                 linger=not args.exit_when_done,
             )
         )
+
+    if args.command == "export":
+        import json
+
+        import redis
+
+        from p2ptrain.checkpoint import CheckpointError
+        from p2ptrain.store import Keys, export_model
+
+        try:
+            config = RuntimeConfig.from_file(args.config)
+            secrets = Secrets.from_env()
+            if not 0 <= args.peer < config.spec.peers:
+                raise ConfigError(f"--peer {args.peer} is not a peer of this job (peers={config.spec.peers})")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        address = config.redis[args.peer]
+        client = redis.Redis(host=address.host, port=address.port, password=secrets.redis_password, socket_timeout=60)
+        try:
+            metadata = {"p2ptrain.job": json.dumps(config.spec.to_dict())}
+            round_index = export_model(client, Keys(config.spec.name, args.peer), args.output, metadata)
+        except (CheckpointError, redis.RedisError, OSError) as exc:
+            print(f"error: cannot export peer {args.peer}'s model from {address}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            client.close()
+        print(f"wrote {args.output} (job {config.spec.name}, peer {args.peer}, after round {round_index + 1})")
+        return 0
 
     if args.command == "function":
         from p2ptrain.gradient import serve

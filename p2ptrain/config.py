@@ -49,6 +49,11 @@ class ChildNames:
         return f"{self.job}-redis"
 
     @property
+    def export(self) -> str:
+        """The Job that writes the trained model to ``spec.output`` when the job succeeded."""
+        return f"{self.job}-export"
+
+    @property
     def peer(self) -> str:
         """The peer StatefulSet (pods ``<job>-peer-<i>``)."""
         return f"{self.job}-peer"

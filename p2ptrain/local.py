@@ -21,18 +21,18 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 import httpx
 
 from p2ptrain import native
 from p2ptrain.autoscale import LocalFunctionService, child_env
-from p2ptrain.checkpoint import model_file, model_tensors
+from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
-from p2ptrain.store import Keys
+from p2ptrain.store import Keys, export_model
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +250,12 @@ class LocalRun:
     def _write_model(self, output: Path) -> Path:
         """Peer 0's final model (from its checkpoint in Redis) as a safetensors file."""
         client = self.redis_servers[0].client()
-        state = cast(bytes | None, client.get(Keys(self.spec.name, 0).checkpoint))
-        client.close()
-        if state is None:
-            raise RunError("peer 0 left no checkpoint in its Redis: cannot write the model")
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_bytes(model_file(model_tensors(state), {"p2ptrain.job": json.dumps(self.spec.to_dict())}))
+        try:
+            export_model(client, Keys(self.spec.name, 0), output, {"p2ptrain.job": json.dumps(self.spec.to_dict())})
+        except CheckpointError as exc:
+            raise RunError(f"cannot write the model: {exc}") from exc
+        finally:
+            client.close()
         return output
 
     # --- shutdown -------------------------------------------------------------------------------------

@@ -104,6 +104,14 @@ class MetricsSpec:
 
 
 @dataclass(frozen=True)
+class OutputSpec:
+    """Where the operator writes the trained model (a PersistentVolumeClaim) when the job succeeds."""
+
+    claim_name: str
+    path: str = "model.safetensors"
+
+
+@dataclass(frozen=True)
 class RunPolicy:
     suspend: bool = False
     backoff_limit: int = 3
@@ -135,6 +143,7 @@ class JobSpec:
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
     image: str | None = None
     run_policy: RunPolicy = field(default_factory=RunPolicy)
+    output: OutputSpec | None = None
 
     @property
     def quorum(self) -> int:
@@ -331,6 +340,7 @@ def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:
         metrics=pick(MetricsSpec, spec["metrics"]),
         image=spec.get("image"),
         run_policy=pick(RunPolicy, spec["runPolicy"]),
+        output=pick(OutputSpec, spec["output"]) if "output" in spec else None,
     )
 
 
@@ -374,4 +384,5 @@ _NESTED: dict[tuple[str, str], type] = {
     ("JobSpec", "redis"): RedisSpec,
     ("JobSpec", "metrics"): MetricsSpec,
     ("JobSpec", "run_policy"): RunPolicy,
+    ("JobSpec", "output"): OutputSpec,
 }

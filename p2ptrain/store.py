@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import redis
 
 from p2ptrain import wire
 from p2ptrain.accumulator import Accumulator, detect
+from p2ptrain.checkpoint import CheckpointError, model_file, model_tensors
 
 # How long round-scoped keys (model versions, accumulators, outbox) live: long enough for a slow
 # peer to fetch a dataref or a late function to finish, short enough not to pile up.
@@ -73,6 +75,19 @@ def read_checkpoint(client: redis.Redis, keys: Keys) -> tuple[int, bytes, dict[s
     if state is None or not meta:
         return None
     return int(meta[b"round"]), state, json.loads(meta[b"meta"])
+
+
+def export_model(client: redis.Redis, keys: Keys, output: Path, metadata: dict[str, str]) -> int:
+    """Write the model of a peer's latest checkpoint to ``output`` (safetensors); returns its round."""
+    saved = read_checkpoint(client, keys)
+    if saved is None:
+        raise CheckpointError(f"no checkpoint of job {keys.job!r} peer {keys.peer} in this Redis")
+    round_index, state, _ = saved
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    partial.write_bytes(model_file(model_tensors(state), {**metadata, "p2ptrain.round": str(round_index + 1)}))
+    partial.replace(output)  # readers never see half a model
+    return round_index
 
 
 class PeerStore:

@@ -29,7 +29,7 @@ Object = dict[str, Any]
 CONFIG_DIR = "/etc/p2ptrain"
 DATA_DIR = "/data"
 RUN_AS = 10001
-COMPONENTS = ("config", "redis", "peer", "gradient-function")
+COMPONENTS = ("config", "redis", "peer", "gradient-function", "export")
 
 
 def labels(job: str, component: str) -> dict[str, str]:
@@ -340,6 +340,59 @@ def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> O
 
 
 # --- all of them ------------------------------------------------------------------------------------------
+
+# --- the model export Job -----------------------------------------------------------------------------------
+
+OUTPUT_DIR = "/output"
+
+
+def build_export_job(spec: JobSpec, owner: Object, settings: Settings) -> Object:
+    """The Job that writes peer 0's trained model to ``spec.output`` (created when the job succeeded).
+
+    Only this pod mounts the output claim (read-write), so a ReadWriteOnce claim works wherever the
+    peers ran; it reads the model from Redis 0, which the operator keeps up until the Job is done.
+    """
+    if spec.output is None:
+        raise ValueError(f"job {spec.name} has no spec.output")
+    names = ChildNames(spec.name)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(spec, names.export, "export", owner),
+        "spec": {
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": 900,
+            "template": {
+                "metadata": {"labels": labels(spec.name, "export")},
+                "spec": {
+                    "restartPolicy": "OnFailure",
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": _pod_security(),
+                    "containers": [
+                        {
+                            "name": "export",
+                            "image": spec.image or settings.image,
+                            "imagePullPolicy": settings.image_pull_policy,
+                            "args": ["export", "--config", f"{CONFIG_DIR}/job.json", "--peer", "0",
+                                     "--output", f"{OUTPUT_DIR}/{spec.output.path}"],
+                            "env": _secret_env(names),
+                            "securityContext": _container_security(),
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                                {"name": "output", "mountPath": OUTPUT_DIR},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": names.configmap}},
+                        {"name": "output", "persistentVolumeClaim": {"claimName": spec.output.claim_name}},
+                    ],
+                },
+            },
+        },
+    }
+
 
 def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_password: str, signing_key: str) -> list[Object]:
     """Every child of a job, in the order to create them (configuration before its users)."""

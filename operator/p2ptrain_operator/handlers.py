@@ -22,12 +22,13 @@ import kopf
 from p2ptrain import metrics
 from p2ptrain.config import ChildNames
 from p2ptrain.spec import API_GROUP, API_VERSION, PLURAL, JobSpec, SpecError, parse_spec
-from p2ptrain_operator.builders import build_children, selector
+from p2ptrain_operator.builders import build_children, build_export_job, selector
 from p2ptrain_operator.kube import Kube
 from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
 from p2ptrain_operator.settings import Settings
 
 FINALIZER = f"{API_GROUP}/finalizer"
+EXPORT_RUNNING, EXPORT_FAILED = "Running", "Failed"  # status.modelExport while not yet Succeeded
 _PHASES: dict[tuple[str, str], Phase] = {}
 
 
@@ -109,6 +110,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Callable
     async def observe(body: Any, spec: Any, meta: Any, status: Any, patch: Any, logger: Any, **_: Any) -> None:
         started = time.perf_counter()
         phase = Phase(status.get("phase") or Phase.PENDING.value)
+        if phase == Phase.SUCCEEDED and status.get("modelExport") in (EXPORT_RUNNING, EXPORT_FAILED):
+            await _follow_export(kube(), body, _job(spec, meta), settings, status.get("modelExport"), patch)
+            return
         if phase.is_terminal or phase == Phase.PENDING:
             return
         try:
@@ -144,7 +148,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Callable
                 patch.status["completionTime"] = _now()
                 (metrics.OPERATOR_JOBS_SUCCEEDED_TOTAL if transition.phase == Phase.SUCCEEDED
                  else metrics.OPERATOR_JOBS_FAILED_TOTAL).inc()
-                if job.run_policy.clean_pod_policy != "None":
+                if transition.phase == Phase.SUCCEEDED and job.output is not None:
+                    # The model lives in Redis 0: write it out before anything is scaled down.
+                    await kube().create(build_export_job(job, body, settings))
+                    patch.status["modelExport"] = EXPORT_RUNNING
+                    kopf.info(body, reason="ExportingModel",
+                              message=f"writing the model to pvc {job.output.claim_name}:{job.output.path}")
+                elif job.run_policy.clean_pod_policy != "None":
                     await _scale(kube(), job, 0)
             _record(meta, transition.phase)
         metrics.OPERATOR_RECONCILE_SECONDS.labels(handler="observe").observe(time.perf_counter() - started)
@@ -155,7 +165,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Callable
         while not stopped:
             ttl = (body.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
             finished = _parse_time(body.get("status", {}).get("completionTime"))
-            if ttl is not None and finished is not None:
+            exporting = body.get("status", {}).get("modelExport") == EXPORT_RUNNING
+            if ttl is not None and finished is not None and not exporting:  # never delete the model's source
                 remaining = finished + ttl - time.time()
                 if remaining <= 0:
                     logger.info(f"ttlSecondsAfterFinished={ttl} reached: deleting the job")
@@ -236,6 +247,31 @@ async def _restarts(kube: Kube, job: JobSpec) -> int:
         if all(labels.get(k) == v for k, v in wanted.items()):  # emulators may ignore labelSelector
             total += sum(int(c.get("restartCount", 0)) for c in pod.get("status", {}).get("containerStatuses", []))
     return total
+
+
+async def _follow_export(kube: Kube, body: Any, job: JobSpec, settings: Settings, current: str, patch: Any) -> None:
+    """Wait for the export Job; when it is done, record where the model is and clean up the pods."""
+    names = ChildNames(job.name)
+    export = await kube.get("batch/v1", "Job", job.namespace, names.export)
+    if export is None:  # deleted by hand to retry, or lost: run it again
+        await kube.create(build_export_job(job, body, settings))
+        patch.status["modelExport"] = EXPORT_RUNNING
+        return
+    state = export.get("status", {})
+    failed = next((c for c in state.get("conditions", []) if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    if int(state.get("succeeded") or 0) >= 1:
+        assert job.output is not None
+        patch.status["modelExport"] = "Succeeded"
+        patch.status["model"] = f"pvc://{job.output.claim_name}/{job.output.path}"
+        kopf.info(body, reason="ModelExported", message=f"model written to pvc {job.output.claim_name}:{job.output.path}")
+        if job.run_policy.clean_pod_policy != "None":
+            await _scale(kube, job, 0)
+    elif failed is not None and current != EXPORT_FAILED:
+        message = (f"exporting the model failed: {failed.get('message') or failed.get('reason')}; Redis is kept "
+                   f"so no work is lost: fix the claim, then `kubectl delete job {names.export}` to retry")
+        patch.status["modelExport"] = EXPORT_FAILED
+        patch.status["message"] = message
+        kopf.warn(body, reason="ModelExportFailed", message=message)
 
 
 async def _scale(kube: Kube, job: JobSpec, replicas: int) -> None:

@@ -22,6 +22,7 @@ PLURALS = {
     ("v1", "Service"): "services",
     ("v1", "Pod"): "pods",
     ("apps/v1", "StatefulSet"): "statefulsets",
+    ("batch/v1", "Job"): "jobs",
     ("serving.knative.dev/v1", "Service"): "services",
     ("p2ptrain.dev/v1alpha1", "P2PTrainingJob"): "p2ptrainingjobs",
 }

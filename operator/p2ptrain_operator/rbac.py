@@ -16,6 +16,7 @@ REQUIRED_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["secrets", "configmaps", "services"], "verbs": CHILD_VERBS},
     {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": CHILD_VERBS},
     {"apiGroups": ["serving.knative.dev"], "resources": ["services"], "verbs": CHILD_VERBS},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create"]},  # the model export Job
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},

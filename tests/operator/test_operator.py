@@ -41,6 +41,7 @@ RESOURCES = {
     "v1/events": {"kind": "Event", "namespaced": True, "verbs": {"create"}},
     "apps/v1/statefulsets": {"kind": "StatefulSet", "namespaced": True, "verbs": CHILD_VERBS},
     "serving.knative.dev/v1/services": {"kind": "Service", "namespaced": True, "verbs": CHILD_VERBS},
+    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "verbs": CHILD_VERBS},
 }
 CHILDREN = [
     ("v1/secrets", "digits-secrets"),
@@ -314,3 +315,28 @@ async def test_changing_peers_of_a_created_job_is_refused_with_a_message(cluster
     assert cluster.child("apps/v1/statefulsets", "digits-peer")["spec"]["replicas"] == 2  # type: ignore[index]
     reasons = [r.data.get("reason") for r in cluster.k8s if r.method == "POST" and r.url.path.endswith("/events")]
     assert "PeersChangeRejected" in reasons
+
+
+async def test_a_succeeded_job_exports_its_model_before_cleaning_up(cluster: Cluster) -> None:
+    await cluster.apply(job_manifest(output={"claimName": "models", "path": "digits/model.safetensors"},
+                                     runPolicy={"ttlSecondsAfterFinished": 0}))
+    await asyncio.to_thread(cluster.start_operator)
+    await eventually(lambda: _phase(cluster) == "Created")
+    cluster.peers.report("succeeded", round=10, accuracy=0.96)
+    await eventually(lambda: _phase(cluster) == "Succeeded")
+    export = await eventually(lambda: cluster.child("batch/v1/jobs", "digits-export"))
+    assert export["spec"]["template"]["spec"]["containers"][0]["args"][-1] == "/output/digits/model.safetensors"
+    assert cluster.job()["status"]["modelExport"] == "Running"  # type: ignore[index]
+    # The model is still only in Redis 0: nothing is scaled down and the TTL (0 s) waits for the export.
+    await asyncio.sleep(1.5)
+    assert cluster.job() is not None and not cluster.job()["metadata"].get("deletionTimestamp")  # type: ignore[index]
+    assert cluster.child("apps/v1/statefulsets", "digits-redis")["spec"]["replicas"] == 2  # type: ignore[index]
+    assert cluster.creates("batch/v1/jobs", "digits-export") == 1
+
+    # The export Job completes (kmock runs no pods: the test reports it as a cluster would).
+    path = "/apis/batch/v1/namespaces/default/jobs/digits-export"
+    assert await cluster.request("PATCH", path, {"status": {"succeeded": 1}}, "application/merge-patch+json") < 300
+    await eventually(lambda: cluster.child("apps/v1/statefulsets", "digits-redis")["spec"]["replicas"] == 0)  # type: ignore[index]
+    await eventually(lambda: cluster.job() is None or cluster.job()["metadata"].get("deletionTimestamp"))  # type: ignore[index]
+    reasons = [(r.data or {}).get("reason") for r in cluster.k8s if r.method == "POST" and "events" in str(r.resource)]
+    assert "ExportingModel" in reasons and "ModelExported" in reasons

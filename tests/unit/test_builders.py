@@ -14,7 +14,7 @@ import pytest
 
 from p2ptrain.config import RuntimeConfig
 from p2ptrain.spec import parse_manifest
-from p2ptrain_operator.builders import build_children, labels
+from p2ptrain_operator.builders import build_children, build_export_job, labels
 from p2ptrain_operator.settings import Settings
 
 OWNER = {"metadata": {"name": "digits", "namespace": "ml", "uid": "0b7e0d4e-1111-4a4a-9c9c-123456789abc"}}
@@ -133,3 +133,24 @@ def test_builtin_children_pass_strict_schema_validation(version: str, extra: dic
         if obj["apiVersion"].startswith("serving.knative.dev"):
             continue
         kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_export_job_writes_peer_0s_model_to_the_output_claim() -> None:
+    spec = _spec(output={"claimName": "models", "path": "digits/v1.safetensors"})
+    job = build_export_job(spec, OWNER, SETTINGS)
+    assert (job["kind"], job["metadata"]["name"], job["metadata"]["namespace"]) == ("Job", "digits-export", "ml")
+    assert job["metadata"]["labels"] == labels("digits", "export")
+    assert job["metadata"]["ownerReferences"][0]["uid"] == OWNER["metadata"]["uid"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == SETTINGS.image
+    assert container["args"] == ["export", "--config", "/etc/p2ptrain/job.json", "--peer", "0",
+                                 "--output", "/output/digits/v1.safetensors"]
+    assert {"name": "output", "persistentVolumeClaim": {"claimName": "models"}} in pod["volumes"]
+    assert {"name": "output", "mountPath": "/output"} in container["volumeMounts"]
+    assert {e["name"] for e in container["env"]} == {"P2PTRAIN_REDIS_PASSWORD", "P2PTRAIN_SIGNING_KEY"}
+    assert pod["restartPolicy"] == "OnFailure" and container["securityContext"]["readOnlyRootFilesystem"] is True
+    for version in ("1.30.0", "1.33.0"):
+        kubernetes_validate.validate(job, version, strict=True)
+    with pytest.raises(ValueError, match="no spec.output"):
+        build_export_job(_spec(), OWNER, SETTINGS)

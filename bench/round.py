@@ -30,7 +30,7 @@ from p2ptrain.data import batch_indices, load_dataset, shard_indices
 from p2ptrain.local import LocalRun, RunOptions
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.models import build_model
-from p2ptrain.peer import ACCURACY_MILESTONES
+from p2ptrain.peer import record_milestones
 from p2ptrain.spec import JobSpec, load_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,10 +80,7 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
         # Evaluated as often as the p2ptrain job evaluates, outside the timed step (as the peers' clock
         # counts evaluation inside "update", this favours DDP slightly).
         if rank == 0 and ((r + 1) % spec.evaluation.every_rounds == 0 or r + 1 == rounds):
-            acc = accuracy()
-            for milestone in ACCURACY_MILESTONES:
-                if acc >= milestone and f"{milestone:g}" not in reached:
-                    reached[f"{milestone:g}"] = {"round": r + 1, "seconds": sum(step_seconds)}
+            record_milestones(reached, accuracy(), r + 1, sum(step_seconds))
     dist.barrier()
     if rank == 0:
         result = {"step_seconds": step_seconds, "accuracy": accuracy(), "reached": reached}

@@ -32,7 +32,7 @@ from p2ptrain.checkpoint import CheckpointError, median_state, model_file, pack_
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, batch_indices, load_dataset, shard_indices, split_micro_batches
 from p2ptrain.models import build_model
-from p2ptrain.store import Keys, PeerStore, read_checkpoint
+from p2ptrain.store import Keys, PeerStore, checkpoint_round, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ class RoundReport:
     test_loss: float | None = None
 
 
+def record_milestones(reached: dict[str, dict[str, float]], accuracy: float, round_number: int, seconds: float) -> None:
+    """Remember when each accuracy milestone was first reached (time to accuracy)."""
+    for milestone in ACCURACY_MILESTONES:
+        if accuracy >= milestone and f"{milestone:g}" not in reached:
+            reached[f"{milestone:g}"] = {"round": round_number, "seconds": round(seconds, 3)}
+
+
 @dataclass
 class PeerStatus:
     peer: int
@@ -91,10 +98,7 @@ class PeerStatus:
     reached: dict[str, dict[str, float]] = field(default_factory=dict)  # "0.9" -> first round, seconds
 
     def record_accuracy(self, accuracy: float) -> None:
-        """Remember when each accuracy milestone was first reached (time to accuracy)."""
-        for milestone in ACCURACY_MILESTONES:
-            if accuracy >= milestone and f"{milestone:g}" not in self.reached:
-                self.reached[f"{milestone:g}"] = {"round": self.round, "seconds": round(self.training_seconds, 3)}
+        record_milestones(self.reached, accuracy, self.round, self.training_seconds)
 
     def as_dict(self) -> dict[str, Any]:
         mean = {k: v / self.rounds_timed for k, v in self.phases_total.items()} if self.rounds_timed else {}
@@ -205,6 +209,10 @@ class Peer:
     def _max_body_bytes(self) -> int:
         return max(self.spec.exchange.inline_limit_bytes, 4 * self.numel) + 64 * 1024
 
+    def _decode_gradient(self, blob: bytes) -> np.ndarray:
+        """A peer's gradient (inline, by dataref or from its outbox), checked against this model."""
+        return wire.decode_tensor(blob, expected_numel=self.numel, max_bytes=self._max_body_bytes() + 4 * self.numel)
+
     async def receive_event(self, headers: dict[str, str], body: bytes | None) -> tuple[int, str, str]:
         """Decode, validate and file a peer's averaged gradient. Returns (status, reason, message)."""
         try:
@@ -225,7 +233,7 @@ class Peer:
             dataref = event.get_extension(wire.DATAREF_ATTRIBUTE)
             if dataref:
                 payload = await asyncio.to_thread(self._fetch_dataref, sender, str(dataref))
-            gradient = wire.decode_tensor(payload, expected_numel=self.numel, max_bytes=self._max_body_bytes() + 4 * self.numel)
+            gradient = self._decode_gradient(payload)
         except wire.WireError as exc:
             metrics.EVENTS_REJECTED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
             self.status.rejected[exc.reason] = self.status.rejected.get(exc.reason, 0) + 1
@@ -271,7 +279,7 @@ class Peer:
             blob = cast(bytes | None, self._peer_redis(peer).get(Keys(self.spec.name, peer).outbox(round_index)))
             if blob is None:
                 return None
-            return wire.decode_tensor(bytes(blob), expected_numel=self.numel, max_bytes=self._max_body_bytes() + 4 * self.numel)
+            return self._decode_gradient(bytes(blob))
         except (redis.RedisError, wire.WireError) as exc:
             log.info("cannot take peer %d's round %d gradient from its outbox: %s", peer, round_index + 1, exc)
             return None
@@ -694,10 +702,26 @@ class Peer:
         f+1 peers report it, and with 2f+1 checkpoints the adopted state is their coordinate-wise median,
         so f lying peers can neither drag nor poison a restarting one.
         """
-        candidates: list[tuple[int, int, bytes]] = []
+        # Rounds first (a few bytes each): the states are read only when this peer is behind.
+        rounds_of: dict[int, int] = {}
         for peer in range(self.spec.peers):
             if peer == self.index:
                 continue
+            try:
+                reached_by_peer = checkpoint_round(self._peer_redis(peer), Keys(self.spec.name, peer))
+            except redis.RedisError as exc:
+                log.info("cannot read peer %d's checkpoint: %s", peer, exc)
+                continue
+            if reached_by_peer is not None:
+                rounds_of[peer] = reached_by_peer
+        byzantine = self.spec.aggregation.byzantine
+        rounds = sorted(rounds_of.values(), reverse=True)
+        if len(rounds) <= byzantine or rounds[byzantine] < start:
+            return start  # nobody (trustworthy) is ahead of us
+        robust = byzantine > 0 and len(rounds_of) >= 2 * byzantine + 1
+        wanted = sorted(rounds_of) if robust else [max(rounds_of, key=lambda p: rounds_of[p])]
+        candidates: list[tuple[int, int, bytes]] = []
+        for peer in wanted:
             try:
                 saved = read_checkpoint(self._peer_redis(peer), Keys(self.spec.name, peer))
             except redis.RedisError as exc:
@@ -705,16 +729,14 @@ class Peer:
                 continue
             if saved is not None:
                 candidates.append((peer, saved[0], saved[1]))
-        byzantine = self.spec.aggregation.byzantine
-        rounds = sorted((r for _, r, _ in candidates), reverse=True)
-        if len(rounds) <= byzantine or rounds[byzantine] < start:
-            return start  # nobody (trustworthy) is ahead of us
-        if byzantine and len(candidates) >= 2 * byzantine + 1:
+        if not candidates:
+            return start
+        if robust:
             state = median_state([c[2] for c in candidates])
-            reached = sorted(rounds)[(len(rounds) - 1) // 2]
-            source = f"the median of peers {sorted(c[0] for c in candidates)}"
+            reached = sorted(c[1] for c in candidates)[(len(candidates) - 1) // 2]
+            source = f"the median of peers {[c[0] for c in candidates]}"
         else:
-            peer, reached, state = max(candidates, key=lambda c: c[1])
+            peer, reached, state = candidates[0]
             source = f"peer {peer}"
         try:
             unpack_state(state, self.model, self.optimizer)

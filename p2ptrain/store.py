@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -64,6 +64,12 @@ class Keys:
     @property
     def checkpoint_meta(self) -> str:
         return f"{self.prefix}:checkpoint:meta"
+
+
+def checkpoint_round(client: redis.Redis, keys: Keys) -> int | None:
+    """The round of a peer's latest checkpoint, without reading the state itself."""
+    value = client.hget(keys.checkpoint_meta, "round")
+    return None if value is None else int(cast(bytes, value))
 
 
 def read_checkpoint(client: redis.Redis, keys: Keys) -> tuple[int, bytes, dict[str, Any]] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,13 @@ class Job:
 
     async def train(self, timeout: float = 120) -> list[Any]:
         return await asyncio.wait_for(asyncio.gather(*(p.run() for p in self.peers)), timeout)
+
+
+async def wait_until(check: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is true or ``timeout`` passes (the caller asserts what it needs)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _serve(app: Any, port: int, stop: asyncio.Event) -> None:

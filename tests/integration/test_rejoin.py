@@ -18,7 +18,7 @@ from p2ptrain import wire
 from p2ptrain.checkpoint import pack_state
 from p2ptrain.store import Keys, PeerStore
 
-from .harness import make_spec, running_job
+from .harness import make_spec, running_job, wait_until
 
 
 async def test_a_late_peer_adopts_the_others_state_and_trains_in_step() -> None:
@@ -34,10 +34,7 @@ async def test_a_late_peer_adopts_the_others_state_and_trains_in_step() -> None:
     async with running_job(spec) as job:
         early = [asyncio.create_task(peer.run()) for peer in job.peers[:2]]
         # Peers 0 and 1 train without peer 2 (each round waits the 1 s deadline for it).
-        for _ in range(600):
-            if job.peers[0].status.round >= 4 or any(t.done() for t in early):
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: job.peers[0].status.round >= 4 or any(t.done() for t in early))
         assert job.peers[0].status.round >= 4, "peers 0 and 1 did not get going"
 
         late = job.peers[2]
@@ -129,16 +126,11 @@ async def test_training_survives_a_peer_redis_restarting_empty(module: bool) -> 
                      function={"retries": 0})
     async with running_job(spec, module=module_path) as job:
         training = asyncio.ensure_future(job.train(timeout=180))
-        for _ in range(600):
-            if job.peers[0].status.round >= 5 or training.done():
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: job.peers[0].status.round >= 5 or training.done())
         assert job.peers[0].status.round >= 5, "training did not get going"
         await asyncio.to_thread(job.redis[0].stop)
-        for _ in range(600):  # until the peer notices (it needs its Redis in every round)
-            if job.peers[0].status.message.startswith("waiting for Redis") or training.done():
-                break
-            await asyncio.sleep(0.05)
+        # until the peer notices (it needs its Redis in every round)
+        await wait_until(lambda: job.peers[0].status.message.startswith("waiting for Redis") or training.done())
         assert job.peers[0].status.message.startswith("waiting for Redis"), job.peers[0].status.message
         await asyncio.to_thread(job.redis[0].start)  # same port and password, empty
         reports = await training

@@ -10,6 +10,7 @@ deletes them all.
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 from p2ptrain.config import (
@@ -68,22 +69,40 @@ def _metadata(spec: JobSpec, name: str, component: str, owner: Object) -> Object
 
 
 def _pod_security() -> Object:
+    """Pod-level security for the StatefulSets and the export Job (never for the Knative Service)."""
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS,
         "runAsGroup": RUN_AS,
+        # Volume claims (Redis data, the export output) must be writable by RUN_AS.
         "fsGroup": RUN_AS,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
 
 def _container_security() -> Object:
+    """Pod Security "restricted" on the container alone.
+
+    Knative refuses a pod-level securityContext unless the cluster enables
+    ``kubernetes.podspec-securitycontext``, but accepts every one of these container fields with its
+    default flags; repeating them on the other pods too keeps one definition for all.
+    """
     return {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def _pull_secrets(settings: Settings) -> Object:
+    """``imagePullSecrets`` for a pod spec (none when the chart sets none)."""
+    if not settings.image_pull_secrets:
+        return {}
+    return {"imagePullSecrets": [{"name": name} for name in settings.image_pull_secrets]}
 
 
 def _secret_env(names: ChildNames) -> list[Object]:
@@ -164,6 +183,7 @@ def build_redis_statefulset(spec: JobSpec, owner: Object, settings: Settings) ->
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
+                    **_pull_secrets(settings),
                     "securityContext": _pod_security(),
                     "containers": [
                         {
@@ -189,6 +209,9 @@ def build_redis_statefulset(spec: JobSpec, owner: Object, settings: Settings) ->
         },
     }
     if persistent:
+        # Deleting the job (or its TTL) deletes the StatefulSet and so its claims; scaling Redis
+        # down (cleanPodPolicy, suspend) keeps them, so a resumed job finds its data again.
+        statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] = {"whenDeleted": "Delete", "whenScaled": "Retain"}
         statefulset["spec"]["volumeClaimTemplates"] = [
             {
                 "metadata": {"name": "redis-data", "labels": labels(spec.name, "redis")},
@@ -234,6 +257,7 @@ def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> 
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
+                    **_pull_secrets(settings),
                     "securityContext": _pod_security(),
                     "containers": [
                         {
@@ -271,14 +295,73 @@ def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> 
 
 # --- the gradient function ---------------------------------------------------------------------------------
 
+# How each spec.function field reaches Knative (annotation keys: pkg/apis/autoscaling/register.go).
+#
+#   spec.function          Knative Service (spec.template)                        meaning
+#   minScale             metadata.annotations autoscaling.knative.dev/min-scale  instances kept even when idle
+#   maxScale             metadata.annotations autoscaling.knative.dev/max-scale  upper bound on instances
+#   containerConcurrency spec.containerConcurrency (0 = unlimited)              hard limit of requests per instance
+#                        + autoscaling.knative.dev/target-utilization-percentage  scale out only when instances
+#                          "100" (when containerConcurrency > 0)                  are full, as the local runner does
+#   timeoutSeconds       spec.timeoutSeconds (Knative's default cap: 600)        request timeout
+#   idleSeconds          metadata.annotations autoscaling.knative.dev/window     idle time before scale-down:
+#                          (whole seconds, clamped to Knative's 6s..1h)           the stable window is how long
+#                                                                                 traffic must be gone before the
+#                                                                                 average reaches zero
+#   image, resources     the container's image and resources
+#   retries              (none: the peers retry)
+#
+# Not set, on purpose:
+# - scale-to-zero-pod-retention-period: it keeps the last pod *after* the window has elapsed, so it
+#   adds to the idle time instead of setting it.
+# - target: Knative already derives the target from containerConcurrency (ResolveMetricTarget).
+# - initial-scale: "0" needs the cluster flag allow-zero-initial-scale. With the default
+#   (initial-scale 1) a minScale 0 function starts one instance when the job is created, which must
+#   become ready for the revision to be Ready (proving image and config), then idles away after
+#   idleSeconds; minScale > 0 starts at least minScale instances.
+KNATIVE_WINDOW_MIN_SECONDS = 6  # autoscaling.WindowMin
+KNATIVE_WINDOW_MAX_SECONDS = 3600  # autoscaling.WindowMax
+
+
+def knative_window_seconds(idle_seconds: float) -> int:
+    """``function.idleSeconds`` as Knative's stable window: whole seconds within 6s..1h."""
+    return min(KNATIVE_WINDOW_MAX_SECONDS, max(KNATIVE_WINDOW_MIN_SECONDS, math.ceil(idle_seconds)))
+
+
+def knative_warnings(spec: JobSpec) -> list[str]:
+    """What the cluster will do differently from the spec (for the job's events); empty when nothing."""
+    idle = spec.function.idle_seconds
+    window = knative_window_seconds(idle)
+    if window != idle:
+        return [f"function.idleSeconds={idle:g} is outside what Knative's autoscaling window accepts "
+                f"(whole seconds from {KNATIVE_WINDOW_MIN_SECONDS} to {KNATIVE_WINDOW_MAX_SECONDS}): "
+                f"idle functions scale down after {window}s"]
+    return []
+
+
 def knative_annotations(spec: JobSpec) -> dict[str, str]:
     fn = spec.function
-    return {
+    annotations = {
         "autoscaling.knative.dev/min-scale": str(fn.min_scale),
         "autoscaling.knative.dev/max-scale": str(fn.max_scale),
-        "autoscaling.knative.dev/target": str(fn.container_concurrency or 100),
-        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": f"{int(fn.idle_seconds)}s",
+        "autoscaling.knative.dev/window": f"{knative_window_seconds(fn.idle_seconds)}s",
     }
+    if fn.container_concurrency:
+        annotations["autoscaling.knative.dev/target-utilization-percentage"] = "100"
+    return annotations
+
+
+PVC_FLAG = "kubernetes.podspec-persistent-volume-claim"
+
+
+def knative_flags_needed(spec: JobSpec) -> list[str]:
+    """The Knative feature flags (config-features) that are off by default and this job's Service needs.
+
+    Only a data set on a PersistentVolumeClaim needs one: the claim is mounted read-only, so
+    ``kubernetes.podspec-persistent-volume-write`` is not needed. Everything else the Service uses
+    passes Knative's admission with its default flags.
+    """
+    return [PVC_FLAG] if spec.dataset.claim_name else []
 
 
 def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> Object:
@@ -325,8 +408,11 @@ def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> O
                 "spec": {
                     "containerConcurrency": fn.container_concurrency,
                     "timeoutSeconds": fn.timeout_seconds,
-                    # Pod-level securityContext needs Knative's kubernetes.podspec-securitycontext flag.
-                    "securityContext": _pod_security(),
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    **_pull_secrets(settings),
+                    # No pod-level securityContext: Knative refuses it unless the cluster enables
+                    # kubernetes.podspec-securitycontext; the container carries all of it.
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.configmap}},
@@ -338,8 +424,6 @@ def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> O
         },
     }
 
-
-# --- all of them ------------------------------------------------------------------------------------------
 
 # --- the model export Job -----------------------------------------------------------------------------------
 
@@ -368,6 +452,7 @@ def build_export_job(spec: JobSpec, owner: Object, settings: Settings) -> Object
                     "restartPolicy": "OnFailure",
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
+                    **_pull_secrets(settings),
                     "securityContext": _pod_security(),
                     "containers": [
                         {
@@ -393,6 +478,8 @@ def build_export_job(spec: JobSpec, owner: Object, settings: Settings) -> Object
         },
     }
 
+
+# --- all of them ------------------------------------------------------------------------------------------
 
 def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_password: str, signing_key: str) -> list[Object]:
     """Every child of a job, in the order to create them (configuration before its users)."""

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_IMAGE = "ghcr.io/p2ptrain/p2ptrain:0.1.0"
+PULL_SECRETS_ENV = "P2PTRAIN_OPERATOR_IMAGE_PULL_SECRETS"
+# A Secret's name: a DNS-1123 subdomain.
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def parse_pull_secrets(value: str) -> tuple[str, ...]:
+    """``regcred, other`` -> ("regcred", "other"): the chart's imagePullSecrets, for every child pod."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    for name in names:
+        if len(name) > 253 or not _SECRET_NAME.fullmatch(name):
+            raise ValueError(
+                f"{PULL_SECRETS_ENV}: {name!r} is not a Secret name (expected comma-separated lower-case "
+                "DNS-1123 names, e.g. 'regcred,mirror-creds')"
+            )
+    return names
 
 
 @dataclass(frozen=True)
@@ -20,6 +36,8 @@ class Settings:
     # Where the operator reads a peer's progress; tests point it at local fake peers.
     peer_status_url: str = "http://{job}-peer-{index}.{job}-peers.{namespace}.svc.{domain}:8080/status"
     image_pull_policy: str = "IfNotPresent"
+    # Secrets in each job's namespace that every child pod pulls its image with.
+    image_pull_secrets: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -35,4 +53,5 @@ class Settings:
             poll_seconds=float(get("POLL_SECONDS", "10")),
             peer_status_url=get("PEER_STATUS_URL", cls.peer_status_url),
             image_pull_policy=get("IMAGE_PULL_POLICY", "IfNotPresent"),
+            image_pull_secrets=parse_pull_secrets(get("IMAGE_PULL_SECRETS", "")),
         )

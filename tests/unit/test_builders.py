@@ -1,22 +1,28 @@
 """The operator's desired objects: exactly right for a spec, and valid Kubernetes objects offline.
 
-Built-in kinds are checked with kubernetes-validate in strict mode for Kubernetes 1.30 and 1.33; the
-Knative Service (a CRD kind it does not know) is checked field by field.
+Built-in kinds are checked against the strict Kubernetes OpenAPI schemas of kubernetes-validate for
+every minor version from charts/p2ptrain/Chart.yaml's kubeVersion floor to the newest it ships; the
+Knative Service is checked by Knative's own admission rules in test_knative_admission.py.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 
 from p2ptrain.config import RuntimeConfig
-from p2ptrain.spec import parse_manifest
+from p2ptrain.spec import load_manifest, parse_manifest
 from p2ptrain_operator.builders import build_children, build_export_job, labels
-from p2ptrain_operator.settings import Settings
+from p2ptrain_operator.settings import Settings, parse_pull_secrets
+from tests.unit import k8s_schema
 
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 OWNER = {"metadata": {"name": "digits", "namespace": "ml", "uid": "0b7e0d4e-1111-4a4a-9c9c-123456789abc"}}
 SETTINGS = Settings(image="registry.example/p2ptrain:1.2.3")
 
@@ -108,8 +114,8 @@ def test_knative_service_scales_to_zero_with_the_spec_settings() -> None:
     assert template["metadata"]["annotations"] == {
         "autoscaling.knative.dev/min-scale": "0",
         "autoscaling.knative.dev/max-scale": "6",
-        "autoscaling.knative.dev/target": "2",
-        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": "45s",
+        "autoscaling.knative.dev/window": "45s",
+        "autoscaling.knative.dev/target-utilization-percentage": "100",
     }
     assert template["spec"]["containerConcurrency"] == 2 and template["spec"]["timeoutSeconds"] == 90
     container = template["spec"]["containers"][0]
@@ -126,13 +132,76 @@ def test_dataset_claim_is_mounted_read_only_in_peers_and_functions() -> None:
         assert {"name": "data", "mountPath": "/data", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
-@pytest.mark.parametrize("version", ["1.30.0", "1.33.0"])
-@pytest.mark.parametrize("extra", [{}, {"redis": {"persistence": "rdb", "storage": "1Gi"}}], ids=["default", "persistent"])
-def test_builtin_children_pass_strict_schema_validation(version: str, extra: dict) -> None:
-    for obj in _children(**extra).values():
-        if obj["apiVersion"].startswith("serving.knative.dev"):
-            continue
-        kubernetes_validate.validate(obj, version, strict=True)
+def test_persistent_redis_claims_go_with_the_job_but_survive_scale_down() -> None:
+    spec = load_manifest(ROOT / "examples" / "cnn-pvc.yaml")
+    objects = build_children(spec, OWNER, SETTINGS, redis_password="pw", signing_key="key")
+    (redis,) = [o for o in objects if o["kind"] == "StatefulSet" and o["metadata"]["name"].endswith("-redis")]
+    assert redis["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # Deletion (and TTL, which deletes the job) removes the claims; scaling to zero (cleanPodPolicy,
+    # suspend) keeps them for the resumed job.
+    assert redis["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Delete", "whenScaled": "Retain"}
+    for version in k8s_schema.claimed_versions():
+        k8s_schema.validate(redis, version)
+
+
+def _all_builtin_objects() -> list[dict]:
+    settings = Settings(image="registry.example/p2ptrain:1.2.3", image_pull_secrets=("regcred", "mirror"))
+    objects: list[dict] = []
+    for example in EXAMPLES:
+        spec = load_manifest(example)
+        objects += build_children(spec, OWNER, settings, redis_password="pw", signing_key="key")
+        if spec.output is not None:
+            objects.append(build_export_job(spec, OWNER, settings))
+    extra = {"redis": {"persistence": "rdb", "storage": "1Gi"}, "output": {"claimName": "models"}}
+    objects += build_children(_spec(**extra), OWNER, settings, redis_password="pw", signing_key="key")
+    objects.append(build_export_job(_spec(**extra), OWNER, settings))
+    return [o for o in objects if not o["apiVersion"].startswith("serving.knative.dev")]
+
+
+def test_claimed_versions_follow_the_chart_floor_up_to_the_newest_schema() -> None:
+    versions = k8s_schema.claimed_versions()
+    floor = k8s_schema.chart_floor()
+    newest = ".".join(kubernetes_validate.latest_version().split(".")[:2])
+    assert versions[0] == f"{floor[0]}.{floor[1]}" and versions[-1] == newest
+    assert len(versions) == len(set(versions)) and versions == sorted(versions, key=lambda v: tuple(map(int, v.split("."))))
+
+
+@pytest.mark.parametrize("version", k8s_schema.claimed_versions())
+def test_builtin_children_pass_strict_schema_validation(version: str) -> None:
+    objects = _all_builtin_objects()
+    assert {o["kind"] for o in objects} == {"Secret", "ConfigMap", "Service", "StatefulSet", "Job"}
+    for obj in objects:
+        k8s_schema.validate(obj, version)
+
+
+def test_strict_validation_refuses_an_unknown_field() -> None:
+    redis = _children()["StatefulSet/digits-redis"]
+    redis["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfiles"] = {}
+    with pytest.raises(jsonschema.ValidationError, match="seccompProfiles"):
+        k8s_schema.validate(redis, k8s_schema.claimed_versions()[0])
+
+
+def test_pull_secrets_reach_every_child_pod() -> None:
+    settings = Settings(image="registry.example/p2ptrain:1.2.3", image_pull_secrets=("regcred", "mirror"))
+    spec = _spec(output={"claimName": "models"})
+    objects = [*build_children(spec, OWNER, settings, redis_password="pw", signing_key="key"),
+               build_export_job(spec, OWNER, settings)]
+    pods = {f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"] for o in objects if "template" in o.get("spec", {})}
+    assert sorted(pods) == ["Job/digits-export", "Service/digits-gradient", "StatefulSet/digits-peer",
+                            "StatefulSet/digits-redis"]
+    for pod in pods.values():
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    # None configured: no empty list on the pods.
+    assert all("imagePullSecrets" not in o["spec"]["template"]["spec"] for o in _children().values() if "template" in o.get("spec", {}))
+
+
+def test_settings_read_pull_secrets_from_the_environment() -> None:
+    env = {"P2PTRAIN_OPERATOR_IMAGE_PULL_SECRETS": " regcred, mirror.creds ,,"}
+    assert Settings.from_env(env).image_pull_secrets == ("regcred", "mirror.creds")
+    assert Settings.from_env({}).image_pull_secrets == ()
+    assert parse_pull_secrets("") == ()
+    with pytest.raises(ValueError, match=r"P2PTRAIN_OPERATOR_IMAGE_PULL_SECRETS: 'Reg_Cred' is not a Secret name"):
+        Settings.from_env({"P2PTRAIN_OPERATOR_IMAGE_PULL_SECRETS": "ok,Reg_Cred"})
 
 
 def test_export_job_writes_peer_0s_model_to_the_output_claim() -> None:
@@ -150,7 +219,7 @@ def test_export_job_writes_peer_0s_model_to_the_output_claim() -> None:
     assert {"name": "output", "mountPath": "/output"} in container["volumeMounts"]
     assert {e["name"] for e in container["env"]} == {"P2PTRAIN_REDIS_PASSWORD", "P2PTRAIN_SIGNING_KEY"}
     assert pod["restartPolicy"] == "OnFailure" and container["securityContext"]["readOnlyRootFilesystem"] is True
-    for version in ("1.30.0", "1.33.0"):
-        kubernetes_validate.validate(job, version, strict=True)
+    for version in k8s_schema.claimed_versions():
+        k8s_schema.validate(job, version)
     with pytest.raises(ValueError, match="no spec.output"):
         build_export_job(_spec(), OWNER, SETTINGS)

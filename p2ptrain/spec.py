@@ -208,7 +208,7 @@ def load_manifest(path: str | Path) -> JobSpec:
     try:
         documents = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
+        raise SpecError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from exc
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
     if len(jobs) == 1:
         return parse_manifest(jobs[0])
@@ -219,6 +219,14 @@ def load_manifest(path: str | Path) -> JobSpec:
         return parse_manifest(documents[0])
     found = ", ".join(_describe_document(d) for d in documents) or "no document"
     raise SpecError(f"{path} must contain one document of kind {KIND} (apiVersion {API_GROUP}/{API_VERSION}); found {found}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where in the file, and what is wrong there."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    return " ".join(str(error).split())
 
 
 def _describe_document(document: Any) -> str:

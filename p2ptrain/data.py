@@ -41,6 +41,11 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
                              "test": spec.test_fraction, "args": dict(spec.args)}, sort_keys=True))
 
 
+def forget_datasets() -> None:
+    """Drop the per-process cache (a process that only checked a data set need not hold it)."""
+    _load.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _load(key: str) -> Dataset:
     cfg = json.loads(key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2ptrain.data import DataError, load_dataset, shard_indices
+from p2ptrain.data import DataError, forget_datasets, load_dataset, shard_indices
 from p2ptrain.models import BUILTIN, ModelError, build_model, import_factory
 from p2ptrain.spec import JobSpec
 
@@ -59,6 +59,14 @@ def check_job(spec: JobSpec, *, local: bool) -> Resolved:
             f"cluster, not on this machine: the data and the model's fit to it were not checked here",
         ))
 
+    try:
+        return _check_data_and_model(spec)
+    finally:
+        forget_datasets()  # `run` goes on for hours in this process; the peers load their own copy
+
+
+def _check_data_and_model(spec: JobSpec) -> Resolved:
+    dataset_spec = spec.dataset
     data = load_dataset(dataset_spec)
     shard_indices(len(data.y_train), spec.peers, 0, dataset_spec.split_seed)  # enough samples for every peer
 

@@ -201,3 +201,13 @@ def test_help_fits_the_terminal(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
 def test_each_command_is_dispatched_by_its_parser(argv: list[str], handler: str) -> None:
     args = build_parser().parse_args(argv)
     assert args.func.__name__ == handler
+
+
+def test_the_check_does_not_keep_the_data_set_in_the_long_running_cli_process() -> None:
+    from p2ptrain import data
+    from p2ptrain.preflight import check_job
+    from p2ptrain.spec import parse_manifest
+
+    resolved = check_job(parse_manifest(_job()), local=True)
+    assert resolved.train_samples == 1438
+    assert data._load.cache_info().currsize == 0

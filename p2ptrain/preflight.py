@@ -67,26 +67,35 @@ def check_job(spec: JobSpec, *, local: bool) -> Resolved:
 
 def _check_data_and_model(spec: JobSpec) -> Resolved:
     dataset_spec = spec.dataset
-    data = load_dataset(dataset_spec)
-    shard_indices(len(data.y_train), spec.peers, 0, dataset_spec.split_seed)  # enough samples for every peer
+    try:
+        data = load_dataset(dataset_spec)
+        shard_indices(len(data.y_train), spec.peers, 0, dataset_spec.split_seed)  # enough samples for every peer
+    except DataError as exc:
+        raise DataError(f"spec.dataset: {exc}") from exc
 
     import torch
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model, data.input_shape, data.num_classes)
+    try:
+        model = build_model(spec.model, data.input_shape, data.num_classes)
+    except ModelError as exc:
+        raise ModelError(
+            f"spec.model: {exc} (the data set {dataset_spec.name!r} has inputs of shape {data.input_shape} "
+            f"and {data.num_classes} classes)"
+        ) from exc
     sample = torch.from_numpy(data.x_train[:2])
     try:
         with torch.no_grad():
             output = model(sample)
     except Exception as exc:  # the user's forward(): any failure means it cannot take this data
         raise ModelError(
-            f"model {spec.model.name} cannot take the data set's inputs of shape {data.input_shape}: "
+            f"spec.model: model {spec.model.name} cannot take the data set's inputs of shape {data.input_shape}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(output, torch.Tensor) or output.ndim != 2 or output.shape[1] < data.num_classes:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ModelError(
-            f"model {spec.model.name} must return logits shaped [batch, {data.num_classes}] for this data set "
+            f"spec.model: model {spec.model.name} must return logits shaped [batch, {data.num_classes}] for this data set "
             f"({data.num_classes} classes), got {shape}"
         )
     return Resolved(
@@ -101,9 +110,12 @@ def _check_data_and_model(spec: JobSpec) -> Resolved:
 def _resolve_factory(spec: JobSpec) -> None:
     name = spec.model.name
     if ":" in name:
-        import_factory(name)
+        try:
+            import_factory(name)
+        except ModelError as exc:
+            raise ModelError(f"spec.model: {exc}") from exc
     elif name not in BUILTIN:
-        raise ModelError(f"unknown model {name!r}; built-in: {', '.join(sorted(BUILTIN))}, or module:factory")
+        raise ModelError(f"spec.model: unknown model {name!r}; built-in: {', '.join(sorted(BUILTIN))}, or module:factory")
 
 
 __all__ = ["DataError", "ModelError", "Resolved", "check_job"]

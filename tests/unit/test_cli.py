@@ -85,14 +85,15 @@ BAD_JOBS = {
     "npz-truncated": (lambda tmp: _job(dataset={"name": "path", "path": _npz_truncated(tmp)}),
                       r"data.npz is not a valid .npz file"),
     "dataset-missing": (lambda tmp: _job(dataset={"name": "path", "path": str(tmp / "nowhere.npz")}),
-                        "nowhere.npz does not exist"),
+                        "spec.dataset: dataset path .*nowhere.npz does not exist"),
     "unknown-model": (lambda tmp: _job(model={"name": "resnet"}), "unknown model 'resnet'; built-in: cnn, logreg, mlp"),
     "bad-model-args": (lambda tmp: _job(model={"name": "mlp", "args": {"width": 3}}),
                        r"model mlp does not take arguments \{'width': 3\}"),
     "bad-model-arg-value": (lambda tmp: _job(model={"name": "mlp", "args": {"hidden": "wide"}}),
                             "mlp hidden must be a positive int"),
     "cnn-on-flat-data": (lambda tmp: _job(model={"name": "cnn"}, dataset={"name": "synthetic"}),
-                         r"cnn needs image inputs shaped \(C, H, W\) or \(H, W\), got \(20,\)"),
+                         r"spec.model: cnn needs image inputs shaped \(C, H, W\) or \(H, W\), got \(20,\) "
+                         r"\(the data set 'synthetic' has inputs of shape \(20,\) and 4 classes\)"),
     "model-module-missing": (lambda tmp: _job(model={"name": "no_such_models:build"}),
                              "cannot import model module 'no_such_models'"),
     "model-forward-fails": (lambda tmp: _job(model={"name": _factory_module(tmp, "narrow_model", """

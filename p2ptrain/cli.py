@@ -12,27 +12,33 @@ import logging
 import os
 import socket
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
-from p2ptrain import logs
-from p2ptrain.config import ConfigError, RuntimeConfig, Secrets, peer_index_from_hostname
-from p2ptrain.spec import SpecError, load_manifest
+from p2ptrain import __version__, logs
+from p2ptrain.config import (
+    CONFIG_ENV,
+    REDIS_PASSWORD_ENV,
+    SIGNING_KEY_ENV,
+    ConfigError,
+    RuntimeConfig,
+    Secrets,
+    peer_index_from_hostname,
+)
+from p2ptrain.spec import JobSpec, SpecError, load_manifest
 
 RUN_EPILOG = """\
 what it starts (all on 127.0.0.1, all stopped at the end, on failure and on Ctrl-C):
-  - one redis-server per peer on a free port, password-protected, with the p2ptrain module loaded
-    (built with gcc on first use; falls back to a Lua function when it cannot be built)
-  - the gradient function as a local stand-in for its Knative Service: instances start on the first
-    request (cold start, timed), at most function.maxScale of them, each serving
-    function.containerConcurrency requests, and stop after function.idleSeconds without work
-  - one process per peer (spec.peers); a peer killed by a signal is restarted, like a pod, up to
-    runPolicy.backoffLimit times in all, and catches up from its checkpoint and the other peers
+  - one redis-server per peer on a free port, password-protected, with the p2ptrain module loaded (built with gcc on first use; falls back to a Lua function when it cannot be built)
+  - the gradient function as a local stand-in for its Knative Service: instances start on the first request (cold start, timed), at most function.maxScale of them, each serving function.containerConcurrency requests, and stop after function.idleSeconds without work
+  - one process per peer (spec.peers); a peer killed by a signal is restarted, like a pod, up to runPolicy.backoffLimit times in all, and catches up from its checkpoint and the other peers
 
-the manifest is the same P2PTrainingJob you would `kubectl apply`; cluster-only fields (images,
-resources, storage) are ignored here.
+before starting anything it checks what `p2ptrain validate` checks: the manifest against the CRD, the data set (exists, readable, well-formed) and the model (built once on the CPU and given two samples).
 
-exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest,
-130 interrupted.
+the manifest is the same P2PTrainingJob you would `kubectl apply`; cluster-only fields (images, resources, storage) are ignored here.
+
+exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest, model or data, 130 interrupted.
 
 examples:
   p2ptrain run examples/digits.yaml
@@ -40,11 +46,42 @@ examples:
 """
 
 
-def main(argv: list[str] | None = None) -> int:
+FUNCTION_EPILOG = f"""\
+environment:
+  {CONFIG_ENV}  the job's runtime config (job.json), as the operator's ConfigMap provides it
+  {REDIS_PASSWORD_ENV}, {SIGNING_KEY_ENV}  the job's secrets (from its Kubernetes Secret)
+  LISTEN_ADDRESS  where to listen, host:port[,host:port] (default [::]:8080,0.0.0.0:8080)
+  P2PTRAIN_TORCH_THREADS  torch threads per instance (default 1)
+
+it serves CloudEvents (gradient requests) at /, /health/liveness, /health/readiness and /metrics.
+"""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog to the terminal, keeping its indent and list hangs."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            stripped = line.lstrip()
+            if not stripped:
+                lines.append("")
+                continue
+            lead = indent + line[: len(line) - len(stripped)]
+            # A list item hangs under its text; other indented lines (examples, definitions) hang deeper.
+            hang = "  " if stripped.startswith("- ") else "    " if lead != indent else ""
+            lines.append(textwrap.fill(stripped, max(width, 20), initial_indent=lead, subsequent_indent=lead + hang,
+                                       break_long_words=False, break_on_hyphens=False))
+        return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2ptrain",
         description="Peer-to-peer, serverless, Byzantine-robust distributed training (SPIRT on Kubernetes).",
+        formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("P2PTRAIN_LOG_LEVEL", "WARNING"), help="logging level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -55,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "peers and gradient functions that scale from and to zero. Shows live progress "
         "(round, loss, accuracy, phase timings) and a final summary, and writes the trained model.",
         epilog=RUN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_Formatter,
     )
     run.add_argument("manifest", type=Path, help="P2PTrainingJob manifest (YAML), as for kubectl apply")
     run.add_argument("--summary", type=Path, help="write the outcome as JSON here (rounds, test_accuracy, "
@@ -66,136 +103,193 @@ def main(argv: list[str] | None = None) -> int:
                      "temporary directory, removed after a successful run)")
     run.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory after success")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display, only the summary")
+    run.set_defaults(func=_run)
 
-    peer = sub.add_parser("peer", help="serve one peer of a job (what a peer pod runs)")
+    peer = sub.add_parser("peer", help="serve one peer of a job (what a peer pod runs)", formatter_class=_Formatter)
     peer.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
     peer.add_argument("--index", help="peer number (default: the StatefulSet ordinal of $HOSTNAME)")
     peer.add_argument("--listen", default="0.0.0.0", help="address for the peer's HTTP endpoint")
     peer.add_argument("--port", type=int, default=8080, help="port for events, /status, /healthz, /metrics")
     peer.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (pods: spec.metrics.port)")
     peer.add_argument("--exit-when-done", action="store_true", help="exit after training instead of lingering")
+    peer.set_defaults(func=_peer)
 
     export = sub.add_parser("export", help="write a peer's trained model from its Redis to a safetensors file "
-                            "(what the export Job runs when a job with spec.output succeeds)")
+                            "(what the export Job runs when a job with spec.output succeeds)",
+                            formatter_class=_Formatter)
     export.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
     export.add_argument("--output", type=Path, required=True, help="where to write the model (.safetensors)")
     export.add_argument("--peer", type=int, default=0, help="whose replica (default 0)")
+    export.set_defaults(func=_export)
 
-    sub.add_parser("function", help="serve the gradient function (what the Knative Service runs; "
-                   "env P2PTRAIN_CONFIG, LISTEN_ADDRESS)")
-    sub.add_parser("operator", help="run the Kubernetes operator (kopf)", add_help=False)
-    sub.add_parser("redis-module", help="print the path of the p2ptrain Redis module, building it if needed")
-    validate = sub.add_parser("validate", help="check a manifest against the CRD and print the resolved spec")
+    function = sub.add_parser(
+        "function",
+        help=f"serve the gradient function (what the Knative Service runs; env {CONFIG_ENV}, LISTEN_ADDRESS)",
+        description="Serve the gradient function: each gradient.requested CloudEvent names a peer, a model version "
+        "and sample indices; the function loads that version from the peer's Redis, computes the gradient, adds it "
+        "into the peer's accumulator in Redis and answers with a gradient.computed event. This is what the job's "
+        "Knative Service runs; `p2ptrain run` starts it locally.",
+        epilog=FUNCTION_EPILOG,
+        formatter_class=_Formatter,
+    )
+    function.set_defaults(func=_function)
+    operator = sub.add_parser("operator", help="run the Kubernetes operator (kopf)", add_help=False)
+    operator.set_defaults(func=_operator)
+    redis_module = sub.add_parser("redis-module", help="print the path of the p2ptrain Redis module, building it if needed")
+    redis_module.set_defaults(func=_redis_module)
+    validate = sub.add_parser(
+        "validate",
+        help="check a manifest, its model and data set, and print the resolved spec",
+        description="Check a manifest as `p2ptrain run` and the API server would, without starting anything: "
+        "the CRD's schema, defaults and rules, then the data set (exists, readable, well-formed) and the model "
+        "(built once on the CPU and given two samples). Prints the resolved spec as JSON.",
+        epilog="exit codes: 0 valid, 2 bad manifest, model or data.",
+        formatter_class=_Formatter,
+    )
     validate.add_argument("manifest", type=Path)
+    validate.set_defaults(func=_validate)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "operator" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logs.configure(args.log_level)
+    command: Callable[[argparse.Namespace], int] = args.func
+    return command(args)
 
-    if args.command == "run":
-        from p2ptrain.local import RunOptions, run_job
 
-        try:
-            spec = load_manifest(args.manifest)
-        except SpecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        options = RunOptions(
-            output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet, keep_logs=args.keep_logs
+# --- the commands ------------------------------------------------------------------------------------------
+
+def _checked_job(manifest: Path, *, local: bool) -> tuple[JobSpec, str] | None:
+    """The parsed job and what was resolved about it, or None after printing why it can never run."""
+    try:
+        spec = load_manifest(manifest)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    from p2ptrain.preflight import DataError, ModelError, check_job  # torch: only once the manifest is good
+
+    try:
+        # Peers and functions start as `python -m p2ptrain` in this directory, which puts it on
+        # sys.path (the `p2ptrain` script does not): resolve `module:factory` the way they will.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        resolved = check_job(spec, local=local)
+    except (DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    return spec, resolved.describe()
+
+
+def _run(args: argparse.Namespace) -> int:
+    checked = _checked_job(args.manifest, local=True)
+    if checked is None:
+        return 2
+    from p2ptrain.local import RunOptions, run_job
+
+    options = RunOptions(
+        output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet, keep_logs=args.keep_logs
+    )
+    return run_job(checked[0], options)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    checked = _checked_job(args.manifest, local=False)
+    if checked is None:
+        return 2
+    import json
+
+    spec, resolved = checked
+    print(json.dumps(spec.to_dict(), indent=2))
+    print(f"valid: {resolved}", file=sys.stderr)
+    return 0
+
+
+def _peer(args: argparse.Namespace) -> int:
+    from p2ptrain.peer import Peer, serve_peer
+
+    try:
+        config = RuntimeConfig.from_file(args.config)
+        index = int(args.index) if args.index is not None else peer_index_from_hostname(socket.gethostname())
+        secrets = Secrets.from_env()
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logs.set_context(job=config.spec.name, peer=index)
+    try:
+        peer_process = Peer(config, index, secrets)
+    except Exception as exc:  # the process edge: one clear line instead of a traceback
+        logging.getLogger("p2ptrain.peer").error("peer %d cannot start: %s", index, exc)
+        print(f"error: peer {index} cannot start: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(
+        serve_peer(
+            peer_process,
+            host=args.listen,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            linger=not args.exit_when_done,
         )
-        return run_job(spec, options)
+    )
 
-    if args.command == "validate":
-        try:
-            spec = load_manifest(args.manifest)
-        except SpecError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        import json
 
-        print(json.dumps(spec.to_dict(), indent=2))
-        return 0
+def _export(args: argparse.Namespace) -> int:
+    import json
 
-    if args.command == "peer":
-        from p2ptrain.peer import Peer, serve_peer
+    import redis
 
-        try:
-            config = RuntimeConfig.from_file(args.config)
-            index = int(args.index) if args.index is not None else peer_index_from_hostname(socket.gethostname())
-            secrets = Secrets.from_env()
-        except (ConfigError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        logs.set_context(job=config.spec.name, peer=index)
-        try:
-            peer_process = Peer(config, index, secrets)
-        except Exception as exc:  # the process edge: one clear line instead of a traceback
-            logging.getLogger("p2ptrain.peer").error("peer %d cannot start: %s", index, exc)
-            print(f"error: peer {index} cannot start: {exc}", file=sys.stderr)
-            return 1
-        return asyncio.run(
-            serve_peer(
-                peer_process,
-                host=args.listen,
-                port=args.port,
-                metrics_port=args.metrics_port,
-                linger=not args.exit_when_done,
-            )
-        )
+    from p2ptrain.checkpoint import CheckpointError
+    from p2ptrain.store import Keys, export_model
 
-    if args.command == "export":
-        import json
+    try:
+        config = RuntimeConfig.from_file(args.config)
+        secrets = Secrets.from_env()
+        if not 0 <= args.peer < config.spec.peers:
+            raise ConfigError(f"--peer {args.peer} is not a peer of this job (peers={config.spec.peers})")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    address = config.redis[args.peer]
+    client = redis.Redis(host=address.host, port=address.port, password=secrets.redis_password, socket_timeout=60)
+    try:
+        metadata = {"p2ptrain.job": json.dumps(config.spec.to_dict())}
+        round_index = export_model(client, Keys(config.spec.name, args.peer), args.output, metadata)
+    except (CheckpointError, redis.RedisError, OSError) as exc:
+        print(f"error: cannot export peer {args.peer}'s model from {address}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"wrote {args.output} (job {config.spec.name}, peer {args.peer}, after round {round_index + 1})")
+    return 0
 
-        import redis
 
-        from p2ptrain.checkpoint import CheckpointError
-        from p2ptrain.store import Keys, export_model
+def _function(args: argparse.Namespace) -> int:
+    from p2ptrain.gradient import serve
 
-        try:
-            config = RuntimeConfig.from_file(args.config)
-            secrets = Secrets.from_env()
-            if not 0 <= args.peer < config.spec.peers:
-                raise ConfigError(f"--peer {args.peer} is not a peer of this job (peers={config.spec.peers})")
-        except ConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        address = config.redis[args.peer]
-        client = redis.Redis(host=address.host, port=address.port, password=secrets.redis_password, socket_timeout=60)
-        try:
-            metadata = {"p2ptrain.job": json.dumps(config.spec.to_dict())}
-            round_index = export_model(client, Keys(config.spec.name, args.peer), args.output, metadata)
-        except (CheckpointError, redis.RedisError, OSError) as exc:
-            print(f"error: cannot export peer {args.peer}'s model from {address}: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            client.close()
-        print(f"wrote {args.output} (job {config.spec.name}, peer {args.peer}, after round {round_index + 1})")
-        return 0
+    serve()
+    return 0
 
-    if args.command == "function":
-        from p2ptrain.gradient import serve
 
-        serve()
-        return 0
+def _operator(args: argparse.Namespace) -> int:
+    try:
+        from p2ptrain_operator.main import main as operator_main
+    except ImportError as exc:
+        print(f"error: the operator is not installed: {exc}", file=sys.stderr)
+        return 2
+    result: int = operator_main(args.rest)
+    return result
 
-    if args.command == "operator":
-        try:
-            from p2ptrain_operator.main import main as operator_main
-        except ImportError as exc:
-            print(f"error: the operator is not installed: {exc}", file=sys.stderr)
-            return 2
-        return operator_main(rest)
 
-    if args.command == "redis-module":
-        from p2ptrain import native
+def _redis_module(args: argparse.Namespace) -> int:
+    from p2ptrain import native
 
-        path = native.module_path()
-        if path is None:
-            print("error: the p2ptrain Redis module could not be built (needs gcc)", file=sys.stderr)
-            return 1
-        print(path)
-        return 0
-
-    parser.error(f"unknown command {args.command}")
-    return 2
+    path = native.module_path()
+    if path is None:
+        print("error: the p2ptrain Redis module could not be built (needs gcc)", file=sys.stderr)
+        return 1
+    print(path)
+    return 0

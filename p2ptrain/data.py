@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,11 @@ def load_dataset(spec: DatasetSpec) -> Dataset:
     """The data set a spec names (cached per process: peers and functions load it once)."""
     return _load(json.dumps({"name": spec.name, "path": spec.path, "format": spec.format, "seed": spec.split_seed,
                              "test": spec.test_fraction, "args": dict(spec.args)}, sort_keys=True))
+
+
+def forget_datasets() -> None:
+    """Drop the per-process cache (a process that only checked a data set need not hold it)."""
+    _load.cache_clear()
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,33 +126,59 @@ def _detect_format(path: Path) -> str:
 
 
 def _npz(path: Path, seed: int, test: float) -> Dataset:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except ValueError as exc:
-        raise DataError(f"{path}: cannot read without pickle ({exc}); store plain numeric arrays") from exc
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz file: {exc}") from exc
+    arrays = _read_npz(path)
     if {"x_train", "y_train", "x_test", "y_test"} <= arrays.keys():
         parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-        _check_xy(path, parts[0], parts[1])
-        _check_xy(path, parts[2], parts[3])
+        _check_xy(path, parts[0], parts[1], "x_train", "y_train")
+        _check_xy(path, parts[2], parts[3], "x_test", "y_test")
         return _dataset(*(_as_float(parts[0]), parts[1].astype(np.int64), _as_float(parts[2]), parts[3].astype(np.int64)))
     if {"x", "y"} <= arrays.keys():
-        _check_xy(path, arrays["x"], arrays["y"])
+        _check_xy(path, arrays["x"], arrays["y"], "x", "y")
         return _split(_as_float(arrays["x"]), arrays["y"].astype(np.int64), seed, test)
     raise DataError(f"{path} must hold arrays x_train, y_train, x_test, y_test (or x, y); found {sorted(arrays)}")
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, or a DataError naming the file; object arrays are refused, never unpickled."""
+    # np.load falls back to unpickling for anything that is not a zip or .npy file; refuse that up front,
+    # so random bytes get "not a valid .npz", not advice about pickle.
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not a valid .npz file: no zip archive found (truncated, or not written by numpy.savez)")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                try:
+                    arrays[key] = archive[key]
+                except ValueError as exc:
+                    raise DataError(
+                        f"{path} is not a valid .npz file: array {key!r} is not a plain numeric array "
+                        "(object arrays and malformed members are refused; p2ptrain never unpickles data)"
+                    ) from exc
+    except DataError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{path} is not a valid .npz file: {exc or type(exc).__name__} (truncated or corrupt)") from exc
+    except Exception as exc:
+        # Parsing a damaged member header can raise almost anything (SyntaxError, TokenError, ...);
+        # its text would be garbage, so name only the kind of failure.
+        raise DataError(f"{path} is not a valid .npz file: {type(exc).__name__} while reading it (truncated or corrupt)") from exc
+    return arrays
 
 
 def _as_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
 
 
-def _check_xy(path: Path, x: np.ndarray, y: np.ndarray) -> None:
+def _check_xy(path: Path, x: np.ndarray, y: np.ndarray, x_name: str, y_name: str) -> None:
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{path}: x must be [N, ...] and y [N]; got x{x.shape} and y{y.shape}")
+        raise DataError(f"{path}: {x_name} must be [N, ...] and {y_name} [N]; got {x_name}{x.shape} and {y_name}{y.shape}")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{path}: {x_name} must hold numbers, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+        raise DataError(f"{path}: {x_name} holds NaN or infinite values, which would make every gradient NaN")
     if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
-        raise DataError(f"{path}: labels must be non-negative integers")
+        raise DataError(f"{path}: labels ({y_name}) must be non-negative integers, got dtype {y.dtype}")
 
 
 def _read(path: Path) -> bytes:

@@ -87,11 +87,13 @@ def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -
     """The model the spec names: a built-in, or ``package.module:factory`` from the user's code."""
     args: dict[str, Any] = dict(spec.args)
     if ":" in spec.name:
-        factory = _import_factory(spec.name)
+        factory = import_factory(spec.name)
         try:
             model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **args)
         except TypeError as exc:
             raise ModelError(f"model {spec.name} rejected its arguments {args}: {exc}") from exc
+        except Exception as exc:  # the user's code: any failure means this model cannot be built
+            raise ModelError(f"model {spec.name} failed to build with arguments {args}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(model, nn.Module):
             raise ModelError(f"model factory {spec.name} returned {type(model).__name__}, not a torch.nn.Module")
         return model
@@ -103,12 +105,15 @@ def build_model(spec: ModelSpec, input_shape: Sequence[int], num_classes: int) -
         raise ModelError(f"model {spec.name} does not take arguments {args}: {exc}") from exc
 
 
-def _import_factory(name: str) -> Callable[..., Any]:
+def import_factory(name: str) -> Callable[..., Any]:
+    """The callable ``module:factory`` names, or a ModelError saying why it cannot be had."""
     module_name, _, attribute = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelError(f"cannot import model module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # importing runs the user's module: report any failure, not a traceback
+        raise ModelError(f"importing model module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise ModelError(f"module {module_name!r} has no callable {attribute!r}")

@@ -31,76 +31,102 @@ class SpecError(ValueError):
     """A manifest that can never run; the message names the field at fault."""
 
 
+# ---------------------------------------------------------------------------------------------------
+# The CRD as data
+
+
+@functools.cache
+def crd() -> dict[str, Any]:
+    """The P2PTrainingJob CustomResourceDefinition (the file in ``crds/``)."""
+    text = resources.files("p2ptrain").joinpath("crd.yaml").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # trusted, ours
+    return loaded
+
+
+def openapi_schema() -> dict[str, Any]:
+    version = next(v for v in crd()["spec"]["versions"] if v["name"] == API_VERSION)
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def crd_default(path: str) -> Any:
+    """The CRD's ``default`` for a spec field (``"optimizer.learningRate"``): the one place defaults live."""
+    schema = openapi_schema()["properties"]["spec"]
+    for part in path.split("."):
+        schema = schema["properties"][part]
+    return copy.deepcopy(schema["default"])
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    name: str = "mlp"
+    name: str = crd_default("model.name")
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = "digits"
+    name: str = crd_default("dataset.name")
     path: str | None = None
     claim_name: str | None = None
-    format: str = "auto"
-    split_seed: int = 0
-    test_fraction: float = 0.2
+    format: str = crd_default("dataset.format")
+    split_seed: int = crd_default("dataset.splitSeed")
+    test_fraction: float = crd_default("dataset.testFraction")
     args: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    name: str = "sgd"
-    learning_rate: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    name: str = crd_default("optimizer.name")
+    learning_rate: float = crd_default("optimizer.learningRate")
+    momentum: float = crd_default("optimizer.momentum")
+    weight_decay: float = crd_default("optimizer.weightDecay")
 
 
 @dataclass(frozen=True)
 class AggregationSpec:
-    rule: str = "mean"
-    byzantine: int = 0
+    rule: str = crd_default("aggregation.rule")
+    byzantine: int = crd_default("aggregation.byzantine")
     multi_krum_select: int | None = None
 
 
 @dataclass(frozen=True)
 class ExchangeSpec:
     quorum: int | None = None
-    round_deadline_seconds: float = 60.0
-    dtype: str = "float32"
-    compression: str = "none"
-    inline_limit_bytes: int = 65536
+    round_deadline_seconds: float = crd_default("exchange.roundDeadlineSeconds")
+    dtype: str = crd_default("exchange.dtype")
+    compression: str = crd_default("exchange.compression")
+    inline_limit_bytes: int = crd_default("exchange.inlineLimitBytes")
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    every_rounds: int = 1
+    every_rounds: int = crd_default("evaluation.everyRounds")
 
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    min_scale: int = 0
-    max_scale: int = 4
-    container_concurrency: int = 2
-    timeout_seconds: int = 60
-    idle_seconds: float = 30.0
-    retries: int = 3
+    min_scale: int = crd_default("function.minScale")
+    max_scale: int = crd_default("function.maxScale")
+    container_concurrency: int = crd_default("function.containerConcurrency")
+    timeout_seconds: int = crd_default("function.timeoutSeconds")
+    idle_seconds: float = crd_default("function.idleSeconds")
+    retries: int = crd_default("function.retries")
     image: str | None = None
     resources: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
 class RedisSpec:
-    accumulator: str = "auto"
-    persistence: str = "none"
+    accumulator: str = crd_default("redis.accumulator")
+    persistence: str = crd_default("redis.persistence")
     storage: str | None = None
-    key_ttl_seconds: int = 86400
+    key_ttl_seconds: int = crd_default("redis.keyTtlSeconds")
     image: str | None = None
 
 
 @dataclass(frozen=True)
 class MetricsSpec:
-    port: int = 9090
+    port: int = crd_default("metrics.port")
 
 
 @dataclass(frozen=True)
@@ -108,16 +134,16 @@ class OutputSpec:
     """Where the operator writes the trained model (a PersistentVolumeClaim) when the job succeeds."""
 
     claim_name: str
-    path: str = "model.safetensors"
+    path: str = crd_default("output.path")
 
 
 @dataclass(frozen=True)
 class RunPolicy:
-    suspend: bool = False
-    backoff_limit: int = 3
+    suspend: bool = crd_default("runPolicy.suspend")
+    backoff_limit: int = crd_default("runPolicy.backoffLimit")
     active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None
-    clean_pod_policy: str = "Running"
+    clean_pod_policy: str = crd_default("runPolicy.cleanPodPolicy")
 
 
 @dataclass(frozen=True)
@@ -128,12 +154,12 @@ class JobSpec:
     namespace: str
     model: ModelSpec
     dataset: DatasetSpec
-    peers: int = 4
-    functions_per_peer: int = 2
-    batch_size: int = 64
+    peers: int = crd_default("peers")
+    functions_per_peer: int = crd_default("functionsPerPeer")
+    batch_size: int = crd_default("batchSize")
     rounds: int | None = None
     epochs: float | None = None
-    seed: int = 0
+    seed: int = crd_default("seed")
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     exchange: ExchangeSpec = field(default_factory=ExchangeSpec)
@@ -163,24 +189,6 @@ class JobSpec:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The CRD as data
-
-
-@functools.cache
-def crd() -> dict[str, Any]:
-    """The P2PTrainingJob CustomResourceDefinition (the file in ``crds/``)."""
-    text = resources.files("p2ptrain").joinpath("crd.yaml").read_text(encoding="utf-8")
-    loaded: dict[str, Any] = yaml.safe_load(text)
-    return loaded
-
-
-def openapi_schema() -> dict[str, Any]:
-    version = next(v for v in crd()["spec"]["versions"] if v["name"] == API_VERSION)
-    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
-    return schema
-
-
-# ---------------------------------------------------------------------------------------------------
 # Parsing
 
 
@@ -188,33 +196,85 @@ def load_manifest(path: str | Path) -> JobSpec:
     """Read a manifest file (the same YAML ``kubectl apply`` takes) and parse it."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise SpecError(f"cannot read manifest {path}: {exc.strerror}") from exc
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): save the manifest as UTF-8"
+        ) from exc
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path} is not valid YAML: {exc}") from exc
+        raise SpecError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from exc
     jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
-    if len(jobs) != 1:
+    if len(jobs) == 1:
+        return parse_manifest(jobs[0])
+    if len(jobs) > 1:
         raise SpecError(f"{path} must contain exactly one {KIND} document, found {len(jobs)}")
-    return parse_manifest(jobs[0])
+    if len(documents) == 1:
+        # One document of another kind (a typo such as `kind: P2PTrainingjob`): say what it has.
+        return parse_manifest(documents[0])
+    found = ", ".join(_describe_document(d) for d in documents) or "no document"
+    raise SpecError(f"{path} must contain one document of kind {KIND} (apiVersion {API_GROUP}/{API_VERSION}); found {found}")
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: where in the file, and what is wrong there."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    return " ".join(str(error).split())
+
+
+def _describe_document(document: Any) -> str:
+    if isinstance(document, dict):
+        return f"kind {document.get('kind')!r}"
+    return f"a {type(document).__name__}"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as kubectl reads it: a key given twice in one mapping is an error, not a silent overwrite."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<` merges may override keys, by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # unhashable keys are reported by the base class
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        result: dict[Any, Any] = super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+        return result
 
 
 def parse_manifest(manifest: Mapping[str, Any]) -> JobSpec:
     """Validate a whole custom resource (apiVersion, kind, metadata, spec) and return its spec."""
     if not isinstance(manifest, Mapping):
-        raise SpecError("manifest must be a mapping")
+        raise SpecError(f"manifest: expected a mapping (apiVersion, kind, metadata, spec), got a {type(manifest).__name__}")
+    if manifest.get("kind") != KIND:
+        raise SpecError(f"kind: expected {KIND!r}, got {manifest.get('kind')!r}")
     expected_api = f"{API_GROUP}/{API_VERSION}"
     if manifest.get("apiVersion") != expected_api:
         raise SpecError(f"apiVersion: expected {expected_api!r}, got {manifest.get('apiVersion')!r}")
-    if manifest.get("kind") != KIND:
-        raise SpecError(f"kind: expected {KIND!r}, got {manifest.get('kind')!r}")
     metadata = manifest.get("metadata") or {}
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
-    if not isinstance(name, str) or not _is_dns_label(name):
-        raise SpecError(f"metadata.name: expected a DNS label (lowercase, digits, '-', <= 40 chars), got {name!r}")
+    if not isinstance(name, str) or not name:
+        raise SpecError(f"metadata.name: required, expected a string, got {name!r}")
     namespace = metadata.get("namespace") or "default"
+    # The name rules are the CRD's root-level CEL rules: the API server applies the very same ones.
+    _validate_rules({"metadata": {"name": name}}, openapi_schema(), "", recurse=False)
     if "spec" not in manifest:
         raise SpecError("spec: required field is missing")
     return parse_spec(manifest["spec"], name=name, namespace=str(namespace))
@@ -223,6 +283,7 @@ def parse_manifest(manifest: Mapping[str, Any]) -> JobSpec:
 def parse_spec(raw_spec: Any, *, name: str, namespace: str = "default") -> JobSpec:
     """Apply the CRD's defaults to ``raw_spec``, validate it, and build the typed spec."""
     spec_schema = openapi_schema()["properties"]["spec"]
+    _require_finite(raw_spec, "spec")
     spec = apply_defaults(copy.deepcopy(raw_spec), spec_schema)
     _validate_schema(spec, spec_schema)
     _validate_rules(spec, spec_schema, "spec")
@@ -246,6 +307,18 @@ def apply_defaults(value: Any, schema: Mapping[str, Any]) -> Any:
     elif isinstance(value, list) and "items" in schema:
         return [apply_defaults(item, schema["items"]) for item in value]
     return value
+
+
+def _require_finite(value: Any, where: str) -> None:
+    """NaN and infinity cannot be sent to the API server (JSON has neither), so they are refused here too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{where}: expected a finite number, got {value}")
+    if isinstance(value, Mapping):
+        for key, sub in value.items():
+            _require_finite(sub, f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, sub in enumerate(value):
+            _require_finite(sub, f"{where}[{index}]")
 
 
 def _validate_schema(spec: Any, schema: Mapping[str, Any]) -> None:
@@ -281,18 +354,18 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _validate_rules(value: Any, schema: Mapping[str, Any], where: str) -> None:
+def _validate_rules(value: Any, schema: Mapping[str, Any], where: str, *, recurse: bool = True) -> None:
     """Evaluate the CRD's CEL rules bottom-up, as the API server does."""
-    if isinstance(value, dict):
+    if recurse and isinstance(value, dict):
         for key, sub in schema.get("properties", {}).items():
             if key in value:
-                _validate_rules(value[key], sub, f"{where}.{key}")
+                _validate_rules(value[key], sub, f"{where}.{key}" if where else key)
     for rule in schema.get("x-kubernetes-validations", []):
         if not _cel(rule["rule"])(value):
             message = rule.get("message", rule["rule"])
             if "messageExpression" in rule:
                 message = str(_cel(rule["messageExpression"], boolean=False)(value))
-            raise SpecError(f"{where}: {message}")
+            raise SpecError(f"{where}: {message}" if where else message)
 
 
 @functools.cache
@@ -305,13 +378,6 @@ def _cel(expression: str, boolean: bool = True) -> Any:
         return bool(result) if boolean else result
 
     return evaluate
-
-
-def _is_dns_label(name: str) -> bool:
-    # 40 leaves room for the child-object suffixes (e.g. "-redis-12") inside the 63-character limit.
-    return 0 < len(name) <= 40 and name[0].isalpha() and name[-1].isalnum() and all(
-        c.islower() or c.isdigit() or c == "-" for c in name
-    )
 
 
 def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:

@@ -233,11 +233,21 @@ def test_a_killed_peer_is_restarted_catches_up_and_the_job_succeeds(tmp_path: Pa
 
 
 def test_a_failing_peer_fails_the_run_with_its_log_and_leaves_nothing(tmp_path: Path) -> None:
-    job = _write_job(tmp_path, name="broken", dataset={"name": "path", "path": str(tmp_path / "missing.npz")})
+    # `run` checks model and data before it starts anything, so the failure must come from the peers
+    # alone: a model factory that breaks only where the job's secrets are set (peers and functions).
+    (tmp_path / "peer_only_failure.py").write_text(
+        "import os\n"
+        "from p2ptrain.models import mlp\n"
+        "def build(input_shape, num_classes):\n"
+        "    if 'P2PTRAIN_REDIS_PASSWORD' in os.environ:\n"
+        "        raise RuntimeError('broken on purpose inside the peer')\n"
+        "    return mlp(input_shape, num_classes)\n"
+    )
+    job = _write_job(tmp_path, name="broken", model={"name": "peer_only_failure:build"})
     workdir = tmp_path / "work"
     redis_before = _redis_servers()
     result = _run(["run", str(job), "--workdir", str(workdir)], tmp_path, timeout=120)
     assert result.returncode == 1
-    assert "exited with code" in result.stderr and "missing.npz" in result.stderr
+    assert "exited with code" in result.stderr and "broken on purpose inside the peer" in result.stderr
     assert _wait_gone(_processes_of(workdir)) == []
     assert _wait_gone(_redis_servers() - redis_before) == []

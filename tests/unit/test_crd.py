@@ -1,15 +1,29 @@
-"""The CRD: structural, its CEL rules behave (checked with cel-python), and every example validates."""
+"""The CRD: structural, its CEL rules behave (checked with cel-python), every example validates, it is
+valid for exactly the Kubernetes versions the chart claims, and it is the one place for every default."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
 import celpy
+import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
-from p2ptrain.spec import crd, defaulted_spec, load_manifest
+from p2ptrain.config import PEER_PORT, ChildNames
+from p2ptrain.spec import (
+    JobSpec,
+    SpecError,
+    crd,
+    defaulted_spec,
+    load_manifest,
+    openapi_schema,
+    parse_manifest,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -71,3 +85,154 @@ def test_cel_rules_evaluate_as_the_api_server_would(message: str, spec: dict[str
 def test_examples_validate_against_the_crd(path: Path) -> None:
     spec = load_manifest(path)
     assert spec.name == yaml.safe_load(path.read_text())["metadata"]["name"]
+
+
+# --- job names: the CRD's root-level rules, exact to the longest child name ----------------------------
+
+LABEL_MAX = 63  # DNS-1035 labels (Service names, hostnames) and label values
+REVISION_HASH_MAX = 10  # a ControllerRevision hash is a uint32 written in decimal
+
+
+def _root_rules() -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    return rules
+
+
+def _name_accepted(name: str) -> bool:
+    env = celpy.Environment()
+    self = celpy.json_to_cel({"metadata": {"name": name}})
+    return all(bool(env.program(env.compile(r["rule"])).evaluate({"self": self})) for r in _root_rules())
+
+
+def _derived_names(job: str) -> list[str]:
+    """Every name and label value Kubernetes and Knative derive from the job's children (each <= 63)."""
+    names = ChildNames(job)
+    peers_max = openapi_schema()["properties"]["spec"]["properties"]["peers"]["maximum"]
+    statefulsets = [names.redis, names.peer]
+    return [
+        # A StatefulSet's pods carry controller-revision-hash: <statefulset>-<hash>.
+        *(f"{sts}-{'0' * REVISION_HASH_MAX}" for sts in statefulsets),
+        # Its pods are <statefulset>-<ordinal>; the name is also the pod's hostname.
+        *(f"{sts}-{peers_max - 1}" for sts in statefulsets),
+        names.redis, names.peers_service,  # headless Services: DNS-1035 labels
+        names.gradient,  # Knative Service: host label of its route and the serving.knative.dev/service label
+        names.export,  # a Job's name is its pods' job-name label value
+    ]
+
+
+def _longest_job_name() -> int:
+    return max(n for n in range(1, 254) if all(len(d) <= LABEL_MAX for d in _derived_names("a" * n)))
+
+
+def test_the_crd_name_limit_is_exactly_the_longest_name_whose_children_fit() -> None:
+    longest = _longest_job_name()
+    assert _name_accepted("a" * longest)
+    assert not _name_accepted("a" * (longest + 1))
+
+
+@pytest.mark.parametrize("name", ["digits", "a", "cnn-4-peers", "x9"])
+def test_the_crd_accepts_dns_1035_job_names(name: str) -> None:
+    assert _name_accepted(name)
+
+
+@pytest.mark.parametrize("name", ["my.job", "1digits", "-job", "job-", "Job", "my_job", "a" * 60])
+def test_the_crd_refuses_names_its_children_cannot_have(name: str) -> None:
+    assert not _name_accepted(name)
+
+
+def test_the_local_parser_applies_the_same_name_rule() -> None:
+    manifest = {"apiVersion": "p2ptrain.dev/v1alpha1", "kind": "P2PTrainingJob", "metadata": {"name": "my.job"},
+                "spec": {"model": {}, "dataset": {}}}
+    with pytest.raises(SpecError, match=r'metadata.name "my.job" is not a DNS-1035 label'):
+        parse_manifest(manifest)
+    manifest["metadata"] = {"name": "a" * (_longest_job_name() + 1)}
+    with pytest.raises(SpecError, match=rf"has {_longest_job_name() + 1} characters; at most {_longest_job_name()} fit"):
+        parse_manifest(manifest)
+
+
+# --- metrics.port must not collide with the peers' own port ---------------------------------------------
+
+def _metrics_port_accepted(port: int) -> bool:
+    schema = openapi_schema()["properties"]["spec"]["properties"]["metrics"]["properties"]["port"]
+    env = celpy.Environment()
+    return all(bool(env.program(env.compile(r["rule"])).evaluate({"self": celpy.json_to_cel(port)}))
+               for r in schema.get("x-kubernetes-validations", []))
+
+
+def test_the_crd_refuses_the_peers_http_port_as_metrics_port() -> None:
+    assert not _metrics_port_accepted(PEER_PORT)
+    assert _metrics_port_accepted(9090)
+
+
+# --- the Kubernetes versions the chart claims --------------------------------------------------------------
+
+def _floor() -> tuple[int, int]:
+    chart = yaml.safe_load((ROOT / "charts" / "p2ptrain" / "Chart.yaml").read_text())
+    match = re.fullmatch(r">=(\d+)\.(\d+)\.0-0", chart["kubeVersion"])
+    assert match, f"Chart.yaml kubeVersion {chart['kubeVersion']!r} is not of the form >=X.Y.0-0"
+    return int(match[1]), int(match[2])
+
+
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+CLAIMED = sorted({v for v in kubernetes_validate.utils.all_versions() if _minor(v) >= _floor()}, key=_minor)
+
+
+@pytest.mark.parametrize("version", CLAIMED)
+def test_the_crd_is_valid_for_every_kubernetes_version_the_chart_claims(version: str) -> None:
+    kubernetes_validate.validate(crd(), version, strict=True)
+
+
+def test_claimed_versions_reach_the_newest_the_validator_ships() -> None:
+    assert CLAIMED and CLAIMED[-1] == kubernetes_validate.latest_version()
+
+
+def test_the_version_just_below_the_floor_refuses_the_crd() -> None:
+    major, minor = _floor()
+    below = f"{major}.{minor - 1}.0"
+    with pytest.raises(kubernetes_validate.ValidationError, match="messageExpression"):
+        kubernetes_validate.validate(crd(), below, strict=True)
+
+
+def test_docs_state_the_chart_floor() -> None:
+    major, minor = _floor()
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for claim in re.findall(r"Kubernetes (\d+\.\d+)\+", doc.read_text()):
+            assert claim == f"{major}.{minor}", f"{doc.name} claims Kubernetes {claim}+; the chart needs {major}.{minor}+"
+
+
+# --- one place for every default ---------------------------------------------------------------------------
+
+def _defaults(schema: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found = [(path, schema["default"])] if "default" in schema and path else []
+    for name, sub in schema.get("properties", {}).items():
+        found += _defaults(sub, (*path, name))
+    return found
+
+
+SPEC_DEFAULTS = _defaults(openapi_schema()["properties"]["spec"])
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), camel)
+
+
+@pytest.mark.parametrize("path,default", SPEC_DEFAULTS, ids=[".".join(p) for p, _ in SPEC_DEFAULTS])
+def test_every_crd_default_is_the_parsed_and_the_dataclass_default(path: tuple[str, ...], default: Any) -> None:
+    minimal = {"apiVersion": "p2ptrain.dev/v1alpha1", "kind": "P2PTrainingJob", "metadata": {"name": "job"},
+               "spec": {"model": {}, "dataset": {}, "output": {"claimName": "models"}}}
+    parsed: Any = parse_manifest(minimal)
+    owner: Any = JobSpec
+    for part in path:
+        owner, parsed = parsed, getattr(parsed, _snake(part))
+    if isinstance(default, dict) and not default and dataclasses.is_dataclass(parsed):
+        return  # an object defaulted to {}: its fields are checked one by one
+    assert parsed == default, f"spec.{'.'.join(path)} parses to {parsed!r}; the CRD default is {default!r}"
+    field = next(f for f in dataclasses.fields(owner) if f.name == _snake(path[-1]))
+    dataclass_default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    assert dataclass_default == default, (
+        f"{type(owner).__name__}.{field.name} defaults to {dataclass_default!r}; the CRD default is {default!r}"
+    )

@@ -110,15 +110,45 @@ def test_npz_with_splits_and_with_x_y(tmp_path: Path) -> None:
         ({"a": np.ones(3)}, "must hold arrays x_train"),
         ({"x": np.ones((4, 2)), "y": np.ones(3, dtype=np.int64)}, r"x must be \[N, ...\] and y \[N\]"),
         ({"x": np.ones((3, 2)), "y": np.array([0, -1, 1])}, "non-negative integers"),
-        ({"x": np.array([object(), 1], dtype=object), "y": np.ones(2)}, "without pickle"),
+        ({"x": np.array([object(), 1], dtype=object), "y": np.ones(2)}, "array 'x' is not a plain numeric array"),
+        ({"x": np.array([["a", "b"], ["c", "d"]]), "y": np.array([0, 1])}, "x must hold numbers, got dtype <U1"),
+        ({"x": np.array([[0.0, np.nan], [1.0, 2.0]]), "y": np.array([0, 1])}, "x holds NaN or infinite values"),
+        ({"x_train": np.ones((2, 2)), "y_train": np.array([0, 1]), "x_test": np.full((1, 2), np.inf),
+          "y_test": np.array([0])}, "x_test holds NaN or infinite values"),
     ],
-    ids=["missing-keys", "length-mismatch", "negative-label", "object-array"],
+    ids=["missing-keys", "length-mismatch", "negative-label", "object-array", "strings", "nan", "inf-in-test"],
 )
 def test_bad_npz_files_are_refused(tmp_path: Path, arrays: dict, message: str) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as caught:
         load_dataset(DatasetSpec("path", path=str(path)))
+    assert "allow_pickle" not in str(caught.value)
+
+
+def _valid_npz(path: Path) -> bytes:
+    np.savez_compressed(path, x=np.random.default_rng(0).random((200, 16)), y=np.arange(200) % 4)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "truncated", "corrupt-member", "empty"])
+def test_files_that_are_not_npz_archives_are_named_and_never_unpickled(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / f"{damage}.npz"
+    if damage == "random-bytes":
+        path.write_bytes(np.random.default_rng(1).bytes(4096))
+    elif damage == "truncated":
+        path.write_bytes(_valid_npz(path)[:-700])
+    elif damage == "corrupt-member":
+        data = bytearray(_valid_npz(path))
+        data[200:400] = bytes(200)  # inside the first member's compressed bytes; the directory stays intact
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(DataError) as caught:
+        load_dataset(DatasetSpec("path", path=str(path)))
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a valid .npz file"), message
+    assert "pickle" not in message.replace("never unpickles", ""), message
 
 
 def test_missing_path_is_named(tmp_path: Path) -> None:

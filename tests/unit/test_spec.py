@@ -111,3 +111,34 @@ def test_load_manifest_skips_other_kinds_in_the_same_file(tmp_path: Path) -> Non
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace"}, manifest()]), encoding="utf-8")
     assert isinstance(load_manifest(path), JobSpec)
+
+
+def test_duplicate_keys_are_refused_but_merge_keys_still_work(tmp_path: Path) -> None:
+    duplicate = tmp_path / "duplicate.yaml"
+    duplicate.write_text(yaml.safe_dump(manifest()).replace("spec:\n", "spec:\n  seed: 1\n  seed: 2\n"), encoding="utf-8")
+    with pytest.raises(SpecError, match=r"line \d+, column 3: found duplicate key 'seed' \(first given on line \d+\)"):
+        load_manifest(duplicate)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(
+        "common: &common {name: mlp}\n"
+        "---\n"
+        "apiVersion: p2ptrain.dev/v1alpha1\nkind: P2PTrainingJob\nmetadata: {name: job}\n"
+        "spec:\n  model: &m {name: logreg}\n  dataset: {name: digits}\n  optimizer: {<<: {name: adam}, name: sgd}\n",
+        encoding="utf-8",
+    )
+    spec = load_manifest(merged)
+    assert spec.model.name == "logreg" and spec.optimizer.name == "sgd"
+
+
+def test_a_lone_document_of_another_kind_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**manifest(), "kind": "TrainingJob"}), encoding="utf-8")
+    with pytest.raises(SpecError, match="kind: expected 'P2PTrainingJob', got 'TrainingJob'"):
+        load_manifest(path)
+
+
+def test_non_finite_numbers_are_refused_anywhere_in_the_spec() -> None:
+    with pytest.raises(SpecError, match=r"spec.model.args.dropout: expected a finite number, got nan"):
+        parse_manifest(manifest(model={"name": "mlp", "args": {"dropout": float("nan")}}))
+    with pytest.raises(SpecError, match=r"spec.exchange.roundDeadlineSeconds: expected a finite number, got inf"):
+        parse_manifest(manifest(exchange={"roundDeadlineSeconds": float("inf")}))

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -16,6 +17,8 @@ from tests.chart.test_chart import CHART, _by_kind, helm, render
 
 RULES = CHART / "rules" / "p2ptrain.rules.yaml"
 RULE_TESTS = Path(__file__).with_name("p2ptrain.rules.test.yaml")
+# The Prometheus Operator's own CRD (vendored, offline): what its API server admits as a PrometheusRule.
+UPSTREAM_CRD = Path(__file__).parent / "upstream" / "monitoring.coreos.com_prometheusrules.yaml"
 ALERTS = {"P2PTrainJobFailed", "P2PTrainPeerExcluded", "P2PTrainEventsRejected", "P2PTrainFunctionErrors",
           "P2PTrainSlowRound", "P2PTrainOperatorReconcileErrors"}
 
@@ -83,3 +86,30 @@ def test_bad_thresholds_are_refused_by_the_values_schema() -> None:
     assert result.returncode != 0 and "excludedRounds" in result.stderr
     result = helm("template", "p2ptrain", str(CHART), "--set", "monitoring.prometheusRule.thresholds.roundsBehind=2")
     assert result.returncode != 0 and "roundsBehind" in result.stderr
+
+
+def _unknown_fields(value: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Fields a structural CRD schema does not declare: the API server would silently prune them."""
+    if isinstance(value, list):
+        return [u for i, item in enumerate(value) for u in _unknown_fields(item, schema.get("items", {}), f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    properties = schema.get("properties")
+    if properties is None:
+        extra = schema.get("additionalProperties")
+        nested = extra if isinstance(extra, dict) else {}
+        return [u for key, item in value.items() for u in _unknown_fields(item, nested, f"{path}.{key}")]
+    unknown = [f"{path}.{key}" for key in value if key not in properties]
+    return unknown + [u for key, item in value.items() if key in properties
+                      for u in _unknown_fields(item, properties[key], f"{path}.{key}")]
+
+
+def test_rendered_prometheus_rule_is_admitted_by_the_upstream_crd_schema() -> None:
+    crd = yaml.safe_load(UPSTREAM_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = version["schema"]["openAPIV3Schema"]
+    (rule,) = _by_kind(render("monitoring.prometheusRule.enabled=true"), "PrometheusRule")
+    # Not jsonschema.validate: it checks the schema's patterns as Python regexes, and one upstream
+    # pattern ("^(?i)...") is valid only for Go's RE2. It belongs to a field we do not set.
+    jsonschema.Draft7Validator(schema).validate(rule)
+    assert _unknown_fields(rule, schema, "") == []

@@ -2,7 +2,7 @@
 
 A real ``prometheus`` (Debian package, installed by hack/install-prometheus.sh) on a free loopback port
 discovers the run's peers and gradient function instances from the ``prometheus-targets.json`` that
-``p2ptrain run`` writes (file_sd, the set-up README's Metrics section tells users to copy). While the job
+``p2ptrain run`` writes (file_sd, as the README's Metrics section shows users). While the job
 trains, every query of the dashboard is evaluated as Grafana would (range queries, the dashboard's
 variables substituted) until each panel that a healthy local run feeds has data; the panels that
 cannot have data here are listed with the reason, and their queries must still be accepted.
@@ -114,6 +114,27 @@ def dashboard_queries(job: str, namespace: str) -> list[tuple[str, str, str]]:
     return queries
 
 
+def dashboard_variables(job: str, namespace: str) -> dict[str, tuple[str, str]]:
+    """name -> (label, series selector) of each ``label_values(selector, label)`` variable."""
+    variables = {}
+    for variable in json.loads(DASHBOARD.read_text())["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
+        match = re.fullmatch(r"label_values\((.+), *(\w+)\)", variable["query"]["query"])
+        assert match, f"variable {variable['name']}: not a label_values() query"
+        selector = match[1].replace("$namespace", re.escape(namespace)).replace("$job", re.escape(job))
+        variables[variable["name"]] = (match[2], selector)
+    return variables
+
+
+async def label_values(client: httpx.AsyncClient, label: str, selector: str, start: float, end: float) -> set[str]:
+    """What Grafana's label_values() asks Prometheus for a dashboard variable's choices."""
+    response = await client.get(f"/api/v1/label/{label}/values", params={"match[]": selector, "start": start, "end": end})
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{selector}: {body}"
+    return set(body["data"])
+
+
 async def query_range(client: httpx.AsyncClient, expr: str, start: float, end: float) -> list[dict[str, Any]]:
     response = await client.get("/api/v1/query_range", params={
         "query": expr, "start": start, "end": end, "step": STEP_MS / 1000})
@@ -171,12 +192,16 @@ async def test_every_dashboard_query_has_data_from_a_local_run(tmp_path: Path) -
                 for group in yaml.safe_load(RULES.read_text())["groups"]:
                     for rule in group["rules"]:
                         await query_range(client, rule["expr"], started, time.time())
+                choices = {name: await label_values(client, label, selector, started, time.time())
+                           for name, (label, selector) in dashboard_variables(spec.name, spec.namespace).items()}
                 streaks = await query_range(client, 'p2ptrain_peer_excluded_rounds{job="promtest"}', started, time.time())
         finally:
             training.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await training
 
+    # The dashboard's namespace and job pickers offer this run.
+    assert choices == {"namespace": {spec.namespace}, "job": {spec.name}}
     assert run.functions is not None and run.functions.stats.max_instances == 2
     assert [series["metric"]["job"] for series in instances] == ["promtest"]
     assert max(finite_values(instances)) == run.functions.stats.max_instances

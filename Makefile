@@ -1,6 +1,7 @@
 # The few verbs people type. Each sets up what it needs first (virtualenv, pinned CPU torch,
-# redis-server from the system packages, helm for the chart tests), so on a fresh Debian/Ubuntu
-# machine with Python 3.11 `make run` and `make test` are the whole set-up.
+# redis-server from the system packages, helm for the chart tests, prometheus and promtool for the
+# monitoring tests), so on a fresh Debian/Ubuntu machine with Python 3.11 `make run` and `make test`
+# are the whole set-up.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -26,6 +27,7 @@ $(STAMP): pyproject.toml
 
 tools:
 	@bash hack/install-tools.sh
+	@bash hack/install-prometheus.sh
 
 run: $(STAMP)
 	$(BIN)/p2ptrain run $(JOB)

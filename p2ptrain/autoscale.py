@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 
-from p2ptrain import metrics
 from p2ptrain.redis_server import die_with_parent, free_port
 from p2ptrain.spec import FunctionSpec
 
@@ -119,7 +118,6 @@ class LocalFunctionService:
         for instance in list(self.instances):
             await asyncio.to_thread(_terminate, instance.process)
         self.instances.clear()
-        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(0)
         await self._client.aclose()
 
     def kill_one(self) -> int | None:
@@ -236,7 +234,6 @@ class LocalFunctionService:
         instance = Instance(number=self._numbers, port=port, process=process, started=time.monotonic())
         self.instances.append(instance)
         self.stats.max_instances = max(self.stats.max_instances, len(self.instances))
-        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
         return instance
 
     async def _become_ready(self, instance: Instance) -> None:
@@ -274,7 +271,6 @@ class LocalFunctionService:
                 instance.process.kill()
                 instance.process.wait(timeout=1)
             log.warning("function instance %d is gone (exit code %s)", instance.number, instance.process.returncode)
-        metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
 
     async def _reap_forever(self) -> None:
         while True:
@@ -293,7 +289,6 @@ class LocalFunctionService:
                     self.stats.scale_to_zero += 1
                     await asyncio.to_thread(_terminate, instance.process)
                     log.info("function instance %d idle for %.0fs: stopped", instance.number, self.scale.idle_seconds)
-                metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
                 self._changed.notify_all()
 
     @property

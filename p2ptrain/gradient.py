@@ -101,6 +101,7 @@ class GradientFunction:
         self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes)
         self._model.train()
         self._ready = True
+        metrics.FUNCTION_INSTANCE_START_TIME_SECONDS.labels(**self._labels).set_to_current_time()
         log.info("gradient function ready", extra={"job": spec.name, "namespace": spec.namespace})
 
     def stop(self) -> None:

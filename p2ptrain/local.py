@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from p2ptrain import native
+from p2ptrain import native, scrape_targets
 from p2ptrain.autoscale import LocalFunctionService, child_env
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
@@ -82,6 +82,7 @@ class LocalRun:
         self._peer_command: list[str] = []
         self._peer_env: dict[str, str] = {}
         self.peer_restarts = 0
+        self._targets: scrape_targets.TargetsFile | None = None
 
     # --- entry ----------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -141,6 +142,8 @@ class LocalRun:
         for index, port in enumerate(peer_ports):
             log_path = self.workdir / f"peer-{index}.log"
             self.peers.append(PeerProcess(index, port, self._start_peer(index, port, log_path), log_path))
+        self._targets = scrape_targets.for_local_run(self.workdir, spec.name, spec.namespace, peer_ports, self.functions)
+        self._targets.start()
         return config
 
     def _start_peer(self, index: int, port: int, log_path: Path) -> subprocess.Popen[bytes]:
@@ -261,6 +264,9 @@ class LocalRun:
     # --- shutdown -------------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop peers, functions and Redis servers (in that order); safe to call more than once."""
+        if self._targets is not None:
+            await self._targets.close()
+            self._targets = None
         for peer in self.peers:
             if peer.process.poll() is None:
                 peer.process.terminate()

@@ -7,6 +7,8 @@ follow Prometheus conventions (base units, ``_total``, ``_seconds``, ``_bytes``)
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from prometheus_client import Counter, Gauge, Histogram
 
 PEER_LABELS = ("job", "namespace", "peer")
@@ -70,6 +72,11 @@ GRADIENTS_RECOVERED_TOTAL = Counter(
     "Peer gradients taken from the sender's outbox in Redis after their event was missed.",
     PEER_LABELS,
 )
+PEER_EXCLUDED_ROUNDS = Gauge(
+    "p2ptrain_peer_excluded_rounds",
+    "Rounds in a row this peer has aggregated without excluded_peer's gradient (0 once it arrives again).",
+    (*PEER_LABELS, "excluded_peer"),
+)
 CATCH_UPS_TOTAL = Counter(
     "p2ptrain_catch_ups_total",
     "Times a (re)started peer adopted the other peers' state because it was behind.",
@@ -93,8 +100,12 @@ FUNCTION_COLD_STARTS_TOTAL = Counter(
     "Gradient function instances started (first invocation after scale from zero or scale out).",
     FUNCTION_LABELS,
 )
-FUNCTION_INSTANCES = Gauge(
-    "p2ptrain_function_instances", "Gradient function instances running (local runner's autoscaler).", FUNCTION_LABELS
+# One series per running instance, wherever it runs (a Knative pod scraped by the PodMonitor, or a
+# local runner's process): ``count`` over it is the number of instances, and ``time() - it`` their age.
+FUNCTION_INSTANCE_START_TIME_SECONDS = Gauge(
+    "p2ptrain_function_instance_start_time_seconds",
+    "Unix time this gradient function instance loaded its job (one series per running instance).",
+    FUNCTION_LABELS,
 )
 FUNCTION_MODEL_LOADS_TOTAL = Counter(
     "p2ptrain_function_model_loads_total", "Model versions loaded from Redis (cache misses).", FUNCTION_LABELS
@@ -108,8 +119,27 @@ OPERATOR_JOBS_RESTARTED_TOTAL = Counter("p2ptrain_operator_jobs_restarted_total"
 OPERATOR_RECONCILE_SECONDS = Histogram(
     "p2ptrain_operator_reconcile_seconds", "Time one reconcile handler takes.", ("handler",)
 )
+OPERATOR_RECONCILE_ERRORS_TOTAL = Counter(
+    "p2ptrain_operator_reconcile_errors_total",
+    "Reconcile handler runs that ended in an error (kopf retries them), by handler.",
+    ("handler",),
+)
 OPERATOR_JOBS = Gauge("p2ptrain_operator_jobs", "Jobs known to the operator, by phase.", ("phase",))
 
 
 def peer_labels(job: str, namespace: str, peer: int) -> dict[str, str]:
     return {"job": job, "namespace": namespace, "peer": str(peer)}
+
+
+def record_excluded_rounds(labels: dict[str, str], peers: int, included: Collection[int]) -> None:
+    """After a round closes: count one more round for every peer left out, reset the others.
+
+    Series exist for every peer of the job from the first round on (``peers`` squared per job at
+    most), so an alert can tell "never excluded" from "not reporting".
+    """
+    for other in range(peers):
+        series = PEER_EXCLUDED_ROUNDS.labels(**labels, excluded_peer=str(other))
+        if other in included:
+            series.set(0)
+        else:
+            series.inc()

@@ -571,6 +571,7 @@ class Peer:
             metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)
             self.status.excluded["deadline"] = self.status.excluded.get("deadline", 0) + missing
         metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
+        metrics.record_excluded_rounds(self.labels, self.spec.peers, gradients)
         return gradients
 
     def _round_closed(self, round_index: int, quorum: int) -> bool:

@@ -150,3 +150,15 @@ def test_every_dashboard_query_uses_exported_metrics() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
+
+
+def test_every_alert_uses_exported_metrics() -> None:
+    rules = yaml.safe_load((CHART / "rules" / "p2ptrain.rules.yaml").read_text())
+    exported = _exported_names()
+    expressions = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert expressions
+    for expr in expressions:
+        names = re.findall(r"\b(p2ptrain_[a-z0-9_]+)", expr)
+        assert names, expr
+        for name in names:
+            assert name in exported, f"an alert queries {name}, which p2ptrain/metrics.py does not declare"

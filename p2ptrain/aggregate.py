@@ -171,13 +171,22 @@ def bulyan(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     that range (the median of the selection lies among honest values, and every kept value is no
     farther from it than the farthest honest one).
     """
-    selected = grads[bulyan_select(grads, f)]
-    keep = selected.shape[0] - 2 * f
-    centre = median(selected, f)
-    # |selected - centre| is one [n - 2f, d] temporary; topk over the short first axis is vectorised
-    # across every coordinate.
-    closest = (selected - centre).abs_().topk(keep, dim=0, largest=False, sorted=False).indices
-    return selected.gather(0, closest).mean(dim=0)
+    ordered = grads[bulyan_select(grads, f)].sort(dim=0).values
+    selected = ordered.shape[0]
+    keep = selected - 2 * f
+    middle = selected // 2
+    centre = ordered[middle] if selected % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    # Per coordinate, the `keep` values nearest the median are `keep` consecutive sorted values: of the
+    # 2f + 1 windows, the one whose farther end is nearest. A loop over windows, vectorised over d.
+    result = ordered[:keep].mean(dim=0)
+    reach = torch.maximum(centre - ordered[0], ordered[keep - 1] - centre)
+    for start in range(1, 2 * f + 1):
+        window = ordered[start : start + keep]
+        window_reach = torch.maximum(centre - window[0], window[-1] - centre)
+        nearer = window_reach < reach
+        result = torch.where(nearer, window.mean(dim=0), result)
+        reach = torch.minimum(reach, window_reach)
+    return result
 
 
 def _distances_to(grads: torch.Tensor, point: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ test: $(STAMP) tools lint typecheck
 bench: $(STAMP)
 	$(BIN)/python bench/accumulate.py
 	$(BIN)/python bench/round.py
+	$(BIN)/python bench/aggregate.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -2,7 +2,9 @@
 
 Every rule is ``rule(grads: Tensor[n, d], f: int, **params) -> Tensor[d]`` where ``n`` gradients
 arrived this round and up to ``f`` of them may be arbitrary (Byzantine). Adding a rule is adding a
-function, its minimum ``n`` and a test.
+function, its minimum ``n`` and a test. The CRD's admission rules (``peers >= MINIMUM[rule](f)``) are
+checked against ``MINIMUM`` by tests/unit/test_rule_admission.py. A rule with state across rounds
+(centered clipping's center) keeps it in a small class that calls the stateless function.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ def aggregate(rule: str, grads: torch.Tensor, f: int, **params: Any) -> torch.Te
         raise AggregationError(f"gradients must be a non-empty [n, d] matrix, got shape {tuple(grads.shape)}")
     if f < 0:
         raise AggregationError(f"f must be >= 0, got {f}")
-    if not torch.isfinite(grads).all():
+    # A finite sum proves every value finite (Inf or NaN anywhere makes it Inf or NaN) and costs one
+    # read, a third of an element-wise isfinite; only a non-finite sum pays for finding the rows.
+    if not torch.isfinite(grads.sum()) and not torch.isfinite(grads).all():
         bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
         raise AggregationError(f"gradient rows {bad} contain NaN or Inf")
     n = grads.shape[0]
@@ -86,13 +90,19 @@ def trimmed_mean(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     return ordered[f : n - f].mean(dim=0)
 
 
+def squared_distances(grads: torch.Tensor) -> torch.Tensor:
+    """The [n, n] matrix of squared Euclidean distances, in float64 so that close scores still order."""
+    wide = grads.double()  # one copy, not one per argument
+    return torch.cdist(wide, wide).square()
+
+
 def krum_scores(grads: torch.Tensor, f: int) -> torch.Tensor:
     """Krum score of each gradient: sum of squared distances to its n - f - 2 nearest others."""
     n = grads.shape[0]
     neighbours = n - f - 2
     if neighbours < 1:
         raise AggregationError(f"krum with f={f} needs n > 2f+2 = {2 * f + 2} gradients, got {n}")
-    distances = torch.cdist(grads.double(), grads.double()).square()
+    distances = squared_distances(grads)
     distances.fill_diagonal_(float("inf"))
     return distances.topk(neighbours, dim=1, largest=False).values.sum(dim=1)
 
@@ -117,3 +127,164 @@ def multi_krum(grads: torch.Tensor, f: int, m: int | None = None, **params: Any)
     if not 1 <= m <= n:
         raise AggregationError(f"multi-krum m must lie in [1, {n}], got {m}")
     return grads[krum_select(grads, f, m)].mean(dim=0)
+
+
+def bulyan_select(grads: torch.Tensor, f: int) -> torch.Tensor:
+    """Indices of the n - 2f gradients Bulyan keeps, chosen one at a time by Krum on those left.
+
+    Each step scores the remaining gradients by their n' - f - 2 nearest remaining neighbours (at
+    least one: the last steps of El Mhamdi et al.'s recursion run on 2f + 1 gradients, fewer than
+    Krum alone would accept) and moves the best one into the selection. With one neighbour, two
+    mutual nearest neighbours always tie; such ties go to the one closer to all remaining gradients,
+    so the choice does not depend on the order the gradients arrived in (then to the lower index).
+    The distance matrix is computed once; each step only masks it.
+    """
+    n = grads.shape[0]
+    distances = squared_distances(grads)
+    distances.fill_diagonal_(float("inf"))
+    remaining = torch.ones(n, dtype=torch.bool)
+    chosen: list[int] = []
+    for _ in range(n - 2 * f):
+        left = int(remaining.sum())
+        if left == 1:
+            chosen.append(int(remaining.nonzero()[0]))
+            break
+        among_remaining = distances[:, remaining]
+        neighbours = min(max(left - f - 2, 1), left - 1)
+        scores = among_remaining.topk(neighbours, dim=1, largest=False).values.sum(dim=1)
+        scores[~remaining] = float("inf")
+        tied = scores == scores.min()
+        spread = among_remaining.masked_fill(among_remaining.isinf(), 0.0).sum(dim=1)
+        spread[~tied] = float("inf")
+        best = int(torch.argmin(spread))  # the first minimum: a remaining tie goes to the lower index
+        chosen.append(best)
+        remaining[best] = False
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@register("bulyan", minimum=lambda f: 4 * f + 3)
+def bulyan(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
+    """Bulyan (El Mhamdi et al. 2018): Krum-select n - 2f gradients, then per coordinate average the
+    n - 4f of them closest to their median.
+
+    Needs n >= 4f + 3. Per coordinate the result stays within the honest values' range widened by
+    that range (the median of the selection lies among honest values, and every kept value is no
+    farther from it than the farthest honest one).
+    """
+    ordered = grads[bulyan_select(grads, f)].sort(dim=0).values
+    selected = ordered.shape[0]
+    keep = selected - 2 * f
+    middle = selected // 2
+    centre = ordered[middle] if selected % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    # Per coordinate, the `keep` values nearest the median are `keep` consecutive sorted values: of the
+    # 2f + 1 windows, the one whose farther end is nearest. A loop over windows, vectorised over d.
+    result = ordered[:keep].mean(dim=0)
+    reach = torch.maximum(centre - ordered[0], ordered[keep - 1] - centre)
+    for start in range(1, 2 * f + 1):
+        window = ordered[start : start + keep]
+        window_reach = torch.maximum(centre - window[0], window[-1] - centre)
+        nearer = window_reach < reach
+        result = torch.where(nearer, window.mean(dim=0), result)
+        reach = torch.minimum(reach, window_reach)
+    return result
+
+
+def _distances_to(grads: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every row to ``point``, computed without an [n, d] difference matrix."""
+    return torch.cdist(grads, point.unsqueeze(0)).squeeze(1)
+
+
+@register("geometric-median", minimum=lambda f: 2 * f + 1)
+def geometric_median(
+    grads: torch.Tensor,
+    f: int,
+    iterations: int = 100,
+    tolerance: float = 1e-6,
+    smoothing: float = 1e-6,
+    **params: Any,
+) -> torch.Tensor:
+    """Geometric median by smoothed Weiszfeld iterations (Pillutla et al. 2019, RFA).
+
+    Starts at the mean and repeats ``z <- sum(w_i x_i) / sum(w_i)`` with ``w_i = 1 / max(smoothing,
+    |x_i - z|)`` until a step is shorter than ``tolerance`` times the median distance to the inputs, or
+    after ``iterations`` steps. Breakdown point 1/2: n >= 2f + 1. Every iterate is a convex combination of
+    the inputs, so the result lies in their convex hull.
+    """
+    _positive("geometric-median", iterations=iterations, smoothing=smoothing)
+    if not tolerance >= 0:
+        raise AggregationError(f"geometric-median tolerance must be >= 0, got {tolerance}")
+    estimate = grads.mean(dim=0)
+    for _ in range(iterations):
+        distances = _distances_to(grads, estimate).clamp_min(smoothing)
+        weights = 1.0 / distances
+        previous, estimate = estimate, (weights / weights.sum()) @ grads
+        # Stop on the step measured against the median distance (the honest points' scale): a
+        # relative change of the objective stops early when far outliers dominate the objective.
+        if torch.linalg.vector_norm(estimate - previous) <= tolerance * distances.median():
+            break
+    return estimate
+
+
+@register("centered-clipping", minimum=lambda f: 2 * f + 1)
+def centered_clipping(
+    grads: torch.Tensor,
+    f: int,
+    center: torch.Tensor | None = None,
+    radius: float = 10.0,
+    iterations: int = 3,
+    **params: Any,
+) -> torch.Tensor:
+    """Centered clipping (Karimireddy et al. 2021): ``iterations`` times, move the center by the mean
+    of the deviations ``x_i - center``, each clipped to norm ``radius``.
+
+    The paper's center is the previous aggregate (its momentum); :class:`CenteredClipping` keeps it
+    across rounds. Without one, the round's coordinate-wise median is the center, so one call is
+    robust on its own. Each step moves the center by at most ``radius`` and a Byzantine gradient
+    pulls it by at most ``radius / n``. Registered with an honest majority (n >= 2f + 1); the paper
+    proves convergence for a smaller Byzantine fraction.
+    """
+    _positive("centered-clipping", radius=radius, iterations=iterations)
+    n, d = grads.shape
+    if center is None:
+        estimate = median(grads, f)
+    else:
+        if center.shape != (d,) or not torch.isfinite(center).all():
+            raise AggregationError(f"centered-clipping center must be a finite vector of {d} values, got shape {tuple(center.shape)}")
+        estimate = center.float()
+    for _ in range(iterations):
+        # scale_i = min(1, radius / |x_i - c|); c + mean(scale_i (x_i - c)) without an [n, d] temporary.
+        scale = (radius / _distances_to(grads, estimate)).clamp_max(1.0)
+        estimate = estimate * (1.0 - scale.mean()) + (scale / n) @ grads
+    return estimate
+
+
+class CenteredClipping:
+    """Centered clipping with its state: each round's center is the previous round's aggregate.
+
+    One instance per training run; call it once per round with that round's gradients. The first
+    round, or the first after :meth:`reset`, centers on the coordinate-wise median.
+    """
+
+    def __init__(self, radius: float = 10.0, iterations: int = 3) -> None:
+        _positive("centered-clipping", radius=radius, iterations=iterations)
+        self.radius = radius
+        self.iterations = iterations
+        self.center: torch.Tensor | None = None
+
+    def __call__(self, grads: torch.Tensor, f: int) -> torch.Tensor:
+        if self.center is not None and grads.ndim == 2 and self.center.shape[0] != grads.shape[1]:
+            self.center = None  # the model changed shape: history no longer applies
+        result = aggregate(
+            "centered-clipping", grads, f, center=self.center, radius=self.radius, iterations=self.iterations
+        )
+        self.center = result
+        return result
+
+    def reset(self) -> None:
+        self.center = None
+
+
+def _positive(rule: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise AggregationError(f"{rule} {name} must be > 0, got {value}")

@@ -7,9 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2ptrain.aggregate import RULES, AggregationError, aggregate, krum_select, minimum_gradients
+from p2ptrain.aggregate import (
+    RULES,
+    AggregationError,
+    CenteredClipping,
+    aggregate,
+    bulyan_select,
+    krum_select,
+    minimum_gradients,
+)
 
-ROBUST = ["median", "trimmed-mean", "krum", "multi-krum"]
+ROBUST = ["median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping"]
 
 
 def honest(n: int, d: int = 20, seed: int = 0, spread: float = 0.1) -> torch.Tensor:
@@ -19,31 +27,111 @@ def honest(n: int, d: int = 20, seed: int = 0, spread: float = 0.1) -> torch.Ten
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_identical_gradients_aggregate_to_themselves(rule: str) -> None:
-    grads = torch.arange(12.0).repeat(5, 1)
-    torch.testing.assert_close(aggregate(rule, grads, 0 if rule == "mean" else 1), grads[0])
+    f = 0 if rule == "mean" else 1
+    grads = torch.arange(12.0).repeat(max(5, minimum_gradients(rule, f)), 1)
+    torch.testing.assert_close(aggregate(rule, grads, f), grads[0])
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), data=st.data())
 def test_rules_are_permutation_invariant(rule: str, seed: int, data: st.DataObject) -> None:
-    grads = honest(7, seed=seed)
-    permutation = torch.tensor(data.draw(st.permutations(range(7))))
-    f = 0 if rule == "mean" else 2
+    f = 0 if rule == "mean" else 2 if minimum_gradients(rule, 2) <= 7 else 1
+    n = max(7, minimum_gradients(rule, f))
+    grads = honest(n, seed=seed)
+    permutation = torch.tensor(data.draw(st.permutations(range(n))))
     torch.testing.assert_close(aggregate(rule, grads[permutation], f), aggregate(rule, grads, f))
 
 
-@pytest.mark.parametrize("rule", ROBUST)
+@pytest.mark.parametrize("rule", [r for r in ROBUST if r != "centered-clipping"])
 @pytest.mark.parametrize("attack", [1e6, -1e6], ids=["huge", "huge-negative"])
 def test_robust_rules_ignore_f_outliers_where_the_mean_does_not(rule: str, attack: float) -> None:
     f = 2
-    grads = honest(9)
+    grads = honest(max(9, minimum_gradients(rule, f)))
     grads[:f] = attack  # two Byzantine peers send enormous gradients
     honest_rows = grads[f:]
     result = aggregate(rule, grads, f)
+    # Each rule's own guarantee is stated in test_rule_properties.py; on this input, with the outliers
+    # far away, all of these land among the honest values.
     assert torch.all(result >= honest_rows.min(dim=0).values - 1e-6)
     assert torch.all(result <= honest_rows.max(dim=0).values + 1e-6)
     assert (aggregate("mean", grads, 0) - honest_rows.mean(dim=0)).abs().max() > 1e4
+
+
+@pytest.mark.parametrize("attack", [1e6, -1e6], ids=["huge", "huge-negative"])
+def test_centered_clipping_bounds_what_f_outliers_can_pull(attack: float) -> None:
+    # With every honest gradient inside the radius of the center, each iteration moves the center
+    # by (h/n)(honest mean - center) plus at most f*radius/n from the outliers, so after L steps
+    # |result - honest mean| <= (f/n)^L |median - honest mean| + f*radius/(n - f), however far away
+    # the outliers are.
+    f, n, radius, iterations = 2, 9, 1.0, 3
+    grads = honest(n)
+    grads[:f] = attack
+    honest_mean = grads[f:].mean(dim=0)
+    start = aggregate("median", grads, f)
+    result = aggregate("centered-clipping", grads, f, radius=radius, iterations=iterations)
+    bound = (f / n) ** iterations * (start - honest_mean).norm() + f * radius / (n - f)
+    assert (result - honest_mean).norm() <= bound + 1e-5
+    assert (aggregate("mean", grads, 0) - honest_mean).norm() > 1e4
+
+
+def test_centered_clipping_clips_each_deviation_to_the_radius() -> None:
+    # Center median([0, 0, 0, 10]) = 0; step 1: (0 + 0 + 0 + 1) / 4 = 0.25; step 2: deviations
+    # -0.25 (three times) and 9.75, clipped to 1: (-0.75 + 1) / 4 = 0.0625, so 0.3125.
+    grads = torch.tensor([[0.0], [0.0], [0.0], [10.0]])
+    result = aggregate("centered-clipping", grads, 1, radius=1.0, iterations=2)
+    torch.testing.assert_close(result, torch.tensor([0.3125]))
+
+
+def test_centered_clipping_keeps_the_previous_aggregate_as_its_center() -> None:
+    grads = honest(5)
+    grads[0] = 40.0
+    rule = CenteredClipping(radius=0.5, iterations=1)
+    first = rule(grads, 1)
+    torch.testing.assert_close(first, aggregate("centered-clipping", grads, 1, radius=0.5, iterations=1))
+    second = rule(grads, 1)
+    torch.testing.assert_close(second, aggregate("centered-clipping", grads, 1, center=first, radius=0.5, iterations=1))
+    assert not torch.allclose(first, second)  # the center moved: a stateless call would repeat itself
+    assert rule.center is second
+    rule.reset()
+    torch.testing.assert_close(rule(grads, 1), first)
+
+
+def test_bulyan_matches_the_papers_algorithm_written_plainly() -> None:
+    # A loop-per-coordinate transcription of El Mhamdi et al. 2018, Algorithm 1, as an oracle.
+    f = 2
+    grads = honest(11, d=6, seed=3)
+    grads[0] = 5.0
+    grads[1] = -3.0
+    result = aggregate("bulyan", grads, f)
+    selected = [grads[i] for i in bulyan_select(grads, f).tolist()]
+    assert len(selected) == 11 - 2 * f and not ({0, 1} & set(bulyan_select(grads, f).tolist()))
+    expected = []
+    for j in range(6):
+        column = sorted(float(g[j]) for g in selected)
+        middle = column[len(column) // 2]  # theta = 7 is odd
+        nearest = sorted(column, key=lambda v: abs(v - middle))[: len(column) - 2 * f]
+        expected.append(sum(nearest) / len(nearest))
+    torch.testing.assert_close(result, torch.tensor(expected))
+
+
+def test_bulyan_selection_is_iterated_krum_on_the_remaining_gradients() -> None:
+    # One dimension, f = 1, n = 7, squared distances, worked by hand. Step 1 (4 neighbours): 2 and 3
+    # tie at 10; 3 is closer to all (9428 < 9623, the outlier 100 counts). Step 2 (3 neighbours): 2
+    # scores 9. Step 3 (2 neighbours): 1 and 4 tie at 10; 4 is closer to all. Steps 4 and 5 (one
+    # neighbour) break the mutual-nearest ties 0/1 and 0/5 the same way: 1, then 5. The outlier stays out.
+    grads = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [100.0]])
+    assert bulyan_select(grads, 1).tolist() == [3, 2, 4, 1, 5]
+
+
+def test_geometric_median_satisfies_the_optimality_condition() -> None:
+    # The geometric median z minimises sum |x_i - z|: the unit vectors from z to the inputs sum to 0.
+    grads = honest(7, d=10, seed=5, spread=1.0)
+    grads[:2] = 50.0
+    z = aggregate("geometric-median", grads, 2, iterations=1000, tolerance=1e-9)
+    pulls = (grads - z) / (grads - z).norm(dim=1, keepdim=True)
+    assert pulls.sum(dim=0).norm() < 1e-2
+    assert (z - grads[2:].mean(dim=0)).norm() < (z - grads.mean(dim=0)).norm()
 
 
 def test_krum_ignores_one_outlier_and_picks_an_honest_row() -> None:
@@ -80,6 +168,10 @@ def test_median_of_even_count_is_mean_of_middle_pair() -> None:
         ("krum", 1, 4, "krum with f=1 needs at least 5 gradients, got 4"),
         ("multi-krum", 2, 6, "needs at least 7"),
         ("median", 2, 4, "needs at least 5"),
+        ("bulyan", 1, 6, "bulyan with f=1 needs at least 7 gradients, got 6"),
+        ("bulyan", 2, 10, "needs at least 11"),
+        ("geometric-median", 2, 4, "geometric-median with f=2 needs at least 5"),
+        ("centered-clipping", 1, 2, "centered-clipping with f=1 needs at least 3"),
     ],
 )
 def test_too_few_gradients_is_a_clear_error(rule: str, f: int, n: int, message: str) -> None:
@@ -89,8 +181,8 @@ def test_too_few_gradients_is_a_clear_error(rule: str, f: int, n: int, message: 
 
 
 def test_bad_input_is_refused() -> None:
-    with pytest.raises(AggregationError, match="unknown aggregation rule 'bulyan'; known: krum"):
-        aggregate("bulyan", honest(5), 1)
+    with pytest.raises(AggregationError, match="unknown aggregation rule 'zeno'; known: bulyan, centered-clipping"):
+        aggregate("zeno", honest(5), 1)
     with pytest.raises(AggregationError, match=r"\[n, d\] matrix"):
         aggregate("mean", torch.ones(3), 0)
     grads = honest(5)
@@ -99,3 +191,16 @@ def test_bad_input_is_refused() -> None:
         aggregate("median", grads, 1)
     with pytest.raises(AggregationError, match="m must lie in"):
         aggregate("multi-krum", honest(5), 1, m=9)
+    with pytest.raises(AggregationError, match="centered-clipping radius must be > 0, got 0"):
+        aggregate("centered-clipping", honest(5), 1, radius=0)
+    with pytest.raises(AggregationError, match=r"center must be a finite vector of 20 values, got shape \(3,\)"):
+        aggregate("centered-clipping", honest(5), 1, center=torch.zeros(3))
+    with pytest.raises(AggregationError, match="geometric-median iterations must be > 0, got 0"):
+        aggregate("geometric-median", honest(5), 1, iterations=0)
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_float32_in_and_out(rule: str) -> None:
+    f = 0 if rule == "mean" else 1
+    grads = honest(minimum_gradients(rule, f) + 1).double()
+    assert aggregate(rule, grads, f).dtype == torch.float32

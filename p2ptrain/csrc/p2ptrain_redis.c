@@ -133,7 +133,7 @@ typedef struct Job {
     RedisModuleString *keys[3];
     int key_count;
     RedisModuleString *part, *weight_text, *grad; /* ACCUM: part, weight; ACCUM/SGD/ADAM: grad */
-    size_t n, done;
+    size_t n, checked, done; /* elements of the gradient checked finite, elements computed */
     int started;
     double weight;
     SgdParams sgd;
@@ -451,9 +451,17 @@ static void finish(RedisModuleCtx *ctx, Job *job) {
     job->result = 1;
 }
 
+/* The gradient's finiteness, checked in slices too (a 10^7 check alone takes milliseconds). */
+static StepState check_slice(Job *job, size_t hi) {
+    if (job->grad != NULL && !all_finite(gradient(job) + job->checked, hi - job->checked))
+        return fail(job, "%s", "ERR blob has non-finite values");
+    job->checked = hi;
+    return STEP_MORE;
+}
+
 /* Run a job to its end now (small operations, and contexts that cannot block). */
 static void run_whole(RedisModuleCtx *ctx, Job *job) {
-    if (start(ctx, job) == STEP_DONE) return;
+    if (check_slice(job, job->n) == STEP_DONE || start(ctx, job) == STEP_DONE) return;
     if (slice(ctx, job, 0, job->n) == STEP_DONE && !job->failed) finish(ctx, job);
 }
 
@@ -504,7 +512,11 @@ static void drive(RedisModuleCtx *ctx, void *unused) {
     while (queue_head != NULL && now_ms() < deadline) {
         Job *job = queue_head;
         RedisModule_SelectDb(ctx, job->db);
-        StepState state = job->started ? STEP_MORE : start(ctx, job);
+        StepState state = STEP_MORE;
+        while (state == STEP_MORE && job->checked < job->n && now_ms() < deadline)
+            state = check_slice(job, job->checked + CHUNK_FLOATS < job->n ? job->checked + CHUNK_FLOATS : job->n);
+        if (state == STEP_MORE && job->checked < job->n) break;
+        if (state == STEP_MORE && !job->started) state = start(ctx, job);
         while (state == STEP_MORE && now_ms() < deadline) {
             size_t hi = job->done + CHUNK_FLOATS < job->n ? job->done + CHUNK_FLOATS : job->n;
             state = slice(ctx, job, job->done, hi);
@@ -576,18 +588,14 @@ static int parse_double(RedisModuleString *arg, double *out) {
     return RedisModule_StringToDouble(arg, out) == REDISMODULE_OK && isfinite(*out);
 }
 
-static int finite_gradient(RedisModuleCtx *ctx, Job *job, RedisModuleString *blob) {
+static int gradient_length(RedisModuleCtx *ctx, Job *job, RedisModuleString *blob) {
     size_t len;
-    const char *data = RedisModule_StringPtrLen(blob, &len);
+    RedisModule_StringPtrLen(blob, &len);
     if (len == 0 || len % sizeof(float) != 0) {
         RedisModule_ReplyWithError(ctx, "ERR blob length is not a positive multiple of 4 (float32)");
         return 0;
     }
-    if (!all_finite((const ufloat *)data, len / sizeof(float))) {
-        RedisModule_ReplyWithError(ctx, "ERR blob has non-finite values");
-        return 0;
-    }
-    job->grad = blob;
+    job->grad = blob; /* its values are checked finite before anything is written */
     job->n = len / sizeof(float);
     return 1;
 }
@@ -598,7 +606,7 @@ static int accum_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc
     Job job = {.kind = OP_ACCUM, .keys = {argv[1], argv[2]}, .key_count = 2, .part = argv[3], .weight_text = argv[4]};
     if (!parse_double(argv[4], &job.weight) || job.weight <= 0)
         return RedisModule_ReplyWithError(ctx, "ERR weight must be a finite positive number");
-    if (!finite_gradient(ctx, &job, argv[5])) return REDISMODULE_OK;
+    if (!gradient_length(ctx, &job, argv[5])) return REDISMODULE_OK;
     return submit(ctx, &job);
 }
 
@@ -655,7 +663,7 @@ static int sgd_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     if (!parse_ttl(ctx, argv, argc, 10, &job.ttl_ms)) return REDISMODULE_OK;
     if (momentum != 0 && (RedisModule_StringCompare(argv[3], argv[1]) == 0 || RedisModule_StringCompare(argv[3], argv[2]) == 0))
         return RedisModule_ReplyWithError(ctx, "ERR the momentum buffer key must differ from the model keys");
-    if (!finite_gradient(ctx, &job, argv[4])) return REDISMODULE_OK;
+    if (!gradient_length(ctx, &job, argv[4])) return REDISMODULE_OK;
     job.sgd = (SgdParams){(float)lr, (float)momentum, (float)dampening, (float)weight_decay, (int)nesterov, 0};
     if (momentum == 0) job.key_count = 2; /* the buffer key is not used */
     return submit(ctx, &job);
@@ -678,7 +686,7 @@ static int adam_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     if (!parse_ttl(ctx, argv, argc, 11, &job.ttl_ms)) return REDISMODULE_OK;
     if (RedisModule_StringCompare(argv[3], argv[1]) == 0 || RedisModule_StringCompare(argv[3], argv[2]) == 0)
         return RedisModule_ReplyWithError(ctx, "ERR the optimizer state key must differ from the model keys");
-    if (!finite_gradient(ctx, &job, argv[4])) return REDISMODULE_OK;
+    if (!gradient_length(ctx, &job, argv[4])) return REDISMODULE_OK;
     job.adam = (AdamParams){(float)lr, (float)beta1, (float)beta2, (float)eps, (float)weight_decay, 0, 0, (int)decoupled};
     return submit(ctx, &job);
 }

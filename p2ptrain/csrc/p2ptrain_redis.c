@@ -14,6 +14,8 @@
  *       -> the same for torch.optim.Adam (decoupled=1: AdamW); `state` holds the step count and
  *       both moment estimates (16-byte header "P2PA", u32 0, f64 step; then exp_avg, exp_avg_sq).
  *
+ *   P2P.STATS [RESET]                     -> [longest stretch in ms of CPU the module held Redis, count]
+ *
  * Every argument is validated before anything is written, so a bad call leaves the keys untouched.
  * Operations on more than ASYNC_MIN_FLOATS floats run in slices of at most SLICE_MS from a timer
  * on the main thread while the caller is blocked, so Redis keeps answering other clients (PING)
@@ -135,6 +137,8 @@ typedef struct Job {
     RedisModuleString *part, *weight_text, *grad; /* ACCUM: part, weight; ACCUM/SGD/ADAM: grad */
     size_t n, checked, done; /* elements of the gradient checked finite, elements computed */
     int started;
+    size_t allocate[3]; /* bytes of a key still to be created, by key index (0: none) */
+    char header[WIRE_HEADER];
     double weight;
     SgdParams sgd;
     AdamParams adam;
@@ -227,11 +231,7 @@ static StepState start_accum(RedisModuleCtx *ctx, Job *job) {
         job->result = 0;
         return STEP_DONE;
     }
-    int fresh = acc_len == 0;
-    if (fresh && RedisModule_StringTruncate(acc, job->n * sizeof(float)) != REDISMODULE_OK) {
-        RedisModule_CloseKey(acc);
-        return fail(job, "ERR cannot allocate the accumulator %s", key_name(job, 0));
-    }
+    if (acc_len == 0) job->allocate[0] = job->n * sizeof(float);
     RedisModule_CloseKey(acc);
     return STEP_MORE;
 }
@@ -314,19 +314,11 @@ static StepState start_model_step(RedisModuleCtx *ctx, Job *job, size_t state_by
             job->result = 0;
             return STEP_DONE;
         }
-        if (RedisModule_StringTruncate(dst, src_len) != REDISMODULE_OK) {
-            RedisModule_CloseKey(dst);
-            return fail(job, "ERR cannot allocate the model %s", key_name(job, 1));
-        }
-        memcpy(RedisModule_StringDMA(dst, &dst_len, REDISMODULE_WRITE), header, WIRE_HEADER);
         RedisModule_CloseKey(dst);
+        job->allocate[1] = src_len;
+        memcpy(job->header, header, WIRE_HEADER);
     }
-    if (state_bytes > 0 && *first) {
-        RedisModuleKey *state = RedisModule_OpenKey(ctx, job->keys[2], REDISMODULE_READ | REDISMODULE_WRITE);
-        int ok = RedisModule_StringTruncate(state, state_bytes) == REDISMODULE_OK;
-        RedisModule_CloseKey(state);
-        if (!ok) return fail(job, "ERR cannot allocate the optimizer state %s", key_name(job, 2));
-    }
+    if (state_bytes > 0 && *first) job->allocate[2] = state_bytes;
     return STEP_MORE;
 }
 
@@ -459,9 +451,27 @@ static StepState check_slice(Job *job, size_t hi) {
     return STEP_MORE;
 }
 
+static int allocation_pending(const Job *job) { return job->allocate[0] || job->allocate[1] || job->allocate[2]; }
+
+/* Create one key the operation writes (zero-filled by Redis): each a stretch of its own, as a 40 MB
+ * allocation alone takes milliseconds. Nothing was written before the first of these. */
+static StepState allocate_next(RedisModuleCtx *ctx, Job *job) {
+    int i = job->allocate[0] ? 0 : job->allocate[1] ? 1 : 2;
+    size_t len;
+    RedisModuleKey *key = open_string(ctx, job->keys[i], REDISMODULE_READ | REDISMODULE_WRITE, &len);
+    int ok = key != WRONG_TYPE && len == 0 && RedisModule_StringTruncate(key, job->allocate[i]) == REDISMODULE_OK;
+    if (ok && i == 1) memcpy(RedisModule_StringDMA(key, &len, REDISMODULE_WRITE), job->header, WIRE_HEADER);
+    if (key != WRONG_TYPE) RedisModule_CloseKey(key);
+    if (!ok) return fail(job, "ERR cannot create %s: it was created by another command meanwhile, or no memory", key_name(job, i));
+    job->allocate[i] = 0;
+    return STEP_MORE;
+}
+
 /* Run a job to its end now (small operations, and contexts that cannot block). */
 static void run_whole(RedisModuleCtx *ctx, Job *job) {
     if (check_slice(job, job->n) == STEP_DONE || start(ctx, job) == STEP_DONE) return;
+    while (allocation_pending(job))
+        if (allocate_next(ctx, job) == STEP_DONE) return;
     if (slice(ctx, job, 0, job->n) == STEP_DONE && !job->failed) finish(ctx, job);
 }
 
@@ -490,22 +500,56 @@ static void free_job(RedisModuleCtx *ctx, void *data) {
     if (job->async) RedisModule_Free(job);
 }
 
+static double clock_ms(clockid_t clock) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static double now_ms(void) { return clock_ms(CLOCK_MONOTONIC); }
+
+/* P2P.STATS: the longest stretch of CPU time the module held the event loop without yielding (a
+ * command, a timer slice, a blocked reply), to tell the module's own pauses from the machine's. */
+static double longest_stretch_ms;
+static long long stretches;
+
+static double stretch_start(void) { return clock_ms(CLOCK_THREAD_CPUTIME_ID); }
+
+static void stretch_end(double started) {
+    double took = clock_ms(CLOCK_THREAD_CPUTIME_ID) - started;
+    if (took > longest_stretch_ms) longest_stretch_ms = took;
+    stretches++;
+}
+
+static int stats_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    if (argc != 1 && argc != 2) return RedisModule_WrongArity(ctx);
+    char longest[32];
+    snprintf(longest, sizeof longest, "%.3f", longest_stretch_ms);
+    RedisModule_ReplyWithArray(ctx, 2);
+    RedisModule_ReplyWithStringBuffer(ctx, longest, strlen(longest));
+    RedisModule_ReplyWithLongLong(ctx, stretches);
+    if (argc == 2) { /* P2P.STATS RESET */
+        longest_stretch_ms = 0;
+        stretches = 0;
+    }
+    return REDISMODULE_OK;
+}
+
 static int reply_blocked(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv;
     (void)argc;
+    double started = stretch_start();
     RedisModule_AutoMemory(ctx);
-    return reply(ctx, RedisModule_GetBlockedClientPrivateData(ctx));
-}
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+    int status = reply(ctx, RedisModule_GetBlockedClientPrivateData(ctx));
+    stretch_end(started);
+    return status;
 }
 
 /* Timer callback: advance the queued jobs for at most SLICE_MS, then yield to the event loop. */
 static void drive(RedisModuleCtx *ctx, void *unused) {
     (void)unused;
+    double started = stretch_start();
     RedisModule_AutoMemory(ctx);
     timer_armed = 0;
     const double deadline = now_ms() + SLICE_MS;
@@ -517,6 +561,8 @@ static void drive(RedisModuleCtx *ctx, void *unused) {
             state = check_slice(job, job->checked + CHUNK_FLOATS < job->n ? job->checked + CHUNK_FLOATS : job->n);
         if (state == STEP_MORE && job->checked < job->n) break;
         if (state == STEP_MORE && !job->started) state = start(ctx, job);
+        while (state == STEP_MORE && allocation_pending(job) && now_ms() < deadline) state = allocate_next(ctx, job);
+        if (state == STEP_MORE && allocation_pending(job)) break;
         while (state == STEP_MORE && now_ms() < deadline) {
             size_t hi = job->done + CHUNK_FLOATS < job->n ? job->done + CHUNK_FLOATS : job->n;
             state = slice(ctx, job, job->done, hi);
@@ -532,6 +578,7 @@ static void drive(RedisModuleCtx *ctx, void *unused) {
         RedisModule_CreateTimer(ctx, 0, drive, NULL);
         timer_armed = 1;
     }
+    stretch_end(started);
 }
 
 static int queued_uses(RedisModuleCtx *ctx, Job *job) {
@@ -546,7 +593,7 @@ static int queued_uses(RedisModuleCtx *ctx, Job *job) {
 }
 
 /* Run `job` now or queue it: big operations, and any operation on a key a queued one uses. */
-static int submit(RedisModuleCtx *ctx, Job *job) {
+static int submit_now_or_queue(RedisModuleCtx *ctx, Job *job) {
     int busy = queued_uses(ctx, job);
     int flags = RedisModule_GetContextFlags(ctx);
     int can_block = !(flags & (REDISMODULE_CTX_FLAGS_LUA | REDISMODULE_CTX_FLAGS_MULTI |
@@ -579,6 +626,13 @@ static int submit(RedisModuleCtx *ctx, Job *job) {
         timer_armed = 1;
     }
     return REDISMODULE_OK;
+}
+
+static int submit(RedisModuleCtx *ctx, Job *job) {
+    double started = stretch_start();
+    int status = submit_now_or_queue(ctx, job);
+    stretch_end(started);
+    return status;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -698,7 +752,8 @@ int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     if (RedisModule_CreateCommand(ctx, "p2p.accum", accum_command, "write deny-oom", 1, 2, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.mean", mean_command, "readonly", 1, 2, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.sgd", sgd_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR ||
-        RedisModule_CreateCommand(ctx, "p2p.adam", adam_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR)
+        RedisModule_CreateCommand(ctx, "p2p.adam", adam_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR ||
+        RedisModule_CreateCommand(ctx, "p2p.stats", stats_command, "readonly fast", 0, 0, 0) == REDISMODULE_ERR)
         return REDISMODULE_ERR;
     return REDISMODULE_OK;
 }

@@ -15,7 +15,14 @@ import torch
 
 from p2ptrain import wire
 from p2ptrain.accumulator import detect
-from p2ptrain.dbupdate import AdamSettings, ModelUpdateError, ModelUpdater, SgdSettings, read_model, settings_for
+from p2ptrain.dbupdate import (
+    AdamSettings,
+    ModelUpdateError,
+    ModelUpdater,
+    SgdSettings,
+    read_model,
+    settings_for,
+)
 from p2ptrain.redis_server import RedisServer
 
 D = 1_000

@@ -186,7 +186,8 @@ def model_update(with_module: RedisServer, plain: RedisServer, sizes: list[int],
         "database: the peer sends the aggregated gradient, `P2P.SGD` writes version v+1 beside v (the "
         "functions read it from there). peer, publish: torch steps the peer's own model and the peer "
         "SETs the new version (what `spec.update: peer` does). peer, read+write: GET v, torch step, SET "
-        "v+1. Medians of end-to-end seconds; server = the module's own time in the command.",
+        "v+1. Medians of end-to-end seconds (steps 2.., the first creates the momentum buffer); server = "
+        "the module's own time in the command, sliced work included.",
         "",
         "| parameters | database (module) | server share | Lua | peer: step + publish | peer: read + step + write | peer-publish / database |",
         "|---|---|---|---|---|---|---|",
@@ -288,19 +289,19 @@ def main() -> int:
         "server's time in P2P.ACCUM x k + P2P.MEAN, median of per-repetition ratios; 1.0 = memcpy speed). "
         f"End to end, including loopback TCP: {e2e_ratio:.2f}.",
         "",
-        "| method | end to end s | server / arithmetic s | end to end vs module | server vs memcpy | max abs error |",
+        "| method | end to end s | server / arithmetic s | end to end vs module | memcpy / server (1 = memcpy speed) | max abs error |",
         "|---|---|---|---|---|---|",
     ]
     module_e2e = module_row.median(module_row.end_to_end)
     for row in rows:
         e2e, server = row.median(row.end_to_end), row.median(row.server)
         lines.append(
-            f"| {row.name} | {e2e:.4f} | {server:.4f} | {e2e / module_e2e:.1f}x | {server / reference:.2f}x | {row.error:.1e} |"
+            f"| {row.name} | {e2e:.4f} | {server:.4f} | {e2e / module_e2e:.1f}x | {reference / server:.3f} | {row.error:.1e} |"
         )
     lines += [
         f"| loopback transfer only: SET x k of the same bytes | {statistics.median(transfer):.4f} | - | "
         f"{statistics.median(transfer) / module_e2e:.2f}x | - | - |",
-        f"| memory reference: numpy copy of the same bytes | - | {reference:.4f} | - | 1.00x | - |",
+        f"| memory reference: numpy copy of the same bytes | - | {reference:.4f} | - | 1.000 | - |",
         "",
         "Server / arithmetic: for the module and Lua, the server's own time in the commands (INFO "
         "commandstats); for the client method, its numpy mean. End to end, every method first moves the k "

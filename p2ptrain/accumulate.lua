@@ -22,8 +22,8 @@ local function add(keys, args)
     return redis.error_reply('ERR weight must be a finite positive number')
   end
   local len = string.len(blob)
-  if len % 4 ~= 0 then
-    return redis.error_reply('ERR blob length ' .. len .. ' is not a multiple of 4')
+  if len == 0 or len % 4 ~= 0 then
+    return redis.error_reply('ERR blob length ' .. len .. ' is not a positive multiple of 4 (float32)')
   end
   local n = len / 4
   local current = redis.call('GET', acc)

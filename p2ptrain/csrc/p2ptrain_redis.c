@@ -556,19 +556,28 @@ static void drive(RedisModuleCtx *ctx, void *unused) {
     while (queue_head != NULL && now_ms() < deadline) {
         Job *job = queue_head;
         RedisModule_SelectDb(ctx, job->db);
+        /* Counted in the command's INFO commandstats time, as if it had run in one piece. */
+        RedisModule_BlockedClientMeasureTimeStart(job->client);
         StepState state = STEP_MORE;
         while (state == STEP_MORE && job->checked < job->n && now_ms() < deadline)
             state = check_slice(job, job->checked + CHUNK_FLOATS < job->n ? job->checked + CHUNK_FLOATS : job->n);
-        if (state == STEP_MORE && job->checked < job->n) break;
+        if (state == STEP_MORE && job->checked < job->n) {
+            RedisModule_BlockedClientMeasureTimeEnd(job->client);
+            break;
+        }
         if (state == STEP_MORE && !job->started) state = start(ctx, job);
         while (state == STEP_MORE && allocation_pending(job) && now_ms() < deadline) state = allocate_next(ctx, job);
-        if (state == STEP_MORE && allocation_pending(job)) break;
+        if (state == STEP_MORE && allocation_pending(job)) {
+            RedisModule_BlockedClientMeasureTimeEnd(job->client);
+            break;
+        }
         while (state == STEP_MORE && now_ms() < deadline) {
             size_t hi = job->done + CHUNK_FLOATS < job->n ? job->done + CHUNK_FLOATS : job->n;
             state = slice(ctx, job, job->done, hi);
             job->done = hi;
             if (state == STEP_DONE && !job->failed) finish(ctx, job);
         }
+        RedisModule_BlockedClientMeasureTimeEnd(job->client);
         if (state == STEP_MORE) break;
         queue_head = job->next;
         if (queue_head == NULL) queue_tail = NULL;

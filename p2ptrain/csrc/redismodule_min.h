@@ -87,6 +87,8 @@ P2P_API(int, StringToLongLong, const RedisModuleString *, long long *);
 P2P_API(RedisModuleBlockedClient *, BlockClient, RedisModuleCtx *, RedisModuleCmdFunc, RedisModuleCmdFunc,
         void (*)(RedisModuleCtx *, void *), long long);
 P2P_API(int, UnblockClient, RedisModuleBlockedClient *, void *);
+P2P_API(int, BlockedClientMeasureTimeStart, RedisModuleBlockedClient *);
+P2P_API(int, BlockedClientMeasureTimeEnd, RedisModuleBlockedClient *);
 P2P_API(void *, GetBlockedClientPrivateData, RedisModuleCtx *);
 P2P_API(RedisModuleTimerID, CreateTimer, RedisModuleCtx *, mstime_t, RedisModuleTimerProc, void *);
 
@@ -108,7 +110,8 @@ static int RedisModule_Init(RedisModuleCtx *ctx, const char *name, int version, 
         P2P_GET_API(GetSelectedDb) || P2P_GET_API(SelectDb) || P2P_GET_API(RetainString) ||
         P2P_GET_API(FreeString) || P2P_GET_API(StringCompare) || P2P_GET_API(StringToLongLong) ||
         P2P_GET_API(BlockClient) || P2P_GET_API(UnblockClient) || P2P_GET_API(GetBlockedClientPrivateData) ||
-        P2P_GET_API(CreateTimer))
+        P2P_GET_API(CreateTimer) || P2P_GET_API(BlockedClientMeasureTimeStart) ||
+        P2P_GET_API(BlockedClientMeasureTimeEnd))
         return REDISMODULE_ERR;
     /* Optional in old servers: only refuse to load twice when the server can tell us. */
     if (P2P_GET_API(IsModuleNameBusy) == REDISMODULE_OK && RedisModule_IsModuleNameBusy(name))

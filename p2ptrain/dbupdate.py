@@ -131,6 +131,50 @@ def read_model(client: redis.Redis, key: str, *, expected_numel: int | None = No
     return wire.decode_tensor(data, expected_numel=expected_numel)
 
 
+# Adam's state key: "P2PA", 4 zero bytes, the step count as float64, then exp_avg and exp_avg_sq.
+_ADAM_MAGIC = b"P2PA\0\0\0\0"
+_ADAM_HEADER = 16
+
+
+def read_state(
+    client: redis.Redis, settings: SgdSettings | AdamSettings, state_key: str, numel: int
+) -> dict[str, np.ndarray | float] | None:
+    """The optimizer state kept in Redis, named as torch names it (for checkpoints); None before step 1.
+
+    SGD: ``{"momentum_buffer": ...}``; Adam: ``{"step": ..., "exp_avg": ..., "exp_avg_sq": ...}``.
+    """
+    if not settings.has_state:
+        return None
+    data = client.get(state_key)
+    if data is None:
+        return None
+    assert isinstance(data, bytes)
+    if isinstance(settings, SgdSettings):
+        if len(data) != 4 * numel:
+            raise ModelUpdateError(f"optimizer state {state_key} has {len(data)} bytes, expected {4 * numel}")
+        return {"momentum_buffer": np.frombuffer(data, dtype="<f4").astype(np.float32)}
+    if len(data) != _ADAM_HEADER + 8 * numel or not data.startswith(_ADAM_MAGIC):
+        raise ModelUpdateError(f"optimizer state {state_key} is not a P2P.ADAM state of {numel} parameters")
+    moments = np.frombuffer(data, dtype="<f4", offset=_ADAM_HEADER).astype(np.float32)
+    step = float(np.frombuffer(data, dtype="<f8", count=1, offset=8)[0])
+    return {"step": step, "exp_avg": moments[:numel], "exp_avg_sq": moments[numel:]}
+
+
+def write_state(
+    client: redis.Redis, settings: SgdSettings | AdamSettings, state_key: str, state: dict[str, np.ndarray | float]
+) -> None:
+    """Restore the optimizer state :func:`read_state` returned (from a checkpoint) into Redis."""
+    if isinstance(settings, SgdSettings):
+        client.set(state_key, _float32_blob(np.asarray(state["momentum_buffer"])))
+        return
+    step = float(state["step"])
+    if not (step >= 1 and step == int(step)):
+        raise ModelUpdateError(f"Adam state step={step!r} must be a whole number >= 1")
+    header = _ADAM_MAGIC + np.array([step], dtype="<f8").tobytes()
+    moments = _float32_blob(np.asarray(state["exp_avg"])) + _float32_blob(np.asarray(state["exp_avg_sq"]))
+    client.set(state_key, header + moments)
+
+
 def _float32_blob(gradient: np.ndarray) -> bytes:
     array = np.ascontiguousarray(gradient, dtype="<f4").reshape(-1)
     return array.tobytes()

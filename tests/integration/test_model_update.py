@@ -21,7 +21,9 @@ from p2ptrain.dbupdate import (
     ModelUpdater,
     SgdSettings,
     read_model,
+    read_state,
     settings_for,
+    write_state,
 )
 from p2ptrain.redis_server import RedisServer
 
@@ -161,3 +163,31 @@ def test_settings_for_the_job_optimizer() -> None:
     assert settings_for("adamw", lr=0.1, weight_decay=0.01) == AdamSettings(lr=0.1, weight_decay=0.01, decoupled=True)
     with pytest.raises(ModelUpdateError, match="optimizer.name='lbfgs'"):
         settings_for("lbfgs", lr=0.1)
+
+
+@pytest.mark.parametrize("settings", [SgdSettings(lr=0.05, momentum=0.9), AdamSettings(lr=1e-2)], ids=["sgd", "adam"])
+def test_state_reads_as_torch_names_it_and_restores(accumulating_redis, settings: SgdSettings | AdamSettings) -> None:
+    _, server = accumulating_redis
+    client, updater = _updater(server)
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal(D).astype(np.float32)
+    client.set("model:0", wire.encode_tensor(start))
+    param = torch.nn.Parameter(torch.tensor(start))
+    optimizer = _torch_optimizer(settings, param)
+    assert read_state(client, settings, "state", D) is None
+    grads = [rng.standard_normal(D).astype(np.float32) for _ in range(4)]
+    for version, grad in enumerate(grads[:2]):
+        param.grad = torch.tensor(grad)
+        optimizer.step()
+        updater.step(client, settings, f"model:{version}", f"model:{version + 1}", "state", grad)
+    state = read_state(client, settings, "state", D)
+    assert state is not None
+    for name, value in optimizer.state[param].items():
+        np.testing.assert_allclose(np.asarray(state[name]), np.asarray(value), rtol=1e-5, atol=1e-7)
+    # A checkpoint restored into an empty Redis continues exactly where it stopped.
+    client.delete("state")
+    write_state(client, settings, "state", state)
+    param.grad = torch.tensor(grads[2])
+    optimizer.step()
+    assert updater.step(client, settings, "model:2", "model:3", "state", grads[2])
+    np.testing.assert_allclose(read_model(client, "model:3"), param.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -21,7 +21,10 @@
  * on the main thread while the caller is blocked, so Redis keeps answering other clients (PING)
  * during a 10^7-element step. Module commands on a key that an operation in flight uses queue
  * behind it (first in, first out), so they never see a half-done operation; plain Redis commands
- * (GET) on such a key can, which is why a model step should write a new version key.
+ * (GET) on such a key can, which is why a model step should write a new version key. Inside MULTI
+ * or a script a client cannot block: there an operation runs whole, or gets BUSY if its keys are in
+ * use by a queued one. A sliced write whose client disconnects before the end is applied but not
+ * replicated (the reply callback, which replicates, is not called for a gone client).
  * Writes are replicated verbatim (every command is deterministic).
  */
 #define _POSIX_C_SOURCE 200809L

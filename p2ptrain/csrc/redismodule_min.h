@@ -27,12 +27,22 @@
 #define REDISMODULE_REPLY_ARRAY 3
 #define REDISMODULE_REPLY_NULL 4
 
+#define REDISMODULE_CTX_FLAGS_LUA (1 << 0)
+#define REDISMODULE_CTX_FLAGS_MULTI (1 << 1)
+#define REDISMODULE_CTX_FLAGS_REPLICATED (1 << 12)
+#define REDISMODULE_CTX_FLAGS_LOADING (1 << 13)
+#define REDISMODULE_CTX_FLAGS_DENY_BLOCKING (1 << 21)
+
 #define REDISMODULE_ERRORMSG_WRONGTYPE "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 typedef struct RedisModuleCtx RedisModuleCtx;
 typedef struct RedisModuleKey RedisModuleKey;
 typedef struct RedisModuleString RedisModuleString;
 typedef struct RedisModuleCallReply RedisModuleCallReply;
+typedef struct RedisModuleBlockedClient RedisModuleBlockedClient;
+typedef long long mstime_t;
+typedef unsigned long long RedisModuleTimerID;
+typedef void (*RedisModuleTimerProc)(RedisModuleCtx *ctx, void *data);
 typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
 
 #define P2P_API(ret, name, ...) static ret (*RedisModule_##name)(__VA_ARGS__)
@@ -66,6 +76,22 @@ P2P_API(size_t, CallReplyLength, RedisModuleCallReply *);
 P2P_API(const char *, CallReplyStringPtr, RedisModuleCallReply *, size_t *);
 P2P_API(RedisModuleCallReply *, CallReplyArrayElement, RedisModuleCallReply *, size_t);
 
+P2P_API(int, SetExpire, RedisModuleKey *, mstime_t);
+P2P_API(int, GetContextFlags, RedisModuleCtx *);
+P2P_API(int, GetSelectedDb, RedisModuleCtx *);
+P2P_API(int, SelectDb, RedisModuleCtx *, int);
+P2P_API(void, RetainString, RedisModuleCtx *, RedisModuleString *);
+P2P_API(void, FreeString, RedisModuleCtx *, RedisModuleString *);
+P2P_API(int, StringCompare, RedisModuleString *, RedisModuleString *);
+P2P_API(int, StringToLongLong, const RedisModuleString *, long long *);
+P2P_API(RedisModuleBlockedClient *, BlockClient, RedisModuleCtx *, RedisModuleCmdFunc, RedisModuleCmdFunc,
+        void (*)(RedisModuleCtx *, void *), long long);
+P2P_API(int, UnblockClient, RedisModuleBlockedClient *, void *);
+P2P_API(int, BlockedClientMeasureTimeStart, RedisModuleBlockedClient *);
+P2P_API(int, BlockedClientMeasureTimeEnd, RedisModuleBlockedClient *);
+P2P_API(void *, GetBlockedClientPrivateData, RedisModuleCtx *);
+P2P_API(RedisModuleTimerID, CreateTimer, RedisModuleCtx *, mstime_t, RedisModuleTimerProc, void *);
+
 #define P2P_GET_API(name) RedisModule_GetApi("RedisModule_" #name, ((void **)&RedisModule_##name))
 
 static int RedisModule_Init(RedisModuleCtx *ctx, const char *name, int version, int api_version) {
@@ -80,7 +106,12 @@ static int RedisModule_Init(RedisModuleCtx *ctx, const char *name, int version, 
         P2P_GET_API(ReplyWithNull) || P2P_GET_API(ReplyWithArray) || P2P_GET_API(ReplyWithStringBuffer) ||
         P2P_GET_API(ReplicateVerbatim) || P2P_GET_API(Call) || P2P_GET_API(CallReplyType) ||
         P2P_GET_API(CallReplyInteger) || P2P_GET_API(CallReplyLength) || P2P_GET_API(CallReplyStringPtr) ||
-        P2P_GET_API(CallReplyArrayElement))
+        P2P_GET_API(CallReplyArrayElement) || P2P_GET_API(SetExpire) || P2P_GET_API(GetContextFlags) ||
+        P2P_GET_API(GetSelectedDb) || P2P_GET_API(SelectDb) || P2P_GET_API(RetainString) ||
+        P2P_GET_API(FreeString) || P2P_GET_API(StringCompare) || P2P_GET_API(StringToLongLong) ||
+        P2P_GET_API(BlockClient) || P2P_GET_API(UnblockClient) || P2P_GET_API(GetBlockedClientPrivateData) ||
+        P2P_GET_API(CreateTimer) || P2P_GET_API(BlockedClientMeasureTimeStart) ||
+        P2P_GET_API(BlockedClientMeasureTimeEnd))
         return REDISMODULE_ERR;
     /* Optional in old servers: only refuse to load twice when the server can tell us. */
     if (P2P_GET_API(IsModuleNameBusy) == REDISMODULE_OK && RedisModule_IsModuleNameBusy(name))

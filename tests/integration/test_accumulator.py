@@ -84,12 +84,13 @@ def test_concurrent_adds_are_atomic(accumulating_redis) -> None:
     "weight,blob,message",
     [
         (1.0, b"abc", "multiple of 4"),
+        (1.0, b"", "positive multiple of 4"),
         (1.0, np.ones(7, dtype="<f4").tobytes(), "shape mismatch: accumulator has 8 floats, got 7"),
         (0.0, np.ones(8, dtype="<f4").tobytes(), "weight must be a finite positive number"),
         (float("inf"), np.ones(8, dtype="<f4").tobytes(), "weight must be a finite positive number"),
         (1.0, np.array([1, 2, np.nan, 4, 5, 6, 7, 8], dtype="<f4").tobytes(), "non-finite"),
     ],
-    ids=["ragged", "wrong-shape", "zero-weight", "inf-weight", "nan"],
+    ids=["ragged", "empty", "wrong-shape", "zero-weight", "inf-weight", "nan"],
 )
 def test_bad_input_is_refused_and_changes_nothing(accumulating_redis, weight: float, blob: bytes, message: str) -> None:
     _, server = accumulating_redis

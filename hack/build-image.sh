@@ -16,10 +16,11 @@
 #   DEBIAN_MIRROR  for debootstrap (default http://deb.debian.org/debian)
 #   TORCH_INDEX_URL  take the CPU torch from this index (a mirror) instead of a local wheel
 #   KEEP_IMAGE=1   keep the built image in the store (it is removed after export and checks otherwise)
+#   CHECK_ONLY=1   only run the checks, on IMAGE as it is in the store (kept by KEEP_IMAGE=1)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ "$(id -u)" != 0 ]]; then
-  exec sudo --preserve-env=IMAGE,IMAGE_ARCHIVE,BASE_IMAGE,BUILDAH_ROOT,DEBIAN_MIRROR,KEEP_IMAGE,TORCH_INDEX_URL,PIP_FIND_LINKS,PIP_CERT \
+  exec sudo --preserve-env=IMAGE,IMAGE_ARCHIVE,BASE_IMAGE,BUILDAH_ROOT,DEBIAN_MIRROR,KEEP_IMAGE,CHECK_ONLY,TORCH_INDEX_URL,PIP_FIND_LINKS,PIP_CERT \
     "$0" "$@"
 fi
 image="${IMAGE:-kind.local/p2ptrain:dev}"
@@ -137,7 +138,7 @@ cleanup() {
   [[ -z "$base_work" ]] || rm -rf "$base_work"
   [[ -z "$ctr" ]] || bh rm "$ctr" >/dev/null 2>&1 || true
   rm -f "$root"/wheels/torch-*.whl "$root/wheels/pip-ca.crt"
-  if [[ "${KEEP_IMAGE:-}" != 1 ]]; then
+  if [[ "${KEEP_IMAGE:-}" != 1 && "${CHECK_ONLY:-}" != 1 ]]; then
     bh rmi "$image" >/dev/null 2>&1 || true
   fi
   # Intermediate (build-stage) images and dangling layers: vfs keeps a full copy of each.
@@ -145,50 +146,73 @@ cleanup() {
 }
 trap cleanup EXIT
 
-install_tools
-mkdir -p "$store"
-base_image
-build_args=(--build-arg "BASE_IMAGE=$base")
-stage_torch_wheel
+build_and_export() {
+  base_image
+  build_args=(--build-arg "BASE_IMAGE=$base")
+  stage_torch_wheel
+  # pip in the build trusts what pip here trusts: behind a TLS-intercepting proxy that is a local CA.
+  local ca_bundle
+  ca_bundle="$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)' 2>/dev/null || true)"
+  ca_bundle="${PIP_CERT:-$ca_bundle}"
+  if [[ -f "$ca_bundle" ]]; then
+    cp "$ca_bundle" "$root/wheels/pip-ca.crt"
+    build_args+=(--build-arg PIP_CA_BUNDLE=wheels/pip-ca.crt)
+  fi
 
-# pip in the build trusts what pip here trusts: behind a TLS-intercepting proxy that is a local CA.
-ca_bundle="$(python3 -c 'import ssl; print(ssl.get_default_verify_paths().openssl_cafile)' 2>/dev/null || true)"
-ca_bundle="${PIP_CERT:-$ca_bundle}"
-if [[ -f "$ca_bundle" ]]; then
-  cp "$ca_bundle" "$root/wheels/pip-ca.crt"
-  build_args+=(--build-arg PIP_CA_BUNDLE=wheels/pip-ca.crt)
-fi
+  echo "building $image on $base"
+  local build_started=$SECONDS
+  bh bud --isolation chroot --pull=false --layers=false "${build_args[@]}" \
+    --tag "$image" --file "$root/Dockerfile" "$root"
+  build_seconds=$((SECONDS - build_started))
 
-echo "building $image on $base"
-build_started=$SECONDS
-bh bud --isolation chroot --pull=false --layers=false "${build_args[@]}" \
-  --tag "$image" --file "$root/Dockerfile" "$root"
-build_seconds=$((SECONDS - build_started))
+  mkdir -p "$(dirname "$archive")"
+  rm -f "$archive"
+  bh push --quiet "$image" "docker-archive:$archive:$image"
+}
 
-mkdir -p "$(dirname "$archive")"
-rm -f "$archive"
-bh push --quiet "$image" "docker-archive:$archive:$image"
-image_size="$(bh images --noheading --format '{{.Size}}' "$image" | head -1)"
-archive_bytes="$(stat -c %s "$archive")"
-
-echo "checking the image from the inside (buildah run, the image's own user and environment)"
-ctr="$(bh from --pull=false --quiet "$image")"
-failed=0
 in_image() { bh run --isolation chroot -v "$root/hack/image_checks.py:/opt/checks/image_checks.py:ro" "$ctr" -- "$@"; }
 
-if help="$(in_image sh -c 'test "$(id -u)" = 10001 || { echo "runs as uid $(id -u), not 10001"; exit 1; }; p2ptrain --help' 2>&1)" \
-  && grep -qE '^\s+function\s' <<<"$help" && grep -qE '^\s+operator\s' <<<"$help"; then
-  echo "PASS help (uid 10001): p2ptrain --help lists run, peer, function, operator, redis-module"
-else
-  echo "FAIL help: p2ptrain --help as uid 10001: ${help:-no output}"
-  failed=1
-fi
-in_image python /opt/checks/image_checks.py redis-module || failed=1
-in_image python /opt/checks/image_checks.py function || failed=1
+# Sets $failed when a check fails; each prints its own PASS/FAIL line.
+run_checks() {
+  echo "checking $image from the inside (buildah run, the image's own user and environment)"
+  ctr="$(bh from --pull=false --quiet "$image")"
+  local help command check output listed=1
+  # shellcheck disable=SC2016  # $(id -u) is for the shell inside the image
+  if help="$(in_image sh -c 'test "$(id -u)" = 10001 || { echo "runs as uid $(id -u), not 10001"; exit 1; }; p2ptrain --help' 2>&1)"; then
+    for command in run peer function operator redis-module; do
+      grep -qE "^\s+$command\s" <<<"$help" || listed=0
+    done
+  else
+    listed=0
+  fi
+  if ((listed)); then
+    echo "PASS help (uid 10001): p2ptrain --help lists run, peer, function, operator, redis-module"
+  else
+    echo "FAIL help: p2ptrain --help as uid 10001 listing run, peer, function, operator, redis-module: ${help:-no output}"
+    failed=1
+  fi
+  for check in redis-module function; do
+    if ! output="$(in_image python /opt/checks/image_checks.py "$check" 2>&1)"; then
+      failed=1
+      # A check that could not even start (no python, no checks file) has printed no verdict of its own.
+      grep -q "^FAIL $check" <<<"$output" || output="FAIL $check: could not run in the image: $output"
+    fi
+    echo "$output"
+  done
+}
 
-printf 'image %s: build %d s, image %s (uncompressed), archive %s MB at %s; whole step %d s\n' \
-  "$image" "$build_seconds" "$image_size" "$((archive_bytes / 1000000))" "$archive" \
-  "$((SECONDS - started))"
+install_tools
+mkdir -p "$store"
+failed=0
+if [[ "${CHECK_ONLY:-}" != 1 ]]; then
+  build_and_export
+fi
+run_checks
+if [[ "${CHECK_ONLY:-}" != 1 ]]; then
+  printf 'image %s: build %d s, image %s (uncompressed), archive %s MB at %s; build, export and checks %d s\n' \
+    "$image" "$build_seconds" "$(bh images --noheading --format '{{.Size}}' "$image" | head -1)" \
+    "$(($(stat -c %s "$archive") / 1000000))" "$archive" "$((SECONDS - started))"
+fi
 if ((failed)); then
   echo "image checks FAILED"
   exit 1

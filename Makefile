@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
 
-.PHONY: setup run test lint typecheck unit bench clean tools
+.PHONY: setup run test lint typecheck unit bench clean tools image
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ unit: $(STAMP)
 
 test: $(STAMP) tools lint typecheck
 	$(BIN)/pytest -q
+
+# Builds the image from the Dockerfile with buildah (no Docker engine or registry needed), exports
+# build/p2ptrain-image.tar for `kind load image-archive` and checks it from the inside. Root (or sudo).
+image:
+	bash hack/build-image.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/accumulate.py

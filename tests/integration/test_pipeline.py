@@ -17,7 +17,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from p2ptrain import metrics, wire
-from p2ptrain.data import load_dataset
+from p2ptrain.data import batch_indices, load_dataset
 from p2ptrain.models import build_model
 from p2ptrain.peer import Peer
 
@@ -36,15 +36,20 @@ def _full_batch_gradient(spec, indices: np.ndarray) -> np.ndarray:
 
 
 async def test_two_peer_round_applies_the_full_batch_gradient() -> None:
-    spec = make_spec(peers=2, functionsPerPeer=3, batchSize=24, rounds=1, optimizer={"learningRate": 0.1})
-    async with running_job(spec, record_gradients=True) as job:
+    """25 samples over 3 functions are micro-batches of 9, 8 and 8: only a mean weighted by sample
+    count equals the full-batch gradient (an unweighted mean of the three means does not)."""
+    spec = make_spec(peers=2, functionsPerPeer=3, batchSize=25, rounds=1, optimizer={"learningRate": 1.0})
+    async with running_job(spec) as job:
+        before = [torch.nn.utils.parameters_to_vector(p.replica.model.parameters()).detach().clone() for p in job.peers]
         await job.train()
-        peer0, peer1 = job.peers
-        union = np.concatenate([peer0.batches[0], peer1.batches[0]])
+        union = np.concatenate(
+            [batch_indices(p.shard, 0, spec.batch_size, spec.seed + p.index) for p in job.peers]
+        )
         expected = _full_batch_gradient(spec, union)
-        assert len(peer0.applied_gradients) == 1
-        np.testing.assert_allclose(peer0.applied_gradients[0], expected, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(peer1.applied_gradients[0], expected, rtol=1e-4, atol=1e-6)
+        for peer, start in zip(job.peers, before, strict=True):
+            after = torch.nn.utils.parameters_to_vector(peer.replica.model.parameters()).detach()
+            applied = (start - after).numpy()  # plain SGD with learning rate 1: the step is the gradient
+            np.testing.assert_allclose(applied, expected, rtol=1e-4, atol=1e-6)
 
 
 async def test_replicas_stay_identical_and_loss_falls() -> None:
@@ -150,7 +155,7 @@ async def test_retried_micro_batch_is_counted_once() -> None:
     spec = make_spec(name="retry", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
     async with running_job(spec) as job:
         peer = job.peers[0]
-        params = torch.nn.utils.parameters_to_vector(peer.model.parameters()).detach().numpy()
+        params = torch.nn.utils.parameters_to_vector(peer.replica.model.parameters()).detach().numpy()
         model_key = await asyncio.to_thread(peer.store.publish_model, 0, params)
         keys = peer.store.keys
         request = {
@@ -162,7 +167,7 @@ async def test_retried_micro_batch_is_counted_once() -> None:
             replies = []
             for _ in range(2):
                 headers, body = wire.to_http(
-                    wire.build_event(wire.GRADIENT_REQUESTED, peer.source, data=request, key=job.secrets.signing_key)
+                    wire.build_event(wire.GRADIENT_REQUESTED, wire.peer_source(spec.namespace, spec.name, 0), data=request, key=job.secrets.signing_key)
                 )
                 response = await http.post(job.config.function_url, headers=headers, content=body)
                 assert response.status_code == 200
@@ -216,10 +221,10 @@ async def test_a_restarted_peer_resumes_from_its_checkpoint_in_redis() -> None:
         trained = job.peers[0].final_state()
         longer = dataclasses.replace(job.config, spec=dataclasses.replace(spec, rounds=5))
         restarted = Peer(longer, 0, job.secrets)  # a fresh process would build exactly this
-        resumed = await asyncio.to_thread(restarted._resume)
+        resumed = await restarted.resume()
         assert resumed == 3
         for name, tensor in restarted.final_state().items():
             torch.testing.assert_close(tensor, trained[name])
-        assert restarted.optimizer.state_dict()["state"], "optimizer momentum was not restored"
+        assert restarted.replica.optimizer.state_dict()["state"], "optimizer momentum was not restored"
         reports = await restarted.run()
         assert [r.round for r in reports] == [3, 4]

@@ -20,6 +20,8 @@ from p2ptrain import metrics, wire
 from p2ptrain.data import batch_indices, load_dataset
 from p2ptrain.models import build_model
 from p2ptrain.peer import Peer
+from p2ptrain.peer.receiver import ROUND_WINDOW
+from p2ptrain.store import Keys
 
 from .harness import make_spec, running_job
 
@@ -57,9 +59,10 @@ async def test_replicas_stay_identical_and_loss_falls() -> None:
     async with running_job(spec) as job:
         reports = await job.train()
         states = [p.final_state() for p in job.peers]
+        # Same gradients, same order, same float32 arithmetic on every peer: bit-identical replicas.
         for state in states[1:]:
             for name, tensor in state.items():
-                torch.testing.assert_close(tensor, states[0][name])
+                assert torch.equal(tensor, states[0][name]), name
         first = np.mean([r[0].loss for r in reports])
         last = np.mean([r[-1].loss for r in reports])
         assert last < first
@@ -87,31 +90,42 @@ def _rejected(job, peer: int, reason: str) -> float:
 
 
 async def test_bad_events_are_rejected_with_a_reason_and_training_continues() -> None:
+    """Every reject reason the peer declares (``metrics.REJECT_REASONS``), each from a real HTTP post:
+    the reply names it, the counter counts it, and the job still trains with both peers."""
     spec = make_spec(name="rejects", peers=2, functionsPerPeer=1, batchSize=16, rounds=3)
     async with running_job(spec) as job:
         url = job.config.peer_urls[0] + "/"
         key = job.secrets.signing_key
         numel = job.peers[0].numel
-        source1 = f"/jobs/default/{spec.name}/peers/1"
 
-        def gradient_event(data: bytes, *, round_index: int = 0, signing_key: bytes | None = key):
+        def gradient_event(
+            data: bytes, *, round_index: int = 0, signing_key: bytes | None = key, peer: int = 1, **extensions: str
+        ):
             event = wire.build_event(
-                wire.GRADIENT_AVERAGED, source1, data=data, extensions={"round": round_index, "peer": 1}, key=signing_key
+                wire.GRADIENT_AVERAGED, wire.peer_source(spec.namespace, spec.name, peer), data=data,
+                extensions={"round": round_index, "peer": peer, **extensions}, key=signing_key,
             )
             return wire.to_http(event)
 
+        zeros = wire.encode_tensor(np.zeros(numel, dtype=np.float32))
         nan = np.zeros(numel, dtype=np.float32)
         nan[3] = np.nan
-        bad_nan_blob = wire.encode_tensor(np.zeros(numel, dtype=np.float32))
         # Forge a NaN inside a well-formed tensor (encode_tensor itself refuses nothing; decode must).
-        bad_nan_blob = bad_nan_blob[:16] + nan.astype("<f4").tobytes()
+        bad_nan_blob = zeros[:16] + nan.astype("<f4").tobytes()
+        future_format = zeros[:4] + bytes([99]) + zeros[5:]  # a tensor format version we do not speak
+        foreign_dataref = f"redis://10.0.0.1:6379/{Keys(spec.name, 1).outbox(0)}"
         cases = {
             "malformed": ({"content-type": "text/plain"}, b"not an event"),
-            "signature": gradient_event(wire.encode_tensor(np.zeros(numel)), signing_key=None),
+            "signature": gradient_event(zeros, signing_key=None),
             "shape": gradient_event(wire.encode_tensor(np.zeros(numel + 1))),
             "nonfinite": gradient_event(bad_nan_blob),
+            "version": gradient_event(future_format),
+            "oversize": gradient_event(b"x" * (job.peers[0].receiver.max_body_bytes + 1)),
+            "stale": gradient_event(zeros, round_index=ROUND_WINDOW + 1),
+            "unknown-peer": gradient_event(zeros, peer=0),  # "from" the receiving peer itself
+            "dataref": gradient_event(b"", dataref=foreign_dataref),
         }
-        wrong_key_headers, wrong_key_body = gradient_event(wire.encode_tensor(np.zeros(numel)), signing_key=b"x" * 32)
+        wrong_key_headers, wrong_key_body = gradient_event(zeros, signing_key=b"x" * 32)
         async with httpx.AsyncClient() as http:
             for reason, (headers, body) in cases.items():
                 before = _rejected(job, 0, reason)
@@ -119,11 +133,21 @@ async def test_bad_events_are_rejected_with_a_reason_and_training_continues() ->
                 assert 400 <= response.status_code < 500, reason
                 assert response.headers["x-p2ptrain-reason"] == reason
                 assert reason in response.text
-                assert _rejected(job, 0, reason) == before + 1
+                assert _rejected(job, 0, reason) == before + 1, reason
+            # The claim check is refused for where it points, before anything is fetched from there.
+            assert "does not point at peer 1's Redis" in response.text
+            # A duplicate: the same peer's gradient for the same round, twice (the first is taken; a later
+            # round would tell peer 0 that peer 1 has moved past round 0, and round 0 would close without it).
+            headers, body = gradient_event(zeros, round_index=0)
+            assert (await http.post(url, headers=headers, content=body)).status_code == 202
+            response = await http.post(url, headers=headers, content=body)
+            assert response.status_code == 409 and response.headers["x-p2ptrain-reason"] == "duplicate"
+            assert _rejected(job, 0, "duplicate") == 1
             before = _rejected(job, 0, "signature")
             response = await http.post(url, headers=wrong_key_headers, content=wrong_key_body)
             assert response.status_code == 401 and "wrong signature" in response.text
             assert _rejected(job, 0, "signature") == before + 1
+        assert set(cases) | {"duplicate"} == set(metrics.REJECT_REASONS)
 
         reports = await job.train()
         assert [len(r) for r in reports] == [3, 3]
@@ -192,10 +216,24 @@ async def test_large_gradients_travel_by_reference(dtype: str, compression: str)
         exchange={"inlineLimitBytes": 1024, "dtype": dtype, "compression": compression},
     )
     async with running_job(spec) as job:
+        fetched: list[tuple[int, int, str]] = []
+        for peer in job.peers:  # a spy on the claim-check fetch: it still reads the sender's real Redis
+            def spy(sender: int, dataref: str, fetch=peer.others.fetch_dataref, receiver=peer.index) -> bytes:
+                fetched.append((receiver, sender, dataref))
+                return fetch(sender, dataref)
+
+            peer.others.fetch_dataref = spy  # type: ignore[method-assign]
         reports = await job.train()
         assert all(report.peers_used == 2 for r in reports for report in r)
+        # Every gradient (2 peers x 2 rounds) came by reference, from the sender's own outbox in its Redis.
+        expected = {
+            (1 - sender, sender, f"redis://{job.config.redis[sender].host}:{job.config.redis[sender].port}/"
+             f"{Keys(spec.name, sender).outbox(round_index)}")
+            for sender in (0, 1) for round_index in (0, 1)
+        }
+        assert sorted(fetched) == sorted(expected)
         labels = metrics.peer_labels(spec.name, spec.namespace, 0)
-        assert _sample("p2ptrain_exchange_received_bytes_total", **labels) > 0
+        assert _sample("p2ptrain_exchange_received_bytes_total", **labels) > 1024 * 2
 
 
 async def test_a_silent_peer_is_excluded_at_the_deadline_and_counted() -> None:

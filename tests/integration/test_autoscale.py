@@ -91,10 +91,7 @@ async def test_idle_instances_scale_to_zero_and_come_back(service_factory) -> No
     await service.start()
     try:
         first = await _post(service)
-        for _ in range(40):
-            if service.running == 0:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: service.running == 0, timeout=10)
         assert service.running == 0 and service.stats.scale_to_zero == 1
         second = await _post(service)
         assert second != first and service.stats.cold_starts == 2
@@ -120,7 +117,7 @@ async def test_a_killed_instance_is_replaced(service_factory) -> None:
     try:
         first = await _post(service)
         assert service.kill_one() == first
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: not _alive(first), timeout=10)
         second = await _post(service)
         assert second != first and service.stats.crashed == 1
     finally:

@@ -104,6 +104,15 @@ class GradientFunction:
         self._ready = True
         log.info("gradient function ready", extra={"job": spec.name, "namespace": spec.namespace})
 
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model skeleton (its parameters are the initial ones; requests bring their own)."""
+        return self._model
+
+    @property
+    def dataset(self) -> Dataset | None:
+        return self._dataset
+
     def stop(self) -> None:
         for client, _ in self._clients.values():
             client.close()

@@ -30,8 +30,8 @@ from p2ptrain.data import batch_indices, load_dataset, shard_indices
 from p2ptrain.local import LocalRun, RunOptions
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.models import build_model
-from p2ptrain.peer import record_milestones
 from p2ptrain.spec import JobSpec, load_manifest
+from p2ptrain.status import Milestone, record_milestones
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
     shard = shard_indices(len(data.y_train), world, rank, spec.dataset.split_seed)
     rounds = spec.total_rounds(len(shard))
     step_seconds = []
-    reached: dict[str, dict[str, float]] = {}
+    reached: dict[str, Milestone] = {}
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
 
     def accuracy() -> float:

@@ -18,6 +18,10 @@ import redis
 
 log = logging.getLogger(__name__)
 
+# How long round-scoped keys (model versions, accumulators, outbox) live: long enough for a slow
+# peer to fetch a dataref or a late function to finish, short enough not to pile up.
+ROUND_KEY_TTL_SECONDS = 600
+
 MODULE_NAME = "p2ptrain"
 LIBRARY_NAME = "p2ptrain"
 
@@ -34,13 +38,24 @@ def lua_library() -> str:
 class Accumulator:
     kind: Literal["module", "lua"]
 
-    def add(self, client: redis.Redis, acc_key: str, meta_key: str, part: str, weight: float, blob: bytes) -> bool:
-        """Add ``weight * blob`` (raw float32) once per ``part``; False when ``part`` was already added."""
+    def add(
+        self, client: redis.Redis, acc_key: str, meta_key: str, part: str, weight: float, blob: bytes,
+        *, ttl_seconds: int = ROUND_KEY_TTL_SECONDS,
+    ) -> bool:
+        """Add ``weight * blob`` (raw float32) once per ``part``; False when ``part`` was already added.
+
+        Both keys get ``ttl_seconds`` on every add: a function call that arrives after the peer cleared
+        the round recreates them, and they must expire rather than stay forever.
+        """
         try:
             if self.kind == "module":
                 reply = client.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
             else:
                 reply = _fcall(client, "p2p_accum", acc_key, meta_key, part, repr(float(weight)), blob)
+            pipe = client.pipeline(transaction=False)
+            pipe.expire(acc_key, ttl_seconds)
+            pipe.expire(meta_key, ttl_seconds)
+            pipe.execute()
         except redis.ResponseError as exc:
             raise AccumulatorError(f"accumulating into {acc_key} failed: {exc}") from exc
         return bool(reply)

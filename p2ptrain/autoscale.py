@@ -14,23 +14,26 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from p2ptrain import asgi, metrics
 from p2ptrain.redis_server import die_with_parent, free_port
 from p2ptrain.spec import FunctionSpec
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+Scope = asgi.Scope
+Receive = asgi.Receive
+Send = asgi.Send
 
 _READY_TIMEOUT_SECONDS = 120.0
+# Gradient requests are JSON lists of sample indices: far below this; anything bigger is refused.
+_MAX_BODY_BYTES = 64 * 1024 * 1024
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 
 
@@ -103,6 +106,7 @@ class LocalFunctionService:
         self._reaper: asyncio.Task[None] | None = None
         self._waiters = 0
         self._warming: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()  # instances being terminated off the loop
 
     # --- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,9 +119,12 @@ class LocalFunctionService:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for instance in list(self.instances):
-            await asyncio.to_thread(_terminate, instance.process)
+        warming = list(self._warming)
+        for task in warming:
+            task.cancel()
+        stopping = [asyncio.to_thread(_terminate, i.process) for i in self.instances]
         self.instances.clear()
+        await asyncio.gather(*warming, *stopping, *self._stopping, return_exceptions=True)
         await self._client.aclose()
 
     def kill_one(self) -> int | None:
@@ -131,16 +138,12 @@ class LocalFunctionService:
     # --- the front door -----------------------------------------------------------------------------
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await asgi.lifespan(receive, send)
             return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await asgi.read_body(receive, _MAX_BODY_BYTES)
+        if body is None:
+            await asgi.respond(send, 413, f"request body exceeds {_MAX_BODY_BYTES} bytes".encode(), reason="oversize")
+            return
         headers = {
             k.decode("latin-1"): v.decode("latin-1")
             for k, v in scope["headers"]
@@ -264,13 +267,20 @@ class LocalFunctionService:
         return False
 
     def _drop_dead(self) -> None:
+        """Forget instances whose process ended (call with the condition held; never blocks)."""
         for instance in [i for i in self.instances if not i.alive and (i.ready.is_set() or i.failed)]:
             self.instances.remove(instance)
             self.stats.crashed += 1
-            with contextlib.suppress(Exception):
+            if instance.process.poll() is None:  # marked failed but still running: it must not linger
                 instance.process.kill()
-                instance.process.wait(timeout=1)
+            self._reap_later(instance.process)
             log.warning("function instance %d is gone (exit code %s)", instance.number, instance.process.returncode)
+
+    def _reap_later(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop and wait for a process in a worker thread, outside the condition and off the loop."""
+        task = asyncio.create_task(asyncio.to_thread(_terminate, process))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def _reap_forever(self) -> None:
         while True:
@@ -287,7 +297,7 @@ class LocalFunctionService:
                 for instance in idle[:keep]:
                     self.instances.remove(instance)
                     self.stats.scale_to_zero += 1
-                    await asyncio.to_thread(_terminate, instance.process)
+                    self._reap_later(instance.process)
                     log.info("function instance %d idle for %.0fs: stopped", instance.number, self.scale.idle_seconds)
                 self._changed.notify_all()
 

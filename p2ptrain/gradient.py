@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,17 +27,18 @@ import redis
 import torch
 from cloudevents.core.v1.event import CloudEvent
 
-from p2ptrain import metrics, wire
+from p2ptrain import asgi, metrics, wire
 from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
 from p2ptrain.config import CONFIG_ENV, RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.models import build_model
+from p2ptrain.store import Keys, connect
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[..., Awaitable[None]]
+Scope = asgi.Scope
+Receive = asgi.Receive
+Send = Callable[..., Awaitable[None]]  # func-python's send also carries ``.binary`` and ``.http``
 
 SOURCE = "/functions/gradient"
 _MODEL_CACHE_VERSIONS = 16
@@ -103,6 +104,15 @@ class GradientFunction:
         self._ready = True
         metrics.FUNCTION_INSTANCE_START_TIME_SECONDS.labels(**self._labels).set_to_current_time()
         log.info("gradient function ready", extra={"job": spec.name, "namespace": spec.namespace})
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model skeleton (its parameters are the initial ones; requests bring their own)."""
+        return self._model
+
+    @property
+    def dataset(self) -> Dataset | None:
+        return self._dataset
 
     def stop(self) -> None:
         for client, _ in self._clients.values():
@@ -178,9 +188,9 @@ class GradientFunction:
         if address != str(expected):
             # Never connect where an event says: only to the peer's own Redis from the job config.
             raise RequestError("unknown-peer", f"redis {address!r} is not peer {peer}'s Redis ({expected})")
-        prefix = f"p2p:{spec.name}:{peer}:"
-        if not all(k.startswith(prefix) for k in keys):
-            raise RequestError("malformed", f"keys must start with {prefix!r}")
+        owned = Keys(spec.name, peer)
+        if not all(owned.owns(k) for k in keys):
+            raise RequestError("malformed", f"keys must start with {owned.prefix + ':'!r}")
         if indices.ndim != 1 or not 0 < indices.size <= spec.batch_size:
             raise RequestError("shape", f"indices must be a list of 1..{spec.batch_size} sample numbers")
         n_train = len(self._dataset.y_train)
@@ -247,9 +257,7 @@ class GradientFunction:
         with self._lock:
             if address not in self._clients:
                 assert self.secrets is not None and self.config is not None
-                client = redis.Redis(
-                    host=address.host, port=address.port, password=self.secrets.redis_password, socket_timeout=30
-                )
+                client = connect(address, self.secrets.redis_password, socket_timeout=30)
                 self._clients[address] = (client, detect(client, self.config.spec.redis.accumulator))
             return self._clients[address]
 
@@ -296,13 +304,7 @@ def compute_gradient(
 
 
 async def _reply_error(send: Send, status: int, reason: str, message: str) -> None:
-    raw = getattr(send, "http", send)
-    await raw({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"x-p2ptrain-reason", reason.encode())],
-    })
-    await raw({"type": "http.response.body", "body": message.encode()})
+    await asgi.respond(getattr(send, "http", send), status, message.encode(), reason=reason)
 
 
 def new() -> GradientFunction:
@@ -317,8 +319,6 @@ def serve() -> None:
     """
     import signal
 
-    import hypercorn.asyncio
-    import hypercorn.config
     from func_python.cloudevent import ASGIApplication
     from func_python.sock import bind
     from prometheus_client import make_asgi_app
@@ -332,17 +332,11 @@ def serve() -> None:
         else:
             await function_app(scope, receive, send)
 
-    config = hypercorn.config.Config()
-    config.bind = bind()
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")  # through our formatter, once
-    config.graceful_timeout = 5
-
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await asgi.serve(app, bind(), stop, graceful_timeout=5, errorlog=logging.getLogger("hypercorn.error"))
 
     asyncio.run(main())

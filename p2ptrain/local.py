@@ -25,14 +25,16 @@ from typing import Any, TextIO
 
 import httpx
 
-from p2ptrain import native, scrape_targets
+from p2ptrain import asgi, native, scrape_targets
 from p2ptrain.autoscale import LocalFunctionService, child_env
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
+from p2ptrain.status import PeerState, StatusDict, StatusError, parse_status
 from p2ptrain.store import Keys, export_model
+from p2ptrain.summary import ProgressDisplay, format_summary, sum_counts
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class PeerProcess:
     port: int
     process: subprocess.Popen[bytes]
     log_path: Path
-    status: dict[str, Any] | None = None
+    status: StatusDict | None = None
 
 
 class LocalRun:
@@ -73,10 +75,7 @@ class LocalRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.password = secrets.token_hex(24)
         self.signing_key = secrets.token_hex(32)
-        self._tty = out.isatty()
-        self._last_line = ""
-        self._last_print = 0.0
-        self._said_waiting = False
+        self.display = ProgressDisplay(out, quiet=options.quiet)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
         self._peer_command: list[str] = []
@@ -104,7 +103,7 @@ class LocalRun:
             module = await asyncio.to_thread(native.module_path)
             if module is None and spec.redis.accumulator == "module":
                 raise RunError("redis.accumulator=module but the p2ptrain Redis module could not be built (is gcc installed?)")
-        self._say(
+        self.display.say(
             f"starting {spec.peers} Redis servers, {spec.peers} peers and the gradient function "
             f"(0..{spec.function.max_scale} instances; accumulator: {'module' if module else 'lua'})"
         )
@@ -135,7 +134,10 @@ class LocalRun:
         )
         await self.functions.start()
         assert self._stop_servers is not None
-        self._function_server = asyncio.create_task(_serve_asgi(self.functions.app, function_port, self._stop_servers))
+        self._function_server = asyncio.create_task(
+            # no error log: the runner's own output is the progress display
+            asgi.serve(self.functions.app, [f"127.0.0.1:{function_port}"], self._stop_servers, graceful_timeout=1)
+        )
 
         self._peer_command = [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path)]
         self._peer_env = env
@@ -168,7 +170,7 @@ class LocalRun:
         limit = self.spec.run_policy.backoff_limit
         if code < 0 and self.peer_restarts < limit:
             self.peer_restarts += 1
-            self._say(
+            self.display.say(
                 f"peer {peer.index} was killed ({signal.Signals(-code).name}); restarting it "
                 f"({self.peer_restarts} of backoffLimit={limit} restarts)"
             )
@@ -189,30 +191,29 @@ class LocalRun:
                     if code is not None:
                         self._restart_or_fail(peer, code)
                         continue
-                    with contextlib.suppress(httpx.HTTPError, ValueError):
+                    with contextlib.suppress(httpx.HTTPError, ValueError, StatusError):
                         response = await http.get(f"http://127.0.0.1:{peer.port}/status")
                         if response.status_code == 200:
-                            peer.status = response.json()
-                states = [p.status["state"] if p.status else "starting" for p in self.peers]
-                self._progress()
-                if "failed" in states:
-                    failed = next(p for p in self.peers if p.status and p.status["state"] == "failed")
+                            peer.status = parse_status(response.json())
+                states = [PeerState(p.status["state"]) if p.status else PeerState.STARTING for p in self.peers]
+                self._show_progress()
+                if PeerState.FAILED in states:
+                    failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
                     raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
-                if all(s == "succeeded" for s in states):
-                    self._progress(final=True)
+                if all(s is PeerState.SUCCEEDED for s in states):
+                    self._show_progress(final=True)
                     return
                 await asyncio.sleep(_POLL_SECONDS)
 
     def _finish(self, config: RuntimeConfig, wall_seconds: float) -> dict[str, Any]:
-        statuses = [p.status or {} for p in self.peers]
-        accuracies = [float(s["accuracy"]) for s in statuses if s.get("accuracy") is not None]
+        statuses = [p.status for p in self.peers if p.status is not None]
+        if len(statuses) != len(self.peers):
+            raise RunError("a peer finished without reporting its status")
+        accuracies = [s["accuracy"] for s in statuses if s["accuracy"] is not None]
         lead = statuses[0]
-        def mean_phases(key: str) -> dict[str, float]:
-            return {p: sum(s.get(key, {}).get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
-
-        phases = mean_phases("phasesMean")
-        first = mean_phases("phasesFirst")
+        phases = {p: sum(s["phasesMean"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
+        first = {p: sum(s["phasesFirst"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
         assert self.functions is not None
         summary: dict[str, Any] = {
             "job": self.spec.name,
@@ -232,13 +233,17 @@ class LocalRun:
             # peer 0's first evaluation at or above each accuracy, in seconds of training (rounds summed)
             "time_to_accuracy": lead.get("reached", {}),
             "function": self.functions.stats.as_dict(),
-            "rejected_events": _sum_counts(s.get("rejected", {}) for s in statuses),
-            "excluded_peers": _sum_counts(s.get("excluded", {}) for s in statuses),
+            "rejected_events": sum_counts(s.get("rejected", {}) for s in statuses),
+            "excluded_peers": sum_counts(s.get("excluded", {}) for s in statuses),
             "function_retries": sum(s.get("functionRetries", 0) for s in statuses),
+            "function_failures": sum_counts(s.get("functionFailures", {}) for s in statuses),
+            "send_failures": sum(s.get("sendFailures", 0) for s in statuses),
+            "skipped_updates": sum_counts(s.get("skippedUpdates", {}) for s in statuses),
             "peer_restarts": self.peer_restarts,
             "recovered_gradients": sum(s.get("recovered", 0) for s in statuses),  # taken from outboxes
             "per_peer": [
-                {"peer": s.get("peer"), "accuracy": s.get("accuracy"), "loss": s.get("loss"), "rounds": s.get("round")}
+                {"peer": s["peer"], "accuracy": s["accuracy"], "loss": s["loss"], "rounds": s["round"],
+                 "caught_up": s.get("caughtUp", {})}
                 for s in statuses
             ],
             "logs": str(self.workdir),
@@ -287,8 +292,14 @@ class LocalRun:
         if self.options.workdir is None and not self.options.keep_logs and self._succeeded():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _show_progress(self, final: bool = False) -> None:
+        statuses = [p.status for p in self.peers if p.status]
+        running = self.functions.running if self.functions else 0
+        cold = self.functions.stats.cold_starts if self.functions else 0
+        self.display.show(statuses, running, cold, final=final)
+
     def _succeeded(self) -> bool:
-        return bool(self.peers) and all(p.status and p.status.get("state") == "succeeded" for p in self.peers)
+        return bool(self.peers) and all(p.status and p.status["state"] == PeerState.SUCCEEDED for p in self.peers)
 
     def process_count(self) -> dict[str, int]:
         return {
@@ -297,107 +308,12 @@ class LocalRun:
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
 
-    # --- display --------------------------------------------------------------------------------------
-    def _progress(self, final: bool = False) -> None:
-        if self.options.quiet:
-            return
-        statuses = [p.status for p in self.peers if p.status]
-        if not statuses:
-            return
-        rounds = statuses[0].get("rounds", 0)
-        done = min(s.get("round", 0) for s in statuses)
-        if done == 0 and not final:
-            if not self._said_waiting:
-                self._say("round 0: functions starting from zero (cold start) ...")
-                self._said_waiting = True
-            return
-        losses = [s["loss"] for s in statuses if s.get("loss") is not None]
-        accuracy = statuses[0].get("accuracy")
-        phases = statuses[0].get("phases", {})
-        instances = self.functions.running if self.functions else 0
-        cold = self.functions.stats.cold_starts if self.functions else 0
-        line = (
-            f"round {done:>4}/{rounds}  loss {sum(losses) / len(losses):.4f}  " if losses else f"round {done:>4}/{rounds}  "
-        )
-        line += f"acc {accuracy:.4f}  " if accuracy is not None else "acc   --    "
-        line += f"round {sum(phases.values()):.3f}s [" + " ".join(
-            f"{p} {phases.get(p, 0.0) * 1000:.0f}ms" for p in ROUND_PHASES
-        ) + f"]  functions {instances} up, {cold} cold starts"
-        now = time.monotonic()
-        if self._tty:
-            self.out.write("\r" + line.ljust(len(self._last_line)))
-            if final:
-                self.out.write("\n")
-            self.out.flush()
-        elif line != self._last_line and (final or now - self._last_print >= 2.0):
-            self.out.write(line + "\n")
-            self.out.flush()
-            self._last_print = now
-            self._last_line = line
-        if self._tty:
-            self._last_line = line
-
-    def _say(self, message: str) -> None:
-        if not self.options.quiet:
-            self.out.write(message + "\n")
-            self.out.flush()
-
-
-async def _serve_asgi(app: Any, port: int, stop: asyncio.Event) -> None:
-    import hypercorn.asyncio
-    import hypercorn.config
-
-    config = hypercorn.config.Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.errorlog = None  # the runner's own output is the progress display
-    config.graceful_timeout = 1
-    await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
-
-
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return "(no log)"
     return "\n".join("    " + line for line in text[-lines:])
-
-
-def _sum_counts(dicts: Any) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + int(v)
-    return total
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    phases = summary["phases"]
-    fn = summary["function"]
-    acc = summary["test_accuracy"]
-    reached = ", ".join(
-        f"{float(milestone):.2f} at round {at['round']} ({at['seconds']:.1f} s)"
-        for milestone, at in summary.get("time_to_accuracy", {}).items()
-    )
-    lines = [
-        f"job {summary['job']}: {summary['rounds']} rounds on {summary['peers']} peers x "
-        f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
-        f"  test accuracy {acc:.4f}" if acc is not None else "  test accuracy n/a",
-        f"  final loss    {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "  final loss n/a",
-        f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
-        + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
-        f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
-        *([f"  reached       {reached} test accuracy"] if reached else []),
-        f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
-        f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
-        f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",
-        f"  model         {summary['model']}",
-    ]
-    if summary.get("peer_restarts"):
-        lines.append(f"  peers         restarted {summary['peer_restarts']} time(s) after being killed; they caught up")
-    if summary["rejected_events"] or summary["excluded_peers"]:
-        lines.append(f"  rejected events {summary['rejected_events']}, excluded gradients {summary['excluded_peers']}")
-    return "\n".join(lines)
 
 
 def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:

@@ -28,6 +28,12 @@ REJECT_REASONS = (
     "dataref",
 )
 EXCLUDE_REASONS = ("deadline", "rejected", "rule")
+# Why a round ended without an optimizer step: too few gradients for the rule, or the rule refused them.
+SKIP_REASONS = ("too-few-gradients", "rule-failed")
+# Why a gradient function call attempt failed: no answer, an error status, or a 200 whose reply is bad.
+FUNCTION_FAILURE_REASONS = ("http", "status", "reply")
+# Why a gradient never reached a peer: it stayed unreachable until the deadline, or refused the event.
+SEND_FAILURE_REASONS = ("unreachable", "refused")
 
 # Rounds of a few milliseconds (tiny models, one machine) up to minutes (big models, cold starts).
 _ROUND_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -66,6 +72,26 @@ EVENTS_REJECTED_TOTAL = Counter(
 )
 FUNCTION_RETRIES_TOTAL = Counter(
     "p2ptrain_function_retries_total", "Gradient function calls retried by the peer.", PEER_LABELS
+)
+FUNCTION_CALL_FAILURES_TOTAL = Counter(
+    "p2ptrain_function_call_failures_total",
+    "Gradient function call attempts that failed (each is retried until the deadline), by reason.",
+    (*PEER_LABELS, "reason"),
+)
+EXCHANGE_SEND_FAILURES_TOTAL = Counter(
+    "p2ptrain_exchange_send_failures_total",
+    "Gradients this peer sent that another peer never took, by reason.",
+    (*PEER_LABELS, "reason"),
+)
+OUTBOX_GRADIENTS_INVALID_TOTAL = Counter(
+    "p2ptrain_outbox_gradients_invalid_total",
+    "Gradients read from another peer's outbox that failed validation, by reject reason.",
+    (*PEER_LABELS, "reason"),
+)
+UPDATES_SKIPPED_TOTAL = Counter(
+    "p2ptrain_updates_skipped_total",
+    "Rounds that ended without an optimizer step, by reason.",
+    (*PEER_LABELS, "reason"),
 )
 GRADIENTS_RECOVERED_TOTAL = Counter(
     "p2ptrain_gradients_recovered_total",

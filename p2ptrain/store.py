@@ -16,12 +16,10 @@ import numpy as np
 import redis
 
 from p2ptrain import wire
-from p2ptrain.accumulator import Accumulator, detect
+from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS, Accumulator, detect
 from p2ptrain.checkpoint import CheckpointError, model_file, model_tensors
+from p2ptrain.config import RedisAddress
 
-# How long round-scoped keys (model versions, accumulators, outbox) live: long enough for a slow
-# peer to fetch a dataref or a late function to finish, short enough not to pile up.
-ROUND_KEY_TTL_SECONDS = 600
 OUTBOX_ROUNDS = 8  # rounds of sent gradients each peer keeps for others to fetch
 
 # Checkpoint writes carry the round as a version token: an older writer never replaces a newer state.
@@ -34,6 +32,11 @@ redis.call('HSET', KEYS[2], 'round', ARGV[1], 'meta', ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return 1
 """
+
+
+def connect(address: RedisAddress, password: str | None, *, socket_timeout: float = 30) -> redis.Redis:
+    """A client for a job's Redis (a peer's own, or another peer's): the one place clients are made."""
+    return redis.Redis(host=address.host, port=address.port, password=password, socket_timeout=socket_timeout)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,14 @@ class Keys:
 
     def outbox(self, round_index: int) -> str:
         return f"{self.prefix}:out:{round_index}"
+
+    def is_outbox(self, key: str) -> bool:
+        """Whether ``key`` names one of this peer's outbox entries (a dataref must, nothing else)."""
+        head, _, round_text = key.rpartition(":")
+        return head == f"{self.prefix}:out" and round_text.isdigit()
+
+    def owns(self, key: str) -> bool:
+        return key.startswith(f"{self.prefix}:")
 
     @property
     def checkpoint(self) -> str:
@@ -115,6 +126,13 @@ class PeerStore:
             pipe.delete(self.keys.model(version - 2))
         pipe.execute()
         return key
+
+    def add_gradient(self, round_index: int, part: str, weight: float, blob: bytes) -> bool:
+        """Accumulate one micro-batch gradient, as a function does (used by tests and benchmarks)."""
+        return self.accumulator.add(
+            self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index),
+            part, weight, blob,
+        )
 
     def read_average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
         """The weighted mean of the gradients accumulated for a round, read in one call."""

@@ -48,6 +48,11 @@ _COMPRESSION_BY_CODE = {code: name for name, code in _COMPRESSIONS.items()}
 DEFAULT_MAX_BYTES = 1 << 30
 
 
+
+def peer_source(namespace: str, job: str, index: int) -> str:
+    """The CloudEvents ``source`` of a peer's events: receivers check it against the sender's index."""
+    return f"/jobs/{namespace}/{job}/peers/{index}"
+
 class WireError(ValueError):
     """Input from the network that cannot be accepted; ``reason`` names why (a metric label)."""
 

@@ -14,10 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import hypercorn.asyncio
-import hypercorn.config
 from func_python.cloudevent import ASGIApplication
 
+from p2ptrain import asgi
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.gradient import GradientFunction
 from p2ptrain.peer import Peer
@@ -58,11 +57,7 @@ async def wait_until(check: Callable[[], object], timeout: float = 30.0) -> None
 
 
 async def _serve(app: Any, port: int, stop: asyncio.Event) -> None:
-    config = hypercorn.config.Config()
-    config.bind = [f"127.0.0.1:{port}"]
-    config.accesslog = None
-    config.graceful_timeout = 0.5
-    await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+    await asgi.serve(app, [f"127.0.0.1:{port}"], stop, graceful_timeout=0.5)
 
 
 async def _wait_port(port: int) -> None:
@@ -78,7 +73,7 @@ async def _wait_port(port: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_job(spec: JobSpec, *, module: Any = None, record_gradients: bool = False) -> AsyncIterator[Job]:
+async def running_job(spec: JobSpec, *, module: Any = None) -> AsyncIterator[Job]:
     """Start Redis servers, the gradient function and the peers' endpoints; stop them all after."""
     job_secrets = Secrets(redis_password=secrets.token_hex(16), signing_key=secrets.token_bytes(32))
     servers = [RedisServer(password=job_secrets.redis_password, module=module) for _ in range(spec.peers)]
@@ -98,7 +93,7 @@ async def running_job(spec: JobSpec, *, module: Any = None, record_gradients: bo
         # func-python's own ASGI middleware decodes the CloudEvent and calls start() on lifespan.
         job._servers.append(asyncio.create_task(_serve(ASGIApplication(function), function_port, job._stop)))
         for index, port in enumerate(peer_ports):
-            peer = Peer(config, index, job_secrets, record_gradients=record_gradients)
+            peer = Peer(config, index, job_secrets)
             job.peers.append(peer)
             job._servers.append(asyncio.create_task(_serve(peer.app, port, job._stop)))
         for port in (function_port, *peer_ports):

@@ -118,3 +118,21 @@ def test_module_builds_from_a_clean_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert built is not None and built.parent == tmp_path and built.stat().st_size > 0
     with RedisServer(password="pw", module=built) as server:
         assert detect(server.client()).kind == "module"
+
+
+def test_accumulator_keys_expire_even_when_a_late_call_recreates_them(accumulating_redis) -> None:
+    """The peer clears a round's keys after reading its mean; a function call that arrives later
+    recreates them, and they must carry a TTL rather than stay forever."""
+    from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
+    from p2ptrain.store import Keys, PeerStore
+
+    _, server = accumulating_redis
+    client = server.client()
+    store = PeerStore(client, Keys("ttl", 0), key_ttl_seconds=60)
+    acc, meta = store.keys.accumulator(3), store.keys.accumulator_meta(3)
+    grad = np.arange(8, dtype="<f4").tobytes()
+    assert store.add_gradient(3, "3:0", 2.0, grad)
+    assert all(0 < client.ttl(key) <= ROUND_KEY_TTL_SECONDS for key in (acc, meta))
+    store.clear_round(3)
+    assert store.add_gradient(3, "3:1", 2.0, grad)  # the late call
+    assert all(0 < client.ttl(key) <= ROUND_KEY_TTL_SECONDS for key in (acc, meta))

@@ -16,10 +16,15 @@ import pytest
 from p2ptrain.autoscale import LocalFunctionService, child_env
 from p2ptrain.spec import FunctionSpec
 
+from .harness import wait_until
+
 SERVER = textwrap.dedent(
     """
-    import os, time
+    import os, signal, time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if os.environ.get("IGNORE_TERM"):  # an instance slow to stop: only SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -51,10 +56,12 @@ def service_factory(tmp_path: Path):
     script = tmp_path / "server.py"
     script.write_text(SERVER)
 
-    def make(**scale: float) -> LocalFunctionService:
+    def make(env: dict[str, str] | None = None, **scale: float) -> LocalFunctionService:
         """A service; each test stops it in its own event loop (``finally: await service.stop()``)."""
         spec = FunctionSpec(**{"max_scale": 2, "container_concurrency": 1, "idle_seconds": 30, **scale})  # type: ignore[arg-type]
-        return LocalFunctionService(spec, [sys.executable, str(script)], child_env({}), tmp_path, {"job": "t", "namespace": "n"})
+        return LocalFunctionService(
+            spec, [sys.executable, str(script)], child_env(env or {}), tmp_path, {"job": "t", "namespace": "n"}
+        )
 
     return make
 
@@ -84,10 +91,7 @@ async def test_idle_instances_scale_to_zero_and_come_back(service_factory) -> No
     await service.start()
     try:
         first = await _post(service)
-        for _ in range(40):
-            if service.running == 0:
-                break
-            await asyncio.sleep(0.1)
+        await wait_until(lambda: service.running == 0, timeout=10)
         assert service.running == 0 and service.stats.scale_to_zero == 1
         second = await _post(service)
         assert second != first and service.stats.cold_starts == 2
@@ -113,8 +117,33 @@ async def test_a_killed_instance_is_replaced(service_factory) -> None:
     try:
         first = await _post(service)
         assert service.kill_one() == first
-        await asyncio.sleep(0.2)
+        await wait_until(lambda: not _alive(first), timeout=10)
         second = await _post(service)
         assert second != first and service.stats.crashed == 1
     finally:
         await service.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_stopping_an_idle_instance_holds_up_no_request(service_factory) -> None:
+    """An idle instance that ignores SIGTERM takes the reaper its whole grace period to stop. A request
+    meanwhile starts a new instance and is served while the old process still lives: the reaper waits
+    for it in a worker thread, outside the service's lock, not on the event loop."""
+    service = service_factory(max_scale=1, idle_seconds=0.3, env={"IGNORE_TERM": "1"})
+    await service.start()
+    try:
+        first = await _post(service)
+        await wait_until(lambda: service.stats.scale_to_zero == 1, timeout=10)
+        assert service.stats.scale_to_zero == 1 and _alive(first)
+        second = await _post(service)
+        assert second != first
+        assert _alive(first), "the request was held until the old instance had ended"
+    finally:
+        await service.stop()
+    assert not _alive(first) and not _alive(second)

@@ -66,12 +66,12 @@ def test_concurrent_requests_get_the_gradient_of_their_own_model_version(redis_s
     config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (RedisAddress(redis_server.host, redis_server.port),), "http://x")
     function = GradientFunction(config, Secrets(redis_server.password, secrets.token_bytes(16)))
     function.start({})
-    assert function._model is not None
-    numel = sum(p.numel() for p in function._model.parameters())
+    assert function.model is not None
+    numel = sum(p.numel() for p in function.model.parameters())
     generator = torch.Generator().manual_seed(0)
     versions = [torch.randn(numel, generator=generator) * 0.1 for _ in range(4)]
     indices = np.arange(16)
-    expected = [compute_gradient(function._model, flat, function._dataset.x_train[indices], function._dataset.y_train[indices])[2] for flat in versions]  # type: ignore[union-attr]
+    expected = [compute_gradient(function.model, flat, function.dataset.x_train[indices], function.dataset.y_train[indices])[2] for flat in versions]  # type: ignore[union-attr]
 
     def check(version: int) -> int:
         wrong = 0
@@ -92,10 +92,10 @@ async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_
     function = GradientFunction(config, job_secrets)
     app = ASGIApplication(function)
     await app.on_start()
-    assert function._model is not None
+    assert function.model is not None
     keys = Keys(spec.name, 0)
     store = PeerStore(redis_server.client(), keys, key_ttl_seconds=60)
-    params = torch.nn.utils.parameters_to_vector(function._model.parameters()).detach().numpy()
+    params = torch.nn.utils.parameters_to_vector(function.model.parameters()).detach().numpy()
     model_key = store.publish_model(0, params)
     request = {"peer": 0, "round": 0, "version": 0, "part": "0:0", "redis": str(address), "model": model_key,
                "accumulator": keys.accumulator(0), "accumulatorMeta": keys.accumulator_meta(0), "indices": list(range(8))}

@@ -62,26 +62,26 @@ async def test_a_restarting_peer_is_not_fooled_by_one_byzantine_checkpoint() -> 
         restarting, *others = job.peers
         honest = others[0]
         with torch.no_grad():
-            for p in honest.model.parameters():
+            for p in honest.replica.model.parameters():
                 p.add_(0.5)  # the honest peers' trained model, far from the restarting peer's initial one
 
         def save(peer, round_index: int, state: bytes) -> None:
             PeerStore(peer.redis, Keys(spec.name, peer.index), key_ttl_seconds=60).save_checkpoint(round_index, state, {})
 
-        save(others[0], 7, pack_state(honest.model, honest.optimizer, {"round": 7}))
-        save(others[1], 8, pack_state(honest.model, honest.optimizer, {"round": 8}))
-        liar = torch.nn.utils.parameters_to_vector(honest.model.parameters()).detach() + 1e6
-        torch.nn.utils.vector_to_parameters(liar, others[2].model.parameters())
-        save(others[2], 999, pack_state(others[2].model, others[2].optimizer, {"round": 999}))
+        save(others[0], 7, pack_state(honest.replica.model, honest.replica.optimizer, {"round": 7}))
+        save(others[1], 8, pack_state(honest.replica.model, honest.replica.optimizer, {"round": 8}))
+        liar = torch.nn.utils.parameters_to_vector(honest.replica.model.parameters()).detach() + 1e6
+        torch.nn.utils.vector_to_parameters(liar, others[2].replica.model.parameters())
+        save(others[2], 999, pack_state(others[2].replica.model, others[2].replica.optimizer, {"round": 999}))
 
-        start = await asyncio.to_thread(restarting._catch_up, 0)
+        start = await restarting.catch_up(0)
         assert start == 9, "the median round of the three checkpoints, 8, was not the one adopted"
         assert REGISTRY.get_sample_value("p2ptrain_catch_ups_total", restarting.labels) == 1
         for name, value in restarting.final_state().items():
-            np.testing.assert_allclose(value.numpy(), honest.model.state_dict()[name].numpy(), rtol=0, atol=1e-6)
+            np.testing.assert_allclose(value.numpy(), honest.replica.model.state_dict()[name].numpy(), rtol=0, atol=1e-6)
 
         # A peer whose own checkpoint is already as new as the others' keeps its own.
-        assert await asyncio.to_thread(restarting._catch_up, 10) == 10
+        assert await restarting.catch_up(10) == 10
 
 
 async def test_a_round_closes_early_when_the_missing_peers_have_moved_past_it() -> None:
@@ -92,24 +92,24 @@ async def test_a_round_closes_early_when_the_missing_peers_have_moved_past_it() 
         peer = job.peers[0]
         gradient = np.zeros(peer.numel, dtype=np.float32)
         for round_index, sender in ((2, 0), (2, 2), (3, 2), (3, 1)):
-            await peer._file_gradient(round_index, sender, gradient + sender)
+            await peer.inbox.file(round_index, sender, gradient + sender)
         deadline = time.monotonic() + 60
-        gradients = await asyncio.wait_for(peer._wait_for_quorum(2, deadline), timeout=10)
+        gradients = await asyncio.wait_for(peer.collect(2, deadline), timeout=10)
         assert sorted(gradients) == [0, 2]
 
         # Peer 1 sent round 5 too; its round 4 event never reached us, but it is in its outbox.
         for round_index, sender in ((4, 0), (4, 2), (5, 1)):
-            await peer._file_gradient(round_index, sender, gradient + sender)
+            await peer.inbox.file(round_index, sender, gradient + sender)
         PeerStore(job.peers[1].redis, Keys(spec.name, 1), key_ttl_seconds=60).put_outbox(4, wire.encode_tensor(gradient + 41))
-        gradients = await asyncio.wait_for(peer._wait_for_quorum(4, deadline), timeout=10)
+        gradients = await asyncio.wait_for(peer.collect(4, deadline), timeout=10)
         assert sorted(gradients) == [0, 1, 2] and float(gradients[1][0]) == 41.0
         assert peer.status.recovered == 1
         assert REGISTRY.get_sample_value("p2ptrain_gradients_recovered_total", peer.labels) == 1
 
         # Peer 1 has not moved past round 6 yet (it sent round 5 only): round 6 waits for it.
-        await peer._file_gradient(6, 0, gradient)
+        await peer.inbox.file(6, 0, gradient)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(peer._wait_for_quorum(6, deadline), timeout=0.5)
+            await asyncio.wait_for(peer.collect(6, deadline), timeout=0.5)
 
 
 @pytest.mark.parametrize("module", [False, True], ids=["lua", "module"])

@@ -51,8 +51,12 @@ def test_job_keys_get_a_ttl_at_the_end_and_other_jobs_are_untouched(redis_server
     store.put_outbox(1, b"blob")
     client = redis_server.client()
     client.set("p2p:other:1:checkpoint", b"x")
-    assert store.expire_job_keys(120) >= 3
-    assert 0 < client.ttl(store.keys.checkpoint) <= 3600
+    client.set(store.keys.model(9), b"no ttl yet")  # a key written without one must get one too
+    client.set(store.keys.outbox(2), b"shorter", ex=30)  # a shorter TTL is kept, never extended
+    assert store.expire_job_keys(120) == 5
+    for key in (store.keys.checkpoint, store.keys.checkpoint_meta, store.keys.outbox(1), store.keys.model(9)):
+        assert 60 < client.ttl(key) <= 120, key  # the fixture's key TTL is 3600: only expire_job_keys gives 120
+    assert 0 < client.ttl(store.keys.outbox(2)) <= 30
     assert client.ttl("p2p:other:1:checkpoint") == -1
 
 

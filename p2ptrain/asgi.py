@@ -1,0 +1,91 @@
+"""The small ASGI toolkit the peer endpoint, the gradient function and the local front door share:
+lifespan, a body reader with a size limit, plain and JSON responses, and one hypercorn configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REASON_HEADER = b"x-p2ptrain-reason"
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    """Answer the ASGI lifespan protocol: nothing to set up or tear down."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None once it exceeds ``limit`` bytes (the rest is drained, not kept)."""
+    chunks: list[bytes] = []
+    size = 0
+    more = True
+    while more:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks) if size <= limit else None
+
+
+def headers_of(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    *,
+    reason: str | None = None,
+    content_type: bytes = b"text/plain; charset=utf-8",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    out = headers if headers is not None else [(b"content-type", content_type)]
+    out = [*out, (b"content-length", str(len(body)).encode())]
+    if reason:
+        out.append((REASON_HEADER, reason.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def respond_json(send: Send, status: int, payload: Any) -> None:
+    await respond(send, status, json.dumps(payload).encode(), content_type=b"application/json")
+
+
+def hypercorn_config(bind: list[str], *, graceful_timeout: float, errorlog: logging.Logger | None) -> Any:
+    """Hypercorn's settings for every server p2ptrain runs: no access log, errors through our formatter."""
+    import hypercorn.config
+
+    config = hypercorn.config.Config()
+    config.bind = bind
+    config.accesslog = None
+    config.errorlog = errorlog
+    config.graceful_timeout = graceful_timeout
+    return config
+
+
+async def serve(
+    app: App,
+    bind: list[str],
+    stop: asyncio.Event,
+    *,
+    graceful_timeout: float = 2.0,
+    errorlog: logging.Logger | None = None,
+) -> None:
+    """Serve ``app`` until ``stop`` is set."""
+    import hypercorn.asyncio
+
+    config = hypercorn_config(bind, graceful_timeout=graceful_timeout, errorlog=errorlog)
+    await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]

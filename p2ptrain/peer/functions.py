@@ -1,0 +1,179 @@
+"""The gradient function client: publish the model version the functions read, fan a round's
+minibatch out as signed ``gradient.requested`` events, retry each micro-batch with backoff until the
+deadline, and check every reply.
+
+A failed attempt of any kind — no answer, an error status, or a 200 whose reply fails its signature
+or schema — is counted, logged and retried; a micro-batch that never succeeds is left out of the
+round. Only ``MAX_ROUNDS_WITHOUT_GRADIENT`` rounds in a row without any gradient fail the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+
+from p2ptrain import metrics, retry, wire
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.data import split_micro_batches
+from p2ptrain.peer.errors import PeerError
+from p2ptrain.status import PeerStatus
+from p2ptrain.store import PeerStore
+
+log = logging.getLogger(__name__)
+
+# Consecutive rounds without a single successful gradient function call before the peer gives up.
+MAX_ROUNDS_WITHOUT_GRADIENT = 3
+_CALL_BACKOFF = retry.Backoff(first=0.1, cap=2.0, jitter=True)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A checked ``gradient.computed`` reply."""
+
+    samples: int
+    loss: float
+    cold: bool
+
+
+class BadReply(ValueError):
+    """A 200 from the function whose event cannot be trusted or read."""
+
+
+def read_receipt(headers: dict[str, str], body: bytes, key: bytes) -> Receipt:
+    try:
+        reply = wire.from_http(headers, body)
+        wire.verify(reply, key)
+        data = wire.event_json(reply)
+    except wire.WireError as exc:
+        raise BadReply(f"{exc.reason}: {exc}") from exc
+    samples, loss = data.get("samples"), data.get("loss")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise BadReply(f"reply field 'samples' must be a non-negative integer, got {samples!r}")
+    if not isinstance(loss, int | float) or isinstance(loss, bool):
+        raise BadReply(f"reply field 'loss' must be a number, got {loss!r}")
+    return Receipt(samples=samples, loss=float(loss), cold=bool(data.get("cold")))
+
+
+class FunctionClient:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        index: int,
+        secrets: Secrets,
+        store: PeerStore,
+        http: httpx.AsyncClient,
+        status: PeerStatus,
+    ) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.index = index
+        self.secrets = secrets
+        self.store = store
+        self.http = http
+        self.status = status
+        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
+        self._published: tuple[int, np.ndarray] | None = None  # the model version functions are reading
+        self._rounds_without_gradient = 0
+
+    async def publish(self, round_index: int, params: np.ndarray) -> str:
+        key = await asyncio.to_thread(self.store.publish_model, round_index, params)
+        self._published = (round_index, params)
+        return key
+
+    async def fan_out(self, round_index: int, model_key: str, indices: np.ndarray, deadline: float) -> list[Receipt]:
+        """Every micro-batch of the round; the receipts of those that succeeded before the deadline."""
+        keys = self.store.keys
+        address = self.config.redis[self.index]
+        calls = [
+            self._call(
+                {
+                    "peer": self.index,
+                    "round": round_index,
+                    "version": round_index,
+                    "part": f"{round_index}:{n}",
+                    "redis": str(address),
+                    "model": model_key,
+                    "accumulator": keys.accumulator(round_index),
+                    "accumulatorMeta": keys.accumulator_meta(round_index),
+                    "indices": part.tolist(),
+                },
+                deadline,
+            )
+            for n, part in enumerate(split_micro_batches(indices, self.spec.functions_per_peer))
+        ]
+        receipts = [r for r in await asyncio.gather(*calls) if r is not None]
+        if receipts:
+            self._rounds_without_gradient = 0
+            return receipts
+        # A round without our own gradient still aggregates the others'; only a lasting outage fails.
+        self._rounds_without_gradient += 1
+        if self._rounds_without_gradient >= MAX_ROUNDS_WITHOUT_GRADIENT:
+            raise PeerError(
+                f"no gradient function call succeeded in {self._rounds_without_gradient} rounds in a row "
+                f"(last: round {round_index + 1}); is the gradient function at {self.config.function_url} up?"
+            )
+        log.warning("round %d: no gradient function call succeeded before the deadline; "
+                    "aggregating the other peers' gradients only", round_index + 1)
+        return receipts
+
+    async def _call(self, request: dict[str, Any], deadline: float) -> Receipt | None:
+        """One micro-batch, retried with backoff (cold starts, killed instances, bad replies) until the deadline."""
+        attempts = self.spec.function.retries + 1
+        last_error = ""
+        for attempt in range(attempts):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            event = wire.build_event(
+                wire.GRADIENT_REQUESTED,
+                wire.peer_source(self.spec.namespace, self.spec.name, self.index),
+                data=request,
+                subject=f"round/{request['round']}",
+                extensions={"round": request["round"], "peer": self.index},
+                key=self.secrets.signing_key,
+            )
+            headers, body = wire.to_http(event)
+            try:
+                response = await self.http.post(
+                    self.config.function_url,
+                    headers=headers,
+                    content=body,
+                    timeout=min(self.spec.function.timeout_seconds, remaining),
+                )
+            except httpx.HTTPError as exc:
+                last_error = self._failed("http", f"{type(exc).__name__}: {exc}")
+            else:
+                if response.status_code == 200:
+                    try:
+                        receipt = read_receipt(dict(response.headers), response.content, self.secrets.signing_key)
+                    except BadReply as exc:
+                        last_error = self._failed("reply", f"bad reply: {exc}")
+                    else:
+                        if receipt.cold:
+                            self.status.function_cold_starts += 1
+                        return receipt
+                else:
+                    last_error = self._failed("status", f"HTTP {response.status_code}: {response.text[:200]}")
+                    if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
+                        break  # the request itself is wrong; retrying cannot help
+                    if response.headers.get("x-p2ptrain-reason") == "version" and self._published is not None:
+                        # Our Redis lost the model version (it restarted empty): publish it again.
+                        await asyncio.to_thread(self.store.publish_model, *self._published)
+            if attempt + 1 < attempts:
+                log.info("retrying micro-batch", extra={"part": request["part"], "attempt": attempt + 1, "error": last_error})
+                metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
+                self.status.function_retries += 1
+                await retry.sleep_before_retry(_CALL_BACKOFF, attempt, deadline)
+        log.warning("micro-batch %s failed: %s", request["part"], last_error)
+        return None
+
+    def _failed(self, reason: str, detail: str) -> str:
+        metrics.FUNCTION_CALL_FAILURES_TOTAL.labels(**self.labels, reason=reason).inc()
+        self.status.count_function_failure(reason)
+        return detail

@@ -1,0 +1,92 @@
+"""The trust boundary of the exchange: a peer's averaged gradient event is decoded, checked (signature,
+type, sender, round window, duplicate, size, shape, finiteness, dataref) and filed in the inbox, or
+rejected with a counted reason. Signature checks and tensor decoding run in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from p2ptrain import metrics, wire
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.peer.inbox import Inbox
+from p2ptrain.peer.recovery import OtherPeers
+from p2ptrain.status import PeerStatus
+
+log = logging.getLogger(__name__)
+
+# Gradients for rounds this far ahead of ours are buffered (faster peers); further ones are refused.
+ROUND_WINDOW = 4
+REJECT_STATUS = {"signature": 401, "stale": 409, "duplicate": 409, "oversize": 413}
+
+
+class EventReceiver:
+    def __init__(
+        self, config: RuntimeConfig, index: int, secrets: Secrets, inbox: Inbox, others: OtherPeers, status: PeerStatus
+    ) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.index = index
+        self.secrets = secrets
+        self.inbox = inbox
+        self.others = others
+        self.status = status
+        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.others.max_body_bytes
+
+    async def receive(self, headers: dict[str, str], body: bytes | None) -> tuple[int, str, str]:
+        """Decode, validate and file a peer's averaged gradient. Returns (status, reason, message)."""
+        try:
+            if body is None:
+                raise wire.WireError("oversize", f"event body exceeds {self.max_body_bytes} bytes")
+            event = await asyncio.to_thread(self._verified_event, headers, body)
+            sender, round_index = self._sender_and_round(event)
+            self._check_window(sender, round_index)
+            dataref = event.get_extension(wire.DATAREF_ATTRIBUTE)
+            if dataref:
+                payload = await asyncio.to_thread(self.others.fetch_dataref, sender, str(dataref))
+            else:
+                payload = wire.event_bytes(event)
+            gradient = await asyncio.to_thread(self.others.decode_gradient, payload)
+            if not await self.inbox.file(round_index, sender, gradient):
+                # Checked again at filing: the same event may have been in flight twice while decoding.
+                raise wire.WireError("duplicate", f"peer {sender} already sent its round {round_index} gradient")
+        except wire.WireError as exc:
+            metrics.EVENTS_REJECTED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
+            self.status.count_rejected(exc.reason)
+            log.warning("rejected event: %s", exc, extra={"reason": exc.reason})
+            return REJECT_STATUS.get(exc.reason, 400), exc.reason, f"{exc.reason}: {exc}"
+        metrics.EXCHANGE_RECEIVED_BYTES_TOTAL.labels(**self.labels).inc(len(payload))
+        return 202, "accepted", "accepted"
+
+    def _verified_event(self, headers: dict[str, str], body: bytes) -> Any:
+        event = wire.from_http(headers, body)
+        wire.verify(event, self.secrets.signing_key)
+        if event.get_type() != wire.GRADIENT_AVERAGED:
+            raise wire.WireError("malformed", f"unexpected event type {event.get_type()!r}")
+        return event
+
+    def _check_window(self, sender: int, round_index: int) -> None:
+        current = self.inbox.current_round
+        if round_index < current:
+            raise wire.WireError("stale", f"gradient for round {round_index} from peer {sender} came after it closed")
+        if round_index > current + ROUND_WINDOW:
+            raise wire.WireError("stale", f"gradient for round {round_index} is too far ahead of round {current}")
+        if self.inbox.holds(round_index, sender):
+            raise wire.WireError("duplicate", f"peer {sender} already sent its round {round_index} gradient")
+
+    def _sender_and_round(self, event: Any) -> tuple[int, int]:
+        try:
+            sender = int(event.get_extension("peer"))
+            round_index = int(event.get_extension("round"))
+        except (TypeError, ValueError) as exc:
+            raise wire.WireError("malformed", "event needs integer 'peer' and 'round' extensions") from exc
+        if not 0 <= sender < self.spec.peers or sender == self.index:
+            raise wire.WireError("unknown-peer", f"peer {sender} is not another peer of this job")
+        if event.get_source() != wire.peer_source(self.spec.namespace, self.spec.name, sender):
+            raise wire.WireError("unknown-peer", f"source {event.get_source()!r} does not match peer {sender}")
+        return sender, round_index

@@ -1,0 +1,120 @@
+"""This peer's replica of the model: the model and optimizer, the robust aggregation of a round's
+gradients, the optimizer step, evaluation and (un)packing of state.
+
+Everything here is CPU work that the round runs in a worker thread; a lock keeps one thread at a time
+on the model, so ``GET /model`` never reads a half-applied step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2ptrain.aggregate import AggregationError, aggregate, minimum_gradients
+from p2ptrain.checkpoint import pack_state, unpack_state
+from p2ptrain.data import Dataset, load_dataset
+from p2ptrain.models import build_model
+from p2ptrain.peer.errors import PeerError
+from p2ptrain.spec import AggregationSpec, JobSpec, OptimizerSpec
+
+log = logging.getLogger(__name__)
+
+_EVAL_BATCH = 4096
+
+
+class SkipUpdate(Exception):
+    """This round's gradients cannot be aggregated; ``reason`` is one of ``metrics.SKIP_REASONS``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def build_optimizer(model: torch.nn.Module, opt: OptimizerSpec) -> torch.optim.Optimizer:
+    if opt.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.learning_rate, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    if opt.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    if opt.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    raise PeerError(f"optimizer.name={opt.name!r} is not supported: use sgd, adam or adamw")
+
+
+def aggregate_gradients(rule: AggregationSpec, gradients: dict[int, np.ndarray]) -> torch.Tensor:
+    """The configured robust rule over the round's gradients (ordered by peer); raises ``SkipUpdate``."""
+    needed = minimum_gradients(rule.rule, rule.byzantine)
+    if len(gradients) < needed:
+        raise SkipUpdate("too-few-gradients", f"only {len(gradients)} gradients arrived: {rule.rule} needs {needed}")
+    stacked = torch.from_numpy(np.stack([gradients[i] for i in sorted(gradients)]))
+    params: dict[str, Any] = {}
+    if rule.rule == "multi-krum" and rule.multi_krum_select is not None:
+        params["m"] = min(rule.multi_krum_select, len(gradients))
+    try:
+        return aggregate(rule.rule, stacked, rule.byzantine, **params)
+    except AggregationError as exc:
+        raise SkipUpdate("rule-failed", f"aggregation failed: {exc}") from exc
+
+
+class Replica:
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.dataset: Dataset = load_dataset(spec.dataset)
+        torch.manual_seed(spec.seed)  # identical initial replicas on every peer
+        self.model = build_model(spec.model, self.dataset.input_shape, self.dataset.num_classes)
+        self.optimizer = build_optimizer(self.model, spec.optimizer)
+        self.numel = sum(p.numel() for p in self.model.parameters())
+        self._lock = threading.Lock()
+
+    def parameters(self) -> np.ndarray:
+        """A copy of the flat parameters (what the gradient functions compute at)."""
+        with self._lock:
+            return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy().copy()
+
+    def apply(self, gradient: torch.Tensor) -> None:
+        """One optimizer step with ``gradient`` (flat) as every parameter's gradient."""
+        with self._lock:
+            offset = 0
+            for p in self.model.parameters():
+                n = p.numel()
+                p.grad = gradient[offset : offset + n].view_as(p).clone()
+                offset += n
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self) -> tuple[float, float] | None:
+        """(accuracy, mean loss) on the held-out split; None when the data set has none."""
+        data = self.dataset
+        if len(data.y_test) == 0:
+            return None
+        with self._lock:
+            self.model.eval()
+            correct, loss_sum = 0, 0.0
+            try:
+                with torch.no_grad():
+                    for start in range(0, len(data.y_test), _EVAL_BATCH):
+                        x = torch.from_numpy(data.x_test[start : start + _EVAL_BATCH])
+                        y = torch.from_numpy(data.y_test[start : start + _EVAL_BATCH])
+                        logits = self.model(x)
+                        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                        correct += int((logits.argmax(dim=1) == y).sum())
+            finally:
+                self.model.train()
+        n = len(data.y_test)
+        return correct / n, loss_sum / n
+
+    def pack(self, meta: dict[str, Any]) -> bytes:
+        with self._lock:
+            return pack_state(self.model, self.optimizer, meta)
+
+    def load(self, state: bytes) -> None:
+        """Adopt a packed state (own checkpoint or other peers'); raises ``CheckpointError``."""
+        with self._lock:
+            unpack_state(state, self.model, self.optimizer)
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        with self._lock:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

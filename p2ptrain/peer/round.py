@@ -1,0 +1,248 @@
+"""One peer and its training round in the SPIRT architecture.
+
+Each round the peer publishes its model version to its Redis, fans its minibatch out to the gradient
+function, reads the in-database average, sends it to every other peer, waits for a quorum (or the
+round deadline), aggregates what arrived with the configured robust rule and takes an optimizer step,
+then checkpoints to Redis. ``Peer`` composes the parts (inbox, receiver, sender, function client,
+recovery, replica, endpoint) and owns them: ``run`` closes what it opened on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import numpy as np
+import redis
+import torch
+
+from p2ptrain import metrics, retry
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.data import batch_indices, shard_indices
+from p2ptrain.peer.endpoint import PeerEndpoint
+from p2ptrain.peer.errors import PeerError
+from p2ptrain.peer.functions import FunctionClient
+from p2ptrain.peer.inbox import Inbox
+from p2ptrain.peer.receiver import EventReceiver
+from p2ptrain.peer.recovery import OtherPeers, resume
+from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
+from p2ptrain.peer.report import RoundReport, record_round
+from p2ptrain.peer.sender import GradientSender
+from p2ptrain.status import PeerState, PeerStatus
+from p2ptrain.store import Keys, PeerStore, connect
+
+log = logging.getLogger(__name__)
+
+# How long a peer waits for its own Redis to come back (restarted pod, network blip) before failing.
+REDIS_OUTAGE_SECONDS = 120.0
+_REDIS_BACKOFF = retry.Backoff(first=0.1, cap=2.0)
+_PEERS_BACKOFF = retry.Backoff(first=0.1, cap=0.1)
+
+
+class Peer:
+    def __init__(self, config: RuntimeConfig, index: int, secrets: Secrets) -> None:
+        spec = config.spec
+        if not 0 <= index < spec.peers:
+            raise PeerError(f"peer index {index} is out of range for a job of {spec.peers} peers")
+        self.config = config
+        self.spec = spec
+        self.index = index
+        self.secrets = secrets
+        self.labels = metrics.peer_labels(spec.name, spec.namespace, index)
+        self.status = PeerStatus(peer=index)
+        self.replica = Replica(spec)
+        self.shard = shard_indices(len(self.replica.dataset.y_train), spec.peers, index, spec.dataset.split_seed)
+        self.rounds = spec.total_rounds(len(self.shard))
+        self.status.rounds = self.rounds
+        self.redis = connect(config.redis[index], secrets.redis_password, socket_timeout=60)
+        self.store = PeerStore(
+            self.redis, Keys(spec.name, index),
+            accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
+        )
+        self.inbox = Inbox(spec.peers, index)
+        self.others = OtherPeers(config, index, secrets, self.replica.numel, self.status)
+        self.receiver = EventReceiver(config, index, secrets, self.inbox, self.others, self.status)
+        self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
+        self._functions: FunctionClient | None = None
+        self._sender: GradientSender | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.replica.numel
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        return self.replica.final_state()
+
+    async def resume(self) -> int:
+        """Load this peer's own checkpoint, if its Redis has one; the round to continue at."""
+        return await asyncio.to_thread(resume, self.store, self.replica, self.config.redis[self.index])
+
+    async def catch_up(self, start: int) -> int:
+        """Adopt the other peers' state if they are ahead; the round to continue at."""
+        return await asyncio.to_thread(self.others.catch_up, self.replica, start)
+
+    # --- the run -------------------------------------------------------------------------------------
+    async def run(self) -> list[RoundReport]:
+        """Train every round; resumes from the checkpoint in Redis if there is one."""
+        reports: list[RoundReport] = []
+        try:
+            start = await self.resume()
+            self.status.state = PeerState.TRAINING
+            limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+            async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
+                self._functions = FunctionClient(self.config, self.index, self.secrets, self.store, http, self.status)
+                self._sender = GradientSender(self.config, self.index, self.secrets, self.store, http, self.status)
+                try:
+                    await self._wait_for_peers(http)
+                    start = await self.catch_up(start)
+                    for round_index in range(start, self.rounds):
+                        reports.append(await self._run_round_through_redis_outages(round_index))
+                    await self._sender.drain()  # the last rounds' gradients, bounded by the deadline
+                finally:
+                    await self._sender.close()
+            await asyncio.to_thread(self.store.expire_job_keys, self.spec.redis.key_ttl_seconds)
+        finally:
+            await asyncio.to_thread(self._close_clients)
+        self.status.state = PeerState.SUCCEEDED
+        self.status.message = f"finished {self.rounds} rounds"
+        return reports
+
+    def _close_clients(self) -> None:
+        self.others.close()
+        self.redis.close()
+
+    async def _wait_for_peers(self, http: httpx.AsyncClient) -> None:
+        """Start together: wait (up to one round deadline) until every peer's endpoint answers."""
+        pending = {i for i in range(self.spec.peers) if i != self.index}
+
+        async def all_answer() -> bool:
+            for i in list(pending):
+                try:
+                    if (await http.get(self.config.peer_urls[i] + "/healthz", timeout=1)).status_code == 200:
+                        pending.discard(i)
+                except httpx.HTTPError:
+                    continue
+            return not pending
+
+        deadline = time.monotonic() + self.spec.exchange.round_deadline_seconds
+        if not await retry.poll(all_answer, deadline=deadline, backoff=_PEERS_BACKOFF):
+            log.warning("starting without peers %s: they did not answer in time", sorted(pending))
+
+    async def _run_round_through_redis_outages(self, round_index: int) -> RoundReport:
+        """Run a round; if this peer's Redis goes away (pod restarted, network blip), wait for it and
+        run the round again — every step is idempotent (versioned keys, per-part accumulation,
+        duplicate gradients refused by the other peers)."""
+        while True:
+            try:
+                return await self.run_round(round_index)
+            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
+                address = self.config.redis[self.index]
+                log.warning("lost this peer's Redis at %s in round %d: %s; waiting up to %.0fs for it",
+                            address, round_index + 1, exc, REDIS_OUTAGE_SECONDS)
+                self.status.message = f"waiting for Redis at {address}"
+                deadline = time.monotonic() + REDIS_OUTAGE_SECONDS
+                if not await asyncio.to_thread(retry.poll_blocking, self._redis_answers, deadline=deadline,
+                                               backoff=_REDIS_BACKOFF):
+                    raise PeerError(f"this peer's Redis at {address} did not come back within "
+                                    f"{REDIS_OUTAGE_SECONDS:.0f}s: {exc}") from exc
+                self.status.message = ""
+                log.info("Redis at %s is back; running round %d again", address, round_index + 1)
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+    # --- the round -----------------------------------------------------------------------------------
+    async def run_round(self, round_index: int) -> RoundReport:
+        spec = self.spec
+        assert self._functions is not None and self._sender is not None, "run_round is called by run"
+        self.inbox.current_round = round_index
+        self.status.round = round_index
+        self.status.epoch = round_index * spec.batch_size / max(1, len(self.shard))
+        metrics.ROUND.labels(**self.labels).set(round_index)
+        phases: dict[str, float] = {}
+        round_started = time.perf_counter()
+        deadline = time.monotonic() + spec.exchange.round_deadline_seconds
+
+        t0 = time.perf_counter()
+        model_key = await self._functions.publish(round_index, await asyncio.to_thread(self.replica.parameters))
+        phases["publish"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        indices = batch_indices(self.shard, round_index, spec.batch_size, spec.seed + self.index)
+        receipts = await self._functions.fan_out(round_index, model_key, indices, deadline)
+        phases["fanout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        average = await asyncio.to_thread(self.store.read_average, round_index)
+        await asyncio.to_thread(self.store.clear_round, round_index)
+        phases["average"] = time.perf_counter() - t0
+        samples = sum(r.samples for r in receipts)
+        loss = sum(r.loss * r.samples for r in receipts) / samples if samples else None
+
+        t0 = time.perf_counter()
+        if average is not None:
+            own, _, _ = average
+            await self.inbox.file(round_index, self.index, own)
+            await self._sender.send(round_index, own)
+        gradients = await self.collect(round_index, deadline)
+        phases["exchange"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        combined = await asyncio.to_thread(self._aggregate, gradients)
+        phases["aggregate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if combined is not None:
+            await asyncio.to_thread(self.replica.apply, combined)
+        evaluation = await asyncio.to_thread(self.replica.evaluate) if self._should_evaluate(round_index) else None
+        state = await asyncio.to_thread(self.replica.pack, {"round": round_index, "loss": loss})
+        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
+        phases["update"] = time.perf_counter() - t0
+
+        report = RoundReport(
+            round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients),
+            accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
+        )
+        record_round(self.status, self.labels, self.rounds, report, time.perf_counter() - round_started)
+        return report
+
+    async def collect(self, round_index: int, deadline: float) -> dict[int, np.ndarray]:
+        """The round's gradients: what arrived by the quorum or deadline, plus what the missing peers
+        left in their outboxes (they sent while we were down, or could not reach us)."""
+        gradients = await self.inbox.collect(round_index, self.spec.quorum, deadline)
+        if len(gradients) < self.spec.quorum:
+            absent = self.inbox.missing(gradients)
+            found = await asyncio.gather(*(asyncio.to_thread(self.others.fetch_outbox, p, round_index) for p in absent))
+            for peer, gradient in zip(absent, found, strict=True):
+                if gradient is not None:
+                    gradients[peer] = gradient
+                    self.status.recovered += 1
+                    metrics.GRADIENTS_RECOVERED_TOTAL.labels(**self.labels).inc()
+                    log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
+        missing = self.spec.peers - len(gradients)
+        if missing:
+            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)
+            self.status.count_excluded("deadline", missing)
+        metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
+        metrics.record_excluded_rounds(self.labels, self.spec.peers, gradients)
+        return gradients
+
+    def _aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
+        """The rule's combination of the gradients, or None (counted, logged) when the update is skipped."""
+        try:
+            return aggregate_gradients(self.spec.aggregation, gradients)
+        except SkipUpdate as exc:
+            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
+            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="rule").inc(len(gradients))
+            self.status.count_skipped_update(exc.reason)
+            log.warning("%s; skipping this round's update", exc, extra={"reason": exc.reason})
+            return None
+
+    def _should_evaluate(self, round_index: int) -> bool:
+        every = self.spec.evaluation.every_rounds
+        return (round_index + 1) % every == 0 or round_index + 1 == self.rounds

@@ -1,0 +1,114 @@
+"""The exchange's sending side: this peer's averaged gradient, encoded once, parked in its outbox and
+posted to every other peer in the background until each takes it or the round deadline passes.
+
+The sender owns its background tasks: ``drain`` waits for them, ``close`` cancels what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import numpy as np
+
+from p2ptrain import metrics, retry, wire
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.status import PeerStatus
+from p2ptrain.store import PeerStore
+
+log = logging.getLogger(__name__)
+
+_SEND_BACKOFF = retry.Backoff(first=0.05, cap=1.0)
+_POST_TIMEOUT_SECONDS = 10
+
+
+class GradientSender:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        index: int,
+        secrets: Secrets,
+        store: PeerStore,
+        http: httpx.AsyncClient,
+        status: PeerStatus,
+    ) -> None:
+        self.config = config
+        self.spec = config.spec
+        self.index = index
+        self.secrets = secrets
+        self.store = store
+        self.http = http
+        self.status = status
+        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def send(self, round_index: int, gradient: np.ndarray) -> None:
+        """Park the gradient in our outbox and start posting it to every other peer."""
+        exchange = self.spec.exchange
+        blob = await asyncio.to_thread(wire.encode_tensor, gradient, exchange.dtype, exchange.compression)
+        extensions: dict[str, str | int] = {"round": round_index, "peer": self.index}
+        data = blob
+        # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
+        # reached) fetches it from there instead of closing the round without us.
+        key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
+        if len(blob) > exchange.inline_limit_bytes:
+            address = self.config.redis[self.index]
+            extensions[wire.DATAREF_ATTRIBUTE] = f"redis://{address.host}:{address.port}/{key}"
+            data = b""
+        event = wire.build_event(
+            wire.GRADIENT_AVERAGED,
+            wire.peer_source(self.spec.namespace, self.spec.name, self.index),
+            data=data,
+            subject=f"round/{round_index}",
+            extensions=extensions,
+            key=self.secrets.signing_key,
+        )
+        headers, body = await asyncio.to_thread(wire.to_http, event)
+        others = [i for i in range(self.spec.peers) if i != self.index]
+        # Delivered in the background (retried until the deadline): an unreachable peer must not hold
+        # up our round, which only needs a quorum.
+        for peer in others:
+            sending = asyncio.create_task(self._post(peer, round_index, headers, body))
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
+        metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
+
+    async def _post(self, peer: int, round_index: int, headers: dict[str, str], body: bytes) -> None:
+        deadline = time.monotonic() + self.spec.exchange.round_deadline_seconds
+        attempt = 0
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                response = await self.http.post(
+                    self.config.peer_urls[peer] + "/", headers=headers, content=body, timeout=_POST_TIMEOUT_SECONDS
+                )
+            except httpx.HTTPError as exc:
+                last_error = f"{type(exc).__name__}: {exc}"
+                await retry.sleep_before_retry(_SEND_BACKOFF, attempt, deadline)
+                attempt += 1
+                continue
+            if response.status_code >= 400 and response.status_code != 409:  # 409: it has it, or moved on
+                self._failed(peer, round_index, "refused", f"HTTP {response.status_code}: {response.text[:200]}")
+            return
+        self._failed(peer, round_index, "unreachable", last_error or "no attempt before the deadline")
+
+    def _failed(self, peer: int, round_index: int, reason: str, detail: str) -> None:
+        metrics.EXCHANGE_SEND_FAILURES_TOTAL.labels(**self.labels, reason=reason).inc()
+        self.status.send_failures += 1
+        log.warning("peer %d did not take our round %d gradient (%s): %s", peer, round_index + 1, reason, detail,
+                    extra={"reason": reason})
+
+    async def drain(self) -> None:
+        """Wait for the gradients still on their way (each bounded by the round deadline)."""
+        if self._sending:
+            await asyncio.wait(set(self._sending))
+
+    async def close(self) -> None:
+        """Cancel every send still running (the round failed or the peer is stopping)."""
+        tasks = set(self._sending)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)

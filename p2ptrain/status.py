@@ -1,0 +1,160 @@
+"""A peer's reported status: the ``PeerState`` enum and the ``/status`` schema, shared by writer and readers.
+
+The peer writes it (``PeerStatus.as_dict``); the local runner and the operator read it from
+``GET /status``. The JSON keys and the state strings are the contract: change them here only.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+# Test accuracies whose first crossing a peer reports (round and training seconds): time to accuracy.
+ACCURACY_MILESTONES = (0.5, 0.8, 0.9, 0.95, 0.99)
+
+
+class PeerState(enum.StrEnum):
+    """Where a peer is; the values are what ``/status`` reports and the operator's lifecycle reads."""
+
+    STARTING = "starting"
+    TRAINING = "training"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (PeerState.SUCCEEDED, PeerState.FAILED)
+
+
+class Milestone(TypedDict):
+    round: int
+    seconds: float
+
+
+class StatusDict(TypedDict):
+    """The JSON body of a peer's ``GET /status``."""
+
+    peer: int
+    state: str  # a PeerState value
+    round: int  # rounds finished (1-based once a round is done)
+    rounds: int
+    epoch: float
+    loss: float | None
+    accuracy: float | None
+    testLoss: float | None
+    message: str
+    phases: dict[str, float]
+    phasesMean: dict[str, float]
+    phasesFirst: dict[str, float]
+    functionColdStarts: int
+    functionRetries: int
+    functionFailures: dict[str, int]
+    rejected: dict[str, int]
+    excluded: dict[str, int]
+    sendFailures: int
+    skippedUpdates: dict[str, int]
+    trainingSeconds: float
+    reached: dict[str, Milestone]
+    caughtUp: dict[str, int]
+    recovered: int
+
+
+class StatusError(ValueError):
+    """A ``/status`` body that does not follow the schema."""
+
+
+def parse_status(payload: Any) -> StatusDict:
+    """Check the fields readers rely on (``peer``, ``state``, ``round``) and return the typed status."""
+    if not isinstance(payload, dict):
+        raise StatusError(f"peer status must be a JSON object, got {type(payload).__name__}")
+    if not isinstance(payload.get("peer"), int) or not isinstance(payload.get("round"), int):
+        raise StatusError("peer status needs integer 'peer' and 'round' fields")
+    try:
+        PeerState(str(payload.get("state")))
+    except ValueError as exc:
+        raise StatusError(f"peer status 'state' must be one of {[s.value for s in PeerState]}, "
+                          f"got {payload.get('state')!r}") from exc
+    return payload  # type: ignore[return-value]
+
+
+def record_milestones(reached: dict[str, Milestone], accuracy: float, round_number: int, seconds: float) -> None:
+    """Remember when each accuracy milestone was first reached (time to accuracy)."""
+    for milestone in ACCURACY_MILESTONES:
+        if accuracy >= milestone and f"{milestone:g}" not in reached:
+            reached[f"{milestone:g}"] = {"round": round_number, "seconds": round(seconds, 3)}
+
+
+def _count(counts: dict[str, int], reason: str, n: int = 1) -> None:
+    counts[reason] = counts.get(reason, 0) + n
+
+
+@dataclass
+class PeerStatus:
+    peer: int
+    state: PeerState = PeerState.STARTING
+    round: int = 0
+    rounds: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    accuracy: float | None = None
+    test_loss: float | None = None
+    message: str = ""
+    phases_last: dict[str, float] = field(default_factory=dict)
+    phases_first: dict[str, float] = field(default_factory=dict)
+    phases_total: dict[str, float] = field(default_factory=dict)
+    rounds_timed: int = 0
+    function_cold_starts: int = 0
+    function_retries: int = 0
+    function_failures: dict[str, int] = field(default_factory=dict)  # failed micro-batch attempts by reason
+    rejected: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)
+    send_failures: int = 0  # gradients a peer never took before the deadline
+    skipped_updates: dict[str, int] = field(default_factory=dict)  # rounds without an optimizer step, by reason
+    training_seconds: float = 0.0  # sum of this run's round times
+    caught_up: dict[str, int] = field(default_factory=dict)  # rounds skipped by adopting peers' state
+    recovered: int = 0  # gradients taken from other peers' outboxes after their events were missed
+    reached: dict[str, Milestone] = field(default_factory=dict)  # "0.9" -> first round, seconds
+
+    def record_accuracy(self, accuracy: float) -> None:
+        record_milestones(self.reached, accuracy, self.round, self.training_seconds)
+
+    def count_rejected(self, reason: str) -> None:
+        _count(self.rejected, reason)
+
+    def count_excluded(self, reason: str, n: int) -> None:
+        _count(self.excluded, reason, n)
+
+    def count_function_failure(self, reason: str) -> None:
+        _count(self.function_failures, reason)
+
+    def count_skipped_update(self, reason: str) -> None:
+        _count(self.skipped_updates, reason)
+
+    def as_dict(self) -> StatusDict:
+        mean = {k: v / self.rounds_timed for k, v in self.phases_total.items()} if self.rounds_timed else {}
+        return {
+            "peer": self.peer,
+            "state": self.state.value,
+            "round": self.round,
+            "rounds": self.rounds,
+            "epoch": self.epoch,
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "testLoss": self.test_loss,
+            "message": self.message,
+            "phases": self.phases_last,
+            "phasesMean": mean,
+            "phasesFirst": self.phases_first,
+            "functionColdStarts": self.function_cold_starts,
+            "functionRetries": self.function_retries,
+            "functionFailures": self.function_failures,
+            "rejected": self.rejected,
+            "excluded": self.excluded,
+            "sendFailures": self.send_failures,
+            "skippedUpdates": self.skipped_updates,
+            "trainingSeconds": self.training_seconds,
+            "reached": self.reached,
+            "caughtUp": self.caught_up,
+            "recovered": self.recovered,
+        }

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from p2ptrain import asgi, metrics
+from p2ptrain import asgi
 from p2ptrain.redis_server import die_with_parent, free_port
 from p2ptrain.spec import FunctionSpec
 

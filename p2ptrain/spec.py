@@ -9,52 +9,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import celpy
-import jsonschema
 import yaml
 
-API_GROUP = "p2ptrain.dev"
-API_VERSION = "v1alpha1"
-KIND = "P2PTrainingJob"
-PLURAL = "p2ptrainingjobs"
+from p2ptrain.schema import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    PLURAL,
+    SpecError,
+    apply_defaults,
+    crd,
+    crd_default,
+    openapi_schema,
+    require_finite,
+    validate_rules,
+    validate_schema,
+)
 
-
-class SpecError(ValueError):
-    """A manifest that can never run; the message names the field at fault."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# The CRD as data
-
-
-@functools.cache
-def crd() -> dict[str, Any]:
-    """The P2PTrainingJob CustomResourceDefinition (the file in ``crds/``)."""
-    text = resources.files("p2ptrain").joinpath("crd.yaml").read_text(encoding="utf-8")
-    loaded: dict[str, Any] = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # trusted, ours
-    return loaded
-
-
-def openapi_schema() -> dict[str, Any]:
-    version = next(v for v in crd()["spec"]["versions"] if v["name"] == API_VERSION)
-    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
-    return schema
-
-
-def crd_default(path: str) -> Any:
-    """The CRD's ``default`` for a spec field (``"optimizer.learningRate"``): the one place defaults live."""
-    schema = openapi_schema()["properties"]["spec"]
-    for part in path.split("."):
-        schema = schema["properties"][part]
-    return copy.deepcopy(schema["default"])
+__all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "SpecError", "crd", "crd_default", "openapi_schema"]
 
 
 @dataclass(frozen=True)
@@ -274,7 +252,7 @@ def parse_manifest(manifest: Mapping[str, Any]) -> JobSpec:
         raise SpecError(f"metadata.name: required, expected a string, got {name!r}")
     namespace = metadata.get("namespace") or "default"
     # The name rules are the CRD's root-level CEL rules: the API server applies the very same ones.
-    _validate_rules({"metadata": {"name": name}}, openapi_schema(), "", recurse=False)
+    validate_rules({"metadata": {"name": name}}, openapi_schema(), "", recurse=False)
     if "spec" not in manifest:
         raise SpecError("spec: required field is missing")
     return parse_spec(manifest["spec"], name=name, namespace=str(namespace))
@@ -283,10 +261,10 @@ def parse_manifest(manifest: Mapping[str, Any]) -> JobSpec:
 def parse_spec(raw_spec: Any, *, name: str, namespace: str = "default") -> JobSpec:
     """Apply the CRD's defaults to ``raw_spec``, validate it, and build the typed spec."""
     spec_schema = openapi_schema()["properties"]["spec"]
-    _require_finite(raw_spec, "spec")
+    require_finite(raw_spec, "spec")
     spec = apply_defaults(copy.deepcopy(raw_spec), spec_schema)
-    _validate_schema(spec, spec_schema)
-    _validate_rules(spec, spec_schema, "spec")
+    validate_schema(spec, spec_schema)
+    validate_rules(spec, spec_schema, "spec")
     return _build(spec, name=name, namespace=namespace)
 
 
@@ -294,90 +272,6 @@ def defaulted_spec(raw_spec: Any) -> dict[str, Any]:
     """The spec with the CRD's defaults filled in, as the API server would store it."""
     result: dict[str, Any] = apply_defaults(copy.deepcopy(raw_spec), openapi_schema()["properties"]["spec"])
     return result
-
-
-def apply_defaults(value: Any, schema: Mapping[str, Any]) -> Any:
-    """Fill in ``default``s the way the API server does for structural schemas."""
-    if isinstance(value, dict) and schema.get("type") == "object":
-        for key, sub in schema.get("properties", {}).items():
-            if key not in value and "default" in sub:
-                value[key] = copy.deepcopy(sub["default"])
-            if key in value:
-                value[key] = apply_defaults(value[key], sub)
-    elif isinstance(value, list) and "items" in schema:
-        return [apply_defaults(item, schema["items"]) for item in value]
-    return value
-
-
-def _require_finite(value: Any, where: str) -> None:
-    """NaN and infinity cannot be sent to the API server (JSON has neither), so they are refused here too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise SpecError(f"{where}: expected a finite number, got {value}")
-    if isinstance(value, Mapping):
-        for key, sub in value.items():
-            _require_finite(sub, f"{where}.{key}")
-    elif isinstance(value, list):
-        for index, sub in enumerate(value):
-            _require_finite(sub, f"{where}[{index}]")
-
-
-def _validate_schema(spec: Any, schema: Mapping[str, Any]) -> None:
-    validator = jsonschema.Draft4Validator(_strict(schema))
-    errors = sorted(validator.iter_errors(spec), key=lambda e: (len(e.path), list(map(str, e.path))))
-    if errors:
-        error = errors[0]
-        where = ".".join(["spec", *map(str, error.absolute_path)])
-        raise SpecError(f"{where}: {_describe(error)}")
-
-
-def _strict(schema: Mapping[str, Any]) -> dict[str, Any]:
-    """Unknown fields are errors (as with kubectl's strict field validation), except where preserved."""
-    out = dict(schema)
-    if out.get("type") == "object" and "properties" in out and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    if "properties" in out:
-        out["properties"] = {k: _strict(v) for k, v in out["properties"].items()}
-    if "items" in out:
-        out["items"] = _strict(out["items"])
-    return out
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties":
-        return f"unknown field ({error.message})"
-    if error.validator == "required":
-        return f"required field is missing ({error.message})"
-    if error.validator == "type":
-        return f"expected {error.validator_value}, got {error.instance!r}"
-    if error.validator == "enum":
-        return f"expected one of {error.validator_value}, got {error.instance!r}"
-    return error.message
-
-
-def _validate_rules(value: Any, schema: Mapping[str, Any], where: str, *, recurse: bool = True) -> None:
-    """Evaluate the CRD's CEL rules bottom-up, as the API server does."""
-    if recurse and isinstance(value, dict):
-        for key, sub in schema.get("properties", {}).items():
-            if key in value:
-                _validate_rules(value[key], sub, f"{where}.{key}" if where else key)
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not _cel(rule["rule"])(value):
-            message = rule.get("message", rule["rule"])
-            if "messageExpression" in rule:
-                message = str(_cel(rule["messageExpression"], boolean=False)(value))
-            raise SpecError(f"{where}: {message}" if where else message)
-
-
-@functools.cache
-def _cel(expression: str, boolean: bool = True) -> Any:
-    env = celpy.Environment()
-    program = env.program(env.compile(expression))
-
-    def evaluate(value: Any) -> Any:
-        result = program.evaluate({"self": celpy.json_to_cel(value)})
-        return bool(result) if boolean else result
-
-    return evaluate
 
 
 def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:

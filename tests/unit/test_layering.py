@@ -14,12 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # Lowest first. A module may import modules of lower layers only; the peer package's parts are
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
-    {"spec", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
+    {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
      "status", "redis_server"},
+    {"spec", "dbupdate"},
     {"config", "data", "models", "summary"},
-    {"store"},
+    {"store", "preflight"},
     {"gradient", "autoscale", "peer.errors"},
-    {"peer.replica"},
+    {"peer.replica", "scrape_targets"},
     {"peer.recovery", "peer.inbox", "peer.report"},
     {"peer.receiver"},
     {"peer.sender", "peer.functions", "peer.endpoint"},
@@ -39,12 +40,16 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "p2ptrain"
 
 
+def _is_module(name: str) -> bool:
+    return (PACKAGE / f"{name}.py").is_file() or (PACKAGE / name).is_dir()
+
+
 def _imports(tree: ast.AST) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(tree):  # function-level (lazy) imports count too
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "p2ptrain":
             if node.module == "p2ptrain":
-                found |= {alias.name for alias in node.names}
+                found |= {alias.name for alias in node.names if _is_module(alias.name)}
             else:
                 found.add(node.module.removeprefix("p2ptrain."))
         elif isinstance(node, ast.Import):

@@ -15,37 +15,11 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from p2ptrain_operator.handlers import register
-from p2ptrain_operator.kube import Connection, Kube
+from p2ptrain_operator.handlers import build_registry, new_memo
+from p2ptrain_operator.kube import Connection
 from p2ptrain_operator.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def build_registry(settings: Settings, connection: Connection | None) -> tuple[kopf.OperatorRegistry, dict[str, Kube]]:
-    """A registry with every handler; ``connection`` None means in-cluster credentials."""
-    registry = kopf.OperatorRegistry()
-    clients: dict[str, Kube] = {}
-
-    def kube() -> Kube:
-        if "kube" not in clients:
-            clients["kube"] = Kube(connection or Connection.in_cluster())
-        return clients["kube"]
-
-    register(registry, settings, kube)
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if connection is not None:
-            return kopf.ConnectionInfo(server=connection.server, insecure=connection.insecure, token=connection.token)
-        return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
-
-    @kopf.on.cleanup(registry=registry)
-    async def close(**_: Any) -> None:
-        if "kube" in clients:
-            await clients.pop("kube").close()
-
-    return registry, clients
 
 
 async def operate(
@@ -56,9 +30,9 @@ async def operate(
     ready_flag: Any = None,
     liveness: bool = True,
 ) -> None:
-    registry, _ = build_registry(settings, connection)
     await kopf.operator(
-        registry=registry,
+        registry=build_registry(settings),
+        memo=new_memo(settings, connection),
         standalone=True,
         clusterwide=not settings.namespace,
         namespaces=[settings.namespace] if settings.namespace else (),

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import p2ptrain.metrics  # noqa: F401  (declares every metric in the default registry)
+import p2ptrain.metrics  # noqa: F401  (declares every peer and function metric in the default registry)
+import p2ptrain_operator.metrics  # noqa: F401  (the operator's own metrics)
 from p2ptrain_operator.rbac import REQUIRED_RULES
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -116,6 +116,14 @@ def track_phase(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: Operat
 async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                     logger: kopf.Logger, memo: OperatorMemo, **_: Any) -> None:
     started = time.perf_counter()
+    try:
+        await _reconcile(body, spec, meta, status, patch, logger, memo)
+    finally:  # every run counts, the ones that find nothing to do included
+        metrics.RECONCILE_SECONDS.labels(handler="reconcile").observe(time.perf_counter() - started)
+
+
+async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                     logger: kopf.Logger, memo: OperatorMemo) -> None:
     phase = _phase(status)
     if phase.is_terminal:
         return  # a finished job is never rebuilt, whatever replays this handler
@@ -144,7 +152,6 @@ async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: k
         patch.status["peersReadyText"] = f"0/{job.peers}"
         patch.status["rounds"] = 0
         kopf.info(body, reason=transition.reason, message=f"created {len(created)} children")
-    metrics.RECONCILE_SECONDS.labels(handler="reconcile").observe(time.perf_counter() - started)
 
 
 async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
@@ -188,6 +195,8 @@ async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kop
             metrics.JOBS_RESTARTED_TOTAL.inc()
         if transition.phase == Phase.SUSPENDED:
             await _scale(memo.kube, job, 0)
+        elif phase == Phase.SUSPENDED:  # resumed, seen by the timer before the field handler
+            await _scale(memo.kube, job, job.peers)
         if transition.phase.is_terminal:
             patch.status["completionTime"] = _now()
             (metrics.JOBS_SUCCEEDED_TOTAL if transition.phase == Phase.SUCCEEDED else metrics.JOBS_FAILED_TOTAL).inc()
@@ -220,7 +229,11 @@ async def expire(body: kopf.Body, meta: kopf.Meta, stopped: kopf.DaemonStopped, 
 async def suspend(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                   new: Any, old: Any, memo: OperatorMemo, **_: Any) -> None:
     phase = _phase(status)
-    if phase.is_terminal or old is None:  # creation is reconcile()'s job
+    if phase.is_terminal or phase == Phase.PENDING:  # creation is reconcile()'s job
+        return
+    if bool(new) == (phase == Phase.SUSPENDED):
+        # Already as the spec says: kopf may call this in the creation cycle (old None), or the
+        # timer got there first (it scales on the transition too).
         return
     job = _job(spec, meta)
     await _scale(memo.kube, job, 0 if new else job.peers)

@@ -6,8 +6,8 @@ the job). Authentication, TLS and errors are the client's: a failed call raises 
 (409 on create means the child is already there, 404 means it is gone). The client blocks, so every
 call runs in a worker thread and the operator's event loop stays free.
 
-The service-account token is re-read from its file whenever the file changes: projected tokens
-rotate (the kubelet rewrites the file), and a client that kept the first one would get 401s.
+The service-account token is read from its file for every request: projected tokens rotate (the
+kubelet rewrites the file), and a client that kept the first one would get 401s.
 """
 
 from __future__ import annotations
@@ -44,23 +44,19 @@ MERGE_PATCH = "application/merge-patch+json"
 class TokenFile:
     """A ``refresh_api_key_hook`` that puts the token file's current content on every request.
 
-    It reads the file again only when its modification time or size changes, so a rotated token is
-    used from the very next request and an unchanged one costs a ``stat``.
+    The file is read again for every request (a few hundred bytes from a tmpfs; the operator makes a
+    handful of calls a second), so a rotated token is used from the very next request, whatever
+    way the kubelet rewrote it.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._seen: tuple[int, int] | None = None
-        self._token = ""
 
     def __call__(self, configuration: client.Configuration) -> None:
-        stat = self.path.stat()
-        if (stat.st_mtime_ns, stat.st_size) != self._seen:
-            token = self.path.read_text().strip()
-            if not token:
-                raise ValueError(f"token file {self.path} is empty: expected a service-account token")
-            self._token, self._seen = token, (stat.st_mtime_ns, stat.st_size)
-        configuration.api_key["BearerToken"] = f"Bearer {self._token}"
+        token = self.path.read_text().strip()
+        if not token:
+            raise ValueError(f"token file {self.path} is empty: expected a service-account token")
+        configuration.api_key["BearerToken"] = f"Bearer {token}"
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,10 @@ JOBS = "p2ptrain.dev/v1alpha1/p2ptrainingjobs"
 ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 RESOURCES = {
     JOBS: {"kind": "P2PTrainingJob", "namespaced": True, "verbs": ALL_VERBS, "subresources": {"status"}},
+    # What every cluster serves: an operator that scanned them would need cluster-wide RBAC.
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": {"list", "watch", "get"}},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {"kind": "CustomResourceDefinition", "namespaced": False,
+                                                          "verbs": {"list", "watch", "get"}},
     "v1/secrets": {"kind": "Secret", "namespaced": True, "verbs": ALL_VERBS},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "verbs": ALL_VERBS},
     "v1/services": {"kind": "Service", "namespaced": True, "verbs": ALL_VERBS},

@@ -34,7 +34,7 @@ from p2ptrain_operator.settings import Settings
 
 JOBS = "p2ptrain.dev/v1alpha1/p2ptrainingjobs"
 ALL_VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
-RESOURCES = {
+RESOURCES: dict[str, dict[str, Any]] = {
     JOBS: {"kind": "P2PTrainingJob", "namespaced": True, "verbs": ALL_VERBS, "subresources": {"status"}},
     # What every cluster serves: an operator that scanned them would need cluster-wide RBAC.
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": {"list", "watch", "get"}},
@@ -211,13 +211,13 @@ def phase(cluster: Cluster, name: str = "digits") -> str | None:
     return (cluster.job(name) or {}).get("status", {}).get("phase")
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Wait until ``check()`` is truthy (polled every 50 ms) and return its value."""
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, describe: Callable[[], str] | None = None) -> Any:
+    """Wait until ``check()`` is truthy (polled every 50 ms) and return its value; ``describe`` explains a timeout."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
+            raise AssertionError(f"condition not met within {timeout}s: {check}" + (f": {describe()}" if describe else ""))
         await asyncio.sleep(0.05)

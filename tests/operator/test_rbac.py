@@ -31,6 +31,14 @@ def _replicas(cluster: Cluster, name: str) -> int | None:
     return None if child is None else child["spec"]["replicas"]
 
 
+def _state(cluster: Cluster) -> str:
+    job = cluster.job() or {}
+    scales = [(r.headers.get("User-Agent", "")[:20], r.data) for r in cluster.k8s
+              if r.method == "PATCH" and str(r.url.path).endswith("statefulsets/digits-peer")]
+    return (f"phase={phase(cluster)} replicas={_replicas(cluster, 'digits-peer')} spec={job.get('spec')} "
+            f"status.message={job.get('status', {}).get('message')} scale patches={scales}")
+
+
 async def _lifecycle(cluster: Cluster, namespace: str) -> None:
     await cluster.apply(job_manifest(output={"claimName": "models", "path": "digits/model.safetensors"},
                                      runPolicy={"ttlSecondsAfterFinished": 0}))
@@ -41,7 +49,8 @@ async def _lifecycle(cluster: Cluster, namespace: str) -> None:
     await cluster.patch_job({"spec": {"runPolicy": {"suspend": True}}})
     await eventually(lambda: phase(cluster) == "Suspended" and _replicas(cluster, "digits-peer") == 0)
     await cluster.patch_job({"spec": {"runPolicy": {"suspend": False}}})
-    await eventually(lambda: phase(cluster) in ("Created", "Running") and _replicas(cluster, "digits-peer") == 2)
+    await eventually(lambda: phase(cluster) in ("Created", "Running") and _replicas(cluster, "digits-peer") == 2,
+                     describe=lambda: _state(cluster))
     cluster.peers.report("succeeded")
     await eventually(lambda: phase(cluster) == "Succeeded")
     await eventually(lambda: cluster.child("batch/v1/jobs", "digits-export"))

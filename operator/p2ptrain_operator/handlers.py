@@ -7,8 +7,9 @@ registry) lives in kopf's ``memo``, created once at startup and closed at cleanu
 
 create/resume build the children and create them (idempotently: replays and operator restarts create
 nothing twice, and a finished job is never rebuilt); a timer polls the peers' ``/status`` and moves the
-phase; a daemon deletes finished jobs exactly when ``ttlSecondsAfterFinished`` runs out; field handlers
-suspend and resume, and refuse changes the engine cannot apply to a running job; an event handler
+phase, suspending and resuming too (the only handler that scales a created job's pods, so no two handlers
+act on one another's stale view); a daemon deletes finished jobs exactly when ``ttlSecondsAfterFinished``
+runs out; a field handler refuses changes the engine cannot apply to a running job; an event handler
 keeps the jobs-by-phase gauge equal to the jobs that exist. Handlers return None and write status
 through ``patch.status``.
 """
@@ -195,7 +196,7 @@ async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kop
             metrics.JOBS_RESTARTED_TOTAL.inc()
         if transition.phase == Phase.SUSPENDED:
             await _scale(memo.kube, job, 0)
-        elif phase == Phase.SUSPENDED:  # resumed, seen by the timer before the field handler
+        elif phase == Phase.SUSPENDED and not transition.phase.is_terminal:  # resumed
             await _scale(memo.kube, job, job.peers)
         if transition.phase.is_terminal:
             patch.status["completionTime"] = _now()
@@ -224,25 +225,6 @@ async def expire(body: kopf.Body, meta: kopf.Meta, stopped: kopf.DaemonStopped, 
             await stopped.wait(min(remaining, 1.0))
         else:
             await stopped.wait(1.0)  # the daemon's body is live: re-read status every second
-
-
-async def suspend(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
-                  new: Any, old: Any, memo: OperatorMemo, **_: Any) -> None:
-    phase = _phase(status)
-    if phase.is_terminal or phase == Phase.PENDING:  # creation is reconcile()'s job
-        return
-    if bool(new) == (phase == Phase.SUSPENDED):
-        # Already as the spec says: kopf may call this in the creation cycle (old None), or the
-        # timer got there first (it scales on the transition too).
-        return
-    job = _job(spec, meta)
-    await _scale(memo.kube, job, 0 if new else job.peers)
-    transition = (
-        Transition(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is true: peers and Redis scaled to zero")
-        if new else Transition(Phase.CREATED, "Resumed", "runPolicy.suspend is false: peers scaled back up")
-    )
-    _write_status(patch, status, transition, meta.get("generation"))
-    kopf.info(body, reason=transition.reason, message=transition.message)
 
 
 def refuse_rescale(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, old: Any, new: Any, **_: Any) -> None:
@@ -354,6 +336,5 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     kopf.timer(*RESOURCE, registry=registry, interval=settings.poll_seconds,
                initial_delay=settings.poll_seconds / 2)(observe)
     kopf.daemon(*RESOURCE, registry=registry, cancellation_timeout=1.0)(expire)
-    kopf.on.field(*RESOURCE, field="spec.runPolicy.suspend", registry=registry)(suspend)
     kopf.on.field(*RESOURCE, field="spec.peers", registry=registry)(refuse_rescale)
     return registry

@@ -79,6 +79,13 @@ def _jobs_in(phase_name: str) -> float | None:
     return REGISTRY.get_sample_value("p2ptrain_operator_jobs", {"phase": phase_name})
 
 
+def _kopf_done(cluster: Cluster) -> bool:
+    """kopf finished handling the job: it recorded the spec it handled and no handler is in progress."""
+    annotations = (cluster.job() or {}).get("metadata", {}).get("annotations") or {}
+    kopf_keys = {k for k in annotations if k.startswith("kopf.zalando.org/")}
+    return kopf_keys == {"kopf.zalando.org/last-handled-configuration"}
+
+
 def _reconcile_runs() -> float:
     return REGISTRY.get_sample_value("p2ptrain_operator_reconcile_seconds_count", {"handler": "reconcile"}) or 0.0
 
@@ -91,9 +98,11 @@ async def test_a_finished_job_is_never_recreated(cluster: Cluster) -> None:
         metrics.JOBS.labels(phase="Succeeded").set(0)
         runs = _reconcile_runs()
         await asyncio.to_thread(cluster.start_operator)
-        # The operator saw the job (its event handler counted it) and its resume handler ran to its end.
+        # The operator saw the job (its event handler counted it), its create (first start) or resume
+        # (restart) handler ran, and kopf finished the handling cycle (only its last-handled record left).
         await eventually(lambda: _jobs_in("Succeeded") == 1)
         await eventually(lambda runs=runs: _reconcile_runs() > runs)  # type: ignore[misc]
+        await eventually(lambda: _kopf_done(cluster), describe=lambda: str(cluster.job()["metadata"].get("annotations")))  # type: ignore[index]
         await asyncio.to_thread(cluster.stop_operator)
     assert all(cluster.child(r, n) is None for r, n in CHILDREN)
     assert all(cluster.creates(r, n) == 0 for r, n in CHILDREN)

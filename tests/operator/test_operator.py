@@ -6,6 +6,7 @@ import asyncio
 import datetime
 
 import kmock
+import pytest
 from prometheus_client import REGISTRY
 
 from p2ptrain_operator import metrics
@@ -199,3 +200,15 @@ async def test_a_succeeded_job_exports_its_model_before_cleaning_up(cluster: Clu
     await eventually(lambda: cluster.job() is None)
     reasons = [(r.data or {}).get("reason") for r in cluster.k8s if r.method == "POST" and "events" in str(r.resource)]
     assert "ExportingModel" in reasons and "ModelExported" in reasons
+
+
+async def test_a_spec_broken_after_creation_is_reported_not_silently_skipped(
+        cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    await cluster.apply(job_manifest())
+    await asyncio.to_thread(cluster.start_operator)
+    await eventually(lambda: phase(cluster) == "Created")
+    await cluster.patch_job({"spec": {"aggregation": {"rule": "krum", "byzantine": 1}}})  # too few peers for krum
+    # The observer (a timer: kopf logs it locally, not as an event) says why it stopped observing.
+    await eventually(lambda: any(r.levelname == "WARNING" and "the spec no longer parses" in r.getMessage()
+                                 and "krum" in r.getMessage() for r in caplog.records))
+    assert phase(cluster) == "Created"  # not failed by a timer that guessed

@@ -1,6 +1,7 @@
 """Every Prometheus metric p2ptrain exports, declared once.
 
-Peers, gradient functions and the operator import these objects; nothing else creates metrics. Names
+Peers and gradient functions import these objects; nothing else creates metrics (the operator's own
+metrics live in ``p2ptrain_operator.metrics``, so peers and functions never export them). Names
 follow Prometheus conventions (base units, ``_total``, ``_seconds``, ``_bytes``) and labels are bounded:
 ``job``, ``namespace``, ``peer`` plus small enums (``phase``, ``reason``, ``outcome``).
 """
@@ -136,22 +137,6 @@ FUNCTION_INSTANCE_START_TIME_SECONDS = Gauge(
 FUNCTION_MODEL_LOADS_TOTAL = Counter(
     "p2ptrain_function_model_loads_total", "Model versions loaded from Redis (cache misses).", FUNCTION_LABELS
 )
-
-# --- operator --------------------------------------------------------------------------------------
-OPERATOR_JOBS_CREATED_TOTAL = Counter("p2ptrain_operator_jobs_created_total", "Jobs whose children were created.")
-OPERATOR_JOBS_SUCCEEDED_TOTAL = Counter("p2ptrain_operator_jobs_succeeded_total", "Jobs that succeeded.")
-OPERATOR_JOBS_FAILED_TOTAL = Counter("p2ptrain_operator_jobs_failed_total", "Jobs that failed.")
-OPERATOR_JOBS_RESTARTED_TOTAL = Counter("p2ptrain_operator_jobs_restarted_total", "Job restarts after peer failure.")
-OPERATOR_RECONCILE_SECONDS = Histogram(
-    "p2ptrain_operator_reconcile_seconds", "Time one reconcile handler takes.", ("handler",)
-)
-OPERATOR_RECONCILE_ERRORS_TOTAL = Counter(
-    "p2ptrain_operator_reconcile_errors_total",
-    "Reconcile handler runs that ended in an error (kopf retries them), by handler.",
-    ("handler",),
-)
-OPERATOR_JOBS = Gauge("p2ptrain_operator_jobs", "Jobs known to the operator, by phase.", ("phase",))
-
 
 def peer_labels(job: str, namespace: str, peer: int) -> dict[str, str]:
     return {"job": job, "namespace": namespace, "peer": str(peer)}

@@ -1,35 +1,64 @@
 """kopf handlers: thin wiring from events on P2PTrainingJobs to the pure builders and lifecycle.
 
+Every handler is a module-level function typed with kopf's own argument types, registered by
+``build_registry`` (the timer's interval is a setting); what
+they share (settings, the Kubernetes client, the HTTP client that polls peers, the jobs-by-phase
+registry) lives in kopf's ``memo``, created once at startup and closed at cleanup.
+
 create/resume build the children and create them (idempotently: replays and operator restarts create
 nothing twice, and a finished job is never rebuilt); a timer polls the peers' ``/status`` and moves the
-phase; a daemon deletes finished jobs exactly when ``ttlSecondsAfterFinished`` runs out; field handlers
-suspend and resume, and refuse changes the engine cannot apply to a running job. Handlers return None
-and write status through ``patch.status``.
+phase, suspending and resuming too (the only handler that scales a created job's pods, so no two handlers
+act on one another's stale view); a daemon deletes finished jobs exactly when ``ttlSecondsAfterFinished``
+runs out; a field handler refuses changes the engine cannot apply to a running job; an event handler
+keeps the jobs-by-phase gauge equal to the jobs that exist. Handlers return None and write status
+through ``patch.status``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import kopf
 
-from p2ptrain import metrics
 from p2ptrain.config import ChildNames
 from p2ptrain.spec import API_GROUP, API_VERSION, PLURAL, JobSpec, SpecError, parse_spec
-from p2ptrain_operator.builders import build_children, build_export_job, selector
-from p2ptrain_operator.kube import Kube
+from p2ptrain_operator import metrics
+from p2ptrain_operator.builders import (
+    build_children,
+    build_export_job,
+    knative_flags_needed,
+    knative_warnings,
+    selector,
+)
+from p2ptrain_operator.kube import Connection, Kube
 from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
 from p2ptrain_operator.settings import Settings
 
 FINALIZER = f"{API_GROUP}/finalizer"
 EXPORT_RUNNING, EXPORT_FAILED = "Running", "Failed"  # status.modelExport while not yet Succeeded
-_PHASES: dict[tuple[str, str], Phase] = {}
+RESOURCE = (API_GROUP, API_VERSION, PLURAL)
+
+class OperatorMemo(kopf.Memo):
+    """What every handler shares. kopf gives each job a shallow copy, so the clients are the same objects."""
+
+    settings: Settings
+    connection: Connection | None  # None: in-cluster credentials
+    kube: Kube
+    http: httpx.AsyncClient
+    phases: dict[tuple[str, str], str]  # (namespace, name) -> phase, of the jobs that exist
+
+
+def new_memo(settings: Settings, connection: Connection | None) -> OperatorMemo:
+    memo = OperatorMemo()
+    memo.settings, memo.connection, memo.phases = settings, connection, {}
+    return memo
 
 
 def _now() -> str:
@@ -42,17 +71,15 @@ def _parse_time(value: str | None) -> float | None:
     return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
-def _job(spec: Any, meta: Any) -> JobSpec:
+def _job(spec: kopf.Spec, meta: kopf.Meta) -> JobSpec:
     return parse_spec(dict(spec), name=meta["name"], namespace=meta.get("namespace") or "default")
 
 
-def _record(meta: Any, phase: Phase) -> None:
-    _PHASES[(meta.get("namespace") or "default", meta["name"])] = phase
-    for p in Phase:
-        metrics.OPERATOR_JOBS.labels(phase=p.value).set(sum(1 for v in _PHASES.values() if v == p))
+def _phase(status: kopf.Status) -> Phase:
+    return Phase(status.get("phase") or Phase.PENDING.value)
 
 
-def _write_status(patch: Any, status: Any, transition: Transition, generation: int | None) -> None:
+def _write_status(patch: kopf.Patch, status: kopf.Status, transition: Transition, generation: int | None) -> None:
     patch.status["phase"] = transition.phase.value
     patch.status["message"] = transition.message
     patch.status["conditions"] = conditions(transition, status.get("conditions") or [], _now(), generation)
@@ -60,151 +87,195 @@ def _write_status(patch: Any, status: Any, transition: Transition, generation: i
         patch.status["observedGeneration"] = generation
 
 
-def register(registry: kopf.OperatorRegistry, settings: Settings, kube: Callable[[], Kube]) -> None:
-    """Declare every handler on ``registry``; ``kube()`` gives the client for children."""
-    resource = (API_GROUP, API_VERSION, PLURAL)
+def configure(settings: kopf.OperatorSettings, memo: OperatorMemo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = 20  # INFO: transitions become Kubernetes events
+    settings.watching.server_timeout = 60
+    # No watching of CRDs or namespaces: the chart installs the CRD before the operator, and the
+    # watched namespace is given. This keeps RBAC to the jobs and their children (no cluster-wide
+    # reads of CRDs or namespaces), and lets a namespaced Role suffice when one namespace is watched.
+    settings.scanning.disabled = True
+    memo.kube = Kube(memo.connection or Connection.in_cluster())
+    memo.http = httpx.AsyncClient(timeout=2)
 
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.finalizer = FINALIZER
-        settings.posting.level = 20  # INFO: transitions become Kubernetes events
-        settings.watching.server_timeout = 60
 
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    async def reconcile(body: Any, spec: Any, meta: Any, status: Any, patch: Any, logger: Any, **_: Any) -> None:
-        started = time.perf_counter()
-        phase = Phase(status.get("phase") or Phase.PENDING.value)
-        _record(meta, phase)
-        if phase.is_terminal:
-            return  # a finished job is never rebuilt, whatever replays this handler
-        try:
-            job = _job(spec, meta)
-        except SpecError as exc:
-            transition = Transition(Phase.FAILED, "InvalidSpec", str(exc))
-            _write_status(patch, status, transition, meta.get("generation"))
-            metrics.OPERATOR_JOBS_FAILED_TOTAL.inc()
-            raise kopf.PermanentError(str(exc)) from exc
-        children = build_children(
-            job, body, settings, redis_password=secrets.token_hex(24), signing_key=secrets.token_hex(32)
-        )
-        created = [c for c in children if await kube().create(c)]
-        if job.run_policy.suspend:
-            await _scale(kube(), job, 0)
-        if created:
-            logger.info(f"created {len(created)} children: {', '.join(c['metadata']['name'] for c in created)}")
-            if created[0]["kind"] == "Secret":
-                metrics.OPERATOR_JOBS_CREATED_TOTAL.inc()
-        if phase == Phase.PENDING:
-            transition = next_phase(phase, Observed(peers=job.peers, suspended=job.run_policy.suspend))
-            _write_status(patch, status, transition, meta.get("generation"))
-            patch.status["startTime"] = status.get("startTime") or _now()
-            patch.status["peersReady"] = 0
-            patch.status["peersReadyText"] = f"0/{job.peers}"
-            patch.status["rounds"] = 0
-            kopf.info(body, reason=transition.reason, message=f"created {len(created)} children")
-            _record(meta, transition.phase)
-        metrics.OPERATOR_RECONCILE_SECONDS.labels(handler="reconcile").observe(time.perf_counter() - started)
+async def close(memo: OperatorMemo, **_: Any) -> None:
+    await memo.http.aclose()
+    memo.kube.close()
 
-    @kopf.timer(*resource, registry=registry, interval=settings.poll_seconds, initial_delay=settings.poll_seconds / 2)
-    async def observe(body: Any, spec: Any, meta: Any, status: Any, patch: Any, logger: Any, **_: Any) -> None:
-        started = time.perf_counter()
-        phase = Phase(status.get("phase") or Phase.PENDING.value)
-        if phase == Phase.SUCCEEDED and status.get("modelExport") in (EXPORT_RUNNING, EXPORT_FAILED):
-            await _follow_export(kube(), body, _job(spec, meta), settings, status.get("modelExport"), patch)
-            return
-        if phase.is_terminal or phase == Phase.PENDING:
-            return
-        try:
-            job = _job(spec, meta)
-        except SpecError:
-            return
-        reports = await _poll_peers(settings, job)
-        restarts = await _restarts(kube(), job)
-        start = _parse_time(status.get("startTime"))
-        observed = Observed(
-            peers=job.peers,
-            peer_states=[r.get("state") if r else None for r in reports],
-            restarts=restarts,
-            previous_restarts=int(status.get("restarts") or 0),
-            suspended=job.run_policy.suspend,
-            backoff_limit=job.run_policy.backoff_limit,
-            elapsed_seconds=time.time() - start if start else None,
-            active_deadline_seconds=job.run_policy.active_deadline_seconds,
-            failure_message=next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r.get("state") == "failed"), ""),
-        )
-        transition = next_phase(phase, observed)
-        _write_progress(patch, job, reports, restarts)
-        if transition.phase != phase:
-            _write_status(patch, status, transition, meta.get("generation"))
-            (kopf.warn if transition.phase in (Phase.FAILED, Phase.RESTARTING) else kopf.info)(
-                body, reason=transition.reason, message=transition.message
-            )
-            if transition.phase == Phase.RESTARTING:
-                metrics.OPERATOR_JOBS_RESTARTED_TOTAL.inc()
-            if transition.phase == Phase.SUSPENDED:
-                await _scale(kube(), job, 0)
-            if transition.phase.is_terminal:
-                patch.status["completionTime"] = _now()
-                (metrics.OPERATOR_JOBS_SUCCEEDED_TOTAL if transition.phase == Phase.SUCCEEDED
-                 else metrics.OPERATOR_JOBS_FAILED_TOTAL).inc()
-                if transition.phase == Phase.SUCCEEDED and job.output is not None:
-                    # The model lives in Redis 0: write it out before anything is scaled down.
-                    await kube().create(build_export_job(job, body, settings))
-                    patch.status["modelExport"] = EXPORT_RUNNING
-                    kopf.info(body, reason="ExportingModel",
-                              message=f"writing the model to pvc {job.output.claim_name}:{job.output.path}")
-                elif job.run_policy.clean_pod_policy != "None":
-                    await _scale(kube(), job, 0)
-            _record(meta, transition.phase)
-        metrics.OPERATOR_RECONCILE_SECONDS.labels(handler="observe").observe(time.perf_counter() - started)
 
-    @kopf.daemon(*resource, registry=registry, cancellation_timeout=1.0)
-    async def expire(body: Any, meta: Any, stopped: Any, logger: Any, **_: Any) -> None:
-        """Delete a finished job exactly ttlSecondsAfterFinished after completion (not on a resync)."""
-        while not stopped:
-            ttl = (body.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-            finished = _parse_time(body.get("status", {}).get("completionTime"))
-            exporting = body.get("status", {}).get("modelExport") == EXPORT_RUNNING
-            if ttl is not None and finished is not None and not exporting:  # never delete the model's source
-                remaining = finished + ttl - time.time()
-                if remaining <= 0:
-                    logger.info(f"ttlSecondsAfterFinished={ttl} reached: deleting the job")
-                    await kube().delete(f"{API_GROUP}/{API_VERSION}", "P2PTrainingJob", meta["namespace"], meta["name"])
-                    return
-                await stopped.wait(min(remaining, 1.0))
-            else:
-                await stopped.wait(1.0)  # the daemon's body is live: re-read status every second
+def login(memo: OperatorMemo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    connection = memo.connection
+    if connection is not None:
+        return kopf.ConnectionInfo(server=connection.server, insecure=connection.insecure, token=connection.token())
+    return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
 
-    @kopf.on.field(*resource, field="spec.runPolicy.suspend", registry=registry)
-    async def suspend(body: Any, spec: Any, meta: Any, status: Any, patch: Any, new: Any, old: Any, **_: Any) -> None:
-        phase = Phase(status.get("phase") or Phase.PENDING.value)
-        if phase.is_terminal or old is None:  # creation is reconcile()'s job
-            return
+
+def track_phase(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: OperatorMemo, **_: Any) -> None:
+    """The jobs-by-phase gauge counts the jobs that exist now: a deleted job leaves it."""
+    key = (meta.get("namespace") or "default", meta["name"])
+    if type == "DELETED":
+        memo.phases.pop(key, None)
+    else:
+        memo.phases[key] = body.get("status", {}).get("phase") or Phase.PENDING.value
+    for phase in Phase:
+        metrics.JOBS.labels(phase=phase.value).set(sum(1 for v in memo.phases.values() if v == phase.value))
+
+
+async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                    logger: kopf.Logger, memo: OperatorMemo, **_: Any) -> None:
+    async with _measured("reconcile"):
+        await _reconcile(body, spec, meta, status, patch, logger, memo)
+
+
+@contextlib.asynccontextmanager
+async def _measured(handler: str) -> AsyncIterator[None]:
+    """Time every run of a handler (those that find nothing to do included) and count its errors.
+
+    A spec that can never work (kopf.PermanentError) is the job's failure, reported in its status,
+    not the operator's: only errors kopf will retry count in p2ptrain_operator_reconcile_errors_total.
+    """
+    started = time.perf_counter()
+    try:
+        yield
+    except kopf.PermanentError:
+        raise
+    except Exception:
+        metrics.RECONCILE_ERRORS_TOTAL.labels(handler=handler).inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.labels(handler=handler).observe(time.perf_counter() - started)
+
+
+async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                     logger: kopf.Logger, memo: OperatorMemo) -> None:
+    phase = _phase(status)
+    if phase.is_terminal:
+        return  # a finished job is never rebuilt, whatever replays this handler
+    try:
         job = _job(spec, meta)
-        await _scale(kube(), job, 0 if new else job.peers)
-        transition = (
-            Transition(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is true: peers and Redis scaled to zero")
-            if new else Transition(Phase.CREATED, "Resumed", "runPolicy.suspend is false: peers scaled back up")
-        )
+    except SpecError as exc:
+        transition = Transition(Phase.FAILED, "InvalidSpec", str(exc))
         _write_status(patch, status, transition, meta.get("generation"))
-        kopf.info(body, reason=transition.reason, message=transition.message)
-        _record(meta, transition.phase)
+        metrics.JOBS_FAILED_TOTAL.inc()
+        raise kopf.PermanentError(str(exc)) from exc
+    children = build_children(
+        job, dict(body), memo.settings, redis_password=secrets.token_hex(24), signing_key=secrets.token_hex(32)
+    )
+    created = [c for c in children if await memo.kube.create(c)]
+    if job.run_policy.suspend:
+        await _scale(memo.kube, job, 0)
+    if created:
+        logger.info(f"created {len(created)} children: {', '.join(c['metadata']['name'] for c in created)}")
+        if created[0]["kind"] == "Secret":
+            metrics.JOBS_CREATED_TOTAL.inc()
+    if phase == Phase.PENDING:
+        transition = next_phase(phase, Observed(peers=job.peers, suspended=job.run_policy.suspend))
+        _write_status(patch, status, transition, meta.get("generation"))
+        patch.status["startTime"] = status.get("startTime") or _now()
+        patch.status["peersReady"] = 0
+        patch.status["peersReadyText"] = f"0/{job.peers}"
+        patch.status["rounds"] = 0
+        kopf.info(body, reason=transition.reason, message=f"created {len(created)} children")
+        flags = knative_flags_needed(job)
+        if flags:
+            message = (f"the gradient function needs Knative feature flag(s) {', '.join(flags)} set to enabled in "
+                       "config-features (knative-serving namespace); without them Knative refuses its Service")
+            patch.status["knativeFlagsNeeded"] = flags
+            kopf.warn(body, reason="KnativeFlagsNeeded", message=message)
+        for warning in knative_warnings(job):
+            kopf.warn(body, reason="KnativeSettingAdjusted", message=warning)
 
-    @kopf.on.field(*resource, field="spec.peers", registry=registry)
-    def refuse_rescale(body: Any, status: Any, patch: Any, old: Any, new: Any, **_: Any) -> None:
-        if old is None or old == new:
-            return
-        message = (
-            f"spec.peers changed from {old} to {new} on a created job: the engine shards the data once per job, "
-            "so the change is not applied; create a new job to use a different number of peers"
+
+async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                   logger: kopf.Logger, memo: OperatorMemo, **_: Any) -> None:
+    async with _measured("observe"):
+        await _observe(body, spec, meta, status, patch, logger, memo)
+
+
+async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
+                   logger: kopf.Logger, memo: OperatorMemo) -> None:
+    phase = _phase(status)
+    exporting = phase == Phase.SUCCEEDED and status.get("modelExport") in (EXPORT_RUNNING, EXPORT_FAILED)
+    if (phase.is_terminal and not exporting) or phase == Phase.PENDING:
+        return
+    try:
+        job = _job(spec, meta)
+    except SpecError as exc:
+        # reconcile() failed the job at creation; a spec broken later (an edit) is reported, not polled.
+        logger.warning(f"not observing the peers: the spec no longer parses: {exc}")
+        return
+    if exporting:
+        await _follow_export(memo, body, job, str(status.get("modelExport")), patch)
+        return
+    reports = await _poll_peers(memo, job)
+    restarts = await _restarts(memo.kube, job)
+    start = _parse_time(status.get("startTime"))
+    observed = Observed(
+        peers=job.peers,
+        peer_states=[r.get("state") if r else None for r in reports],
+        restarts=restarts,
+        previous_restarts=int(status.get("restarts") or 0),
+        suspended=job.run_policy.suspend,
+        backoff_limit=job.run_policy.backoff_limit,
+        elapsed_seconds=time.time() - start if start else None,
+        active_deadline_seconds=job.run_policy.active_deadline_seconds,
+        failure_message=next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r.get("state") == "failed"), ""),
+    )
+    transition = next_phase(phase, observed)
+    _write_progress(patch, job, reports, restarts)
+    if transition.phase != phase:
+        _write_status(patch, status, transition, meta.get("generation"))
+        (kopf.warn if transition.phase in (Phase.FAILED, Phase.RESTARTING) else kopf.info)(
+            body, reason=transition.reason, message=transition.message
         )
-        patch.status["message"] = message
-        kopf.warn(body, reason="PeersChangeRejected", message=message)
-        raise kopf.PermanentError(message)
+        if transition.phase == Phase.RESTARTING:
+            metrics.JOBS_RESTARTED_TOTAL.inc()
+        if transition.phase == Phase.SUSPENDED:
+            await _scale(memo.kube, job, 0)
+        elif phase == Phase.SUSPENDED and not transition.phase.is_terminal:  # resumed
+            await _scale(memo.kube, job, job.peers)
+        if transition.phase.is_terminal:
+            patch.status["completionTime"] = _now()
+            (metrics.JOBS_SUCCEEDED_TOTAL if transition.phase == Phase.SUCCEEDED else metrics.JOBS_FAILED_TOTAL).inc()
+            if transition.phase == Phase.SUCCEEDED and job.output is not None:
+                # The model lives in Redis 0: write it out before anything is scaled down.
+                await _start_export(memo, body, job, patch)
+            elif job.run_policy.clean_pod_policy != "None":
+                await _scale(memo.kube, job, 0)
 
 
-def _write_progress(patch: Any, job: JobSpec, reports: list[dict[str, Any] | None], restarts: int) -> None:
+async def expire(body: kopf.Body, meta: kopf.Meta, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                  memo: OperatorMemo, **_: Any) -> None:
+    """Delete a finished job exactly ttlSecondsAfterFinished after completion (not on a resync)."""
+    while not stopped:
+        ttl = (body.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        finished = _parse_time(body.get("status", {}).get("completionTime"))
+        exporting = body.get("status", {}).get("modelExport") == EXPORT_RUNNING
+        if ttl is not None and finished is not None and not exporting:  # never delete the model's source
+            remaining = finished + ttl - time.time()
+            if remaining <= 0:
+                logger.info(f"ttlSecondsAfterFinished={ttl} reached: deleting the job")
+                await memo.kube.delete_training_job(meta["namespace"], meta["name"])
+                return
+            await stopped.wait(min(remaining, 1.0))
+        else:
+            await stopped.wait(1.0)  # the daemon's body is live: re-read status every second
+
+
+def refuse_rescale(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, old: Any, new: Any, **_: Any) -> None:
+    if old is None or old == new:
+        return
+    message = (
+        f"spec.peers changed from {old} to {new} on a created job: the engine shards the data once per job, "
+        "so the change is not applied; create a new job to use a different number of peers"
+    )
+    patch.status["message"] = message
+    kopf.warn(body, reason="PeersChangeRejected", message=message)
+    raise kopf.PermanentError(message)
+
+
+def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[dict[str, Any] | None], restarts: int) -> None:
     live = [r for r in reports if r]
     ready = sum(1 for r in live if r.get("state") in ("training", "succeeded"))
     patch.status["peersReady"] = ready
@@ -222,50 +293,59 @@ def _write_progress(patch: Any, job: JobSpec, reports: list[dict[str, Any] | Non
             patch.status["accuracy"] = round(sum(accuracies) / len(accuracies), 5)
 
 
-async def _poll_peers(settings: Settings, job: JobSpec) -> list[dict[str, Any] | None]:
-    async def one(client: httpx.AsyncClient, index: int) -> dict[str, Any] | None:
+async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[dict[str, Any] | None]:
+    """Each peer's ``/status`` (None where it does not answer), through the one shared HTTP client."""
+    settings = memo.settings
+
+    async def one(index: int) -> dict[str, Any] | None:
         url = settings.peer_status_url.format(
             job=job.name, index=index, namespace=job.namespace, domain=settings.cluster_domain
         )
         try:
-            response = await client.get(url, timeout=2)
+            response = await memo.http.get(url)
             return response.json() if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             return None
 
-    async with httpx.AsyncClient() as client:
-        return list(await asyncio.gather(*(one(client, i) for i in range(job.peers))))
+    return list(await asyncio.gather(*(one(i) for i in range(job.peers))))
 
 
 async def _restarts(kube: Kube, job: JobSpec) -> int:
     wanted = selector(job.name, "peer")
-    query = ",".join(f"{k}={v}" for k, v in wanted.items())
-    pods = await kube.list("v1", "Pod", job.namespace, query)
+    pods = await kube.list_pods(job.namespace, ",".join(f"{k}={v}" for k, v in wanted.items()))
     total = 0
     for pod in pods:
-        labels = pod.get("metadata", {}).get("labels", {})
+        labels = pod.get("metadata", {}).get("labels") or {}
         if all(labels.get(k) == v for k, v in wanted.items()):  # emulators may ignore labelSelector
-            total += sum(int(c.get("restartCount", 0)) for c in pod.get("status", {}).get("containerStatuses", []))
+            statuses = (pod.get("status") or {}).get("containerStatuses") or []
+            total += sum(int(c.get("restartCount", 0)) for c in statuses)
     return total
 
 
-async def _follow_export(kube: Kube, body: Any, job: JobSpec, settings: Settings, current: str, patch: Any) -> None:
+async def _start_export(memo: OperatorMemo, body: kopf.Body, job: JobSpec, patch: kopf.Patch) -> None:
+    """The one place the export Job is started: at success, and again when it was deleted to retry."""
+    assert job.output is not None
+    await memo.kube.create(build_export_job(job, dict(body), memo.settings))
+    patch.status["modelExport"] = EXPORT_RUNNING
+    kopf.info(body, reason="ExportingModel", message=f"writing the model to pvc {job.output.claim_name}:{job.output.path}")
+
+
+async def _follow_export(memo: OperatorMemo, body: kopf.Body, job: JobSpec, current: str, patch: kopf.Patch) -> None:
     """Wait for the export Job; when it is done, record where the model is and clean up the pods."""
     names = ChildNames(job.name)
-    export = await kube.get("batch/v1", "Job", job.namespace, names.export)
+    export = await memo.kube.read_job(job.namespace, names.export)
     if export is None:  # deleted by hand to retry, or lost: run it again
-        await kube.create(build_export_job(job, body, settings))
-        patch.status["modelExport"] = EXPORT_RUNNING
+        await _start_export(memo, body, job, patch)
         return
-    state = export.get("status", {})
-    failed = next((c for c in state.get("conditions", []) if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    state = export.get("status") or {}
+    failed = next((c for c in state.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
     if int(state.get("succeeded") or 0) >= 1:
         assert job.output is not None
         patch.status["modelExport"] = "Succeeded"
         patch.status["model"] = f"pvc://{job.output.claim_name}/{job.output.path}"
         kopf.info(body, reason="ModelExported", message=f"model written to pvc {job.output.claim_name}:{job.output.path}")
         if job.run_policy.clean_pod_policy != "None":
-            await _scale(kube, job, 0)
+            await _scale(memo.kube, job, 0)
     elif failed is not None and current != EXPORT_FAILED:
         message = (f"exporting the model failed: {failed.get('message') or failed.get('reason')}; Redis is kept "
                    f"so no work is lost: fix the claim, then `kubectl delete job {names.export}` to retry")
@@ -277,5 +357,20 @@ async def _follow_export(kube: Kube, body: Any, job: JobSpec, settings: Settings
 async def _scale(kube: Kube, job: JobSpec, replicas: int) -> None:
     names = ChildNames(job.name)
     for name in (names.peer, names.redis):
-        obj = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": name, "namespace": job.namespace}}
-        await kube.patch(obj, {"spec": {"replicas": replicas}})
+        await kube.scale_stateful_set(job.namespace, name, replicas)
+
+
+def build_registry(settings: Settings) -> kopf.OperatorRegistry:
+    """A registry with every handler; the memo given to ``kopf.operator`` must come from ``new_memo``."""
+    registry = kopf.OperatorRegistry()
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.cleanup(registry=registry)(close)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.event(*RESOURCE, registry=registry)(track_phase)
+    kopf.on.resume(*RESOURCE, registry=registry)(reconcile)
+    kopf.on.create(*RESOURCE, registry=registry)(reconcile)
+    kopf.timer(*RESOURCE, registry=registry, interval=settings.poll_seconds,
+               initial_delay=settings.poll_seconds / 2)(observe)
+    kopf.daemon(*RESOURCE, registry=registry, cancellation_timeout=1.0)(expire)
+    kopf.on.field(*RESOURCE, field="spec.peers", registry=registry)(refuse_rescale)
+    return registry

@@ -15,37 +15,12 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from p2ptrain_operator.handlers import register
+from p2ptrain_operator.cleanup import cleanup
+from p2ptrain_operator.handlers import build_registry, new_memo
 from p2ptrain_operator.kube import Connection, Kube
 from p2ptrain_operator.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def build_registry(settings: Settings, connection: Connection | None) -> tuple[kopf.OperatorRegistry, dict[str, Kube]]:
-    """A registry with every handler; ``connection`` None means in-cluster credentials."""
-    registry = kopf.OperatorRegistry()
-    clients: dict[str, Kube] = {}
-
-    def kube() -> Kube:
-        if "kube" not in clients:
-            clients["kube"] = Kube(connection or Connection.in_cluster())
-        return clients["kube"]
-
-    register(registry, settings, kube)
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        if connection is not None:
-            return kopf.ConnectionInfo(server=connection.server, insecure=connection.insecure, token=connection.token)
-        return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
-
-    @kopf.on.cleanup(registry=registry)
-    async def close(**_: Any) -> None:
-        if "kube" in clients:
-            await clients.pop("kube").close()
-
-    return registry, clients
 
 
 async def operate(
@@ -56,9 +31,9 @@ async def operate(
     ready_flag: Any = None,
     liveness: bool = True,
 ) -> None:
-    registry, _ = build_registry(settings, connection)
     await kopf.operator(
-        registry=registry,
+        registry=build_registry(settings),
+        memo=new_memo(settings, connection),
         standalone=True,
         clusterwide=not settings.namespace,
         namespaces=[settings.namespace] if settings.namespace else (),
@@ -97,11 +72,36 @@ def main(argv: list[str] | None = None) -> int:
         "LIVENESS_PORT, CLUSTER_DOMAIN, POLL_SECONDS).",
     )
     parser.add_argument("--verbose", action="store_true")
+    actions = parser.add_subparsers(dest="action", metavar="{cleanup}")
+    clean = actions.add_parser(
+        "cleanup",
+        help="delete every job the operator watches and wait until they are gone (the chart's pre-delete hook)",
+        description="Delete every P2PTrainingJob in P2PTRAIN_OPERATOR_NAMESPACE (empty: every namespace) and "
+        "wait until the operator has released them; after --timeout, remove the operator's finalizer from "
+        "jobs no operator released. Exits 1 if jobs are still left.",
+    )
+    clean.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the operator (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = Settings.from_env()
+    if args.action == "cleanup":
+        return run_cleanup(Connection.in_cluster(), settings.namespace, args.timeout)
     start_http_server(settings.metrics_port)
     log.info("operator starting: image=%s namespace=%s", settings.image, settings.namespace or "<all>")
     asyncio.run(operate(settings))
+    return 0
+
+
+def run_cleanup(connection: Connection, namespace: str, timeout: float, poll: float = 1.0) -> int:
+    """The cleanup command: 0 when no job is left, 1 otherwise (Helm then reports the hook failed)."""
+    kube = Kube(connection, user_agent="p2ptrain-cleanup")
+    try:
+        report = asyncio.run(cleanup(kube, namespace, timeout, poll))
+    finally:
+        kube.close()
+    log.info("cleanup: deleted %d jobs, released %d without an operator", len(report.deleted), len(report.released))
+    if report.left:
+        log.error("cleanup: jobs still present (finalizers of other controllers?): %s", ", ".join(report.left))
+        return 1
     return 0

@@ -18,8 +18,9 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import p2ptrain.metrics  # noqa: F401  (declares every metric in the default registry)
-from p2ptrain_operator.rbac import REQUIRED_RULES
+import p2ptrain.metrics  # noqa: F401  (declares every peer and function metric in the default registry)
+import p2ptrain_operator.metrics  # noqa: F401  (the operator's own metrics)
+from p2ptrain_operator.rbac import CLEANUP_RULES, OPERATOR_RULES, grants
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "p2ptrain"
@@ -54,8 +55,9 @@ def test_helm_lint_strict_passes(values: list[str]) -> None:
 def test_rendered_objects_are_valid(values: list[str], version: str) -> None:
     documents = render(*values)
     kinds = {d["kind"] for d in documents}
-    assert {"CustomResourceDefinition", "Deployment", "ClusterRole", "ClusterRoleBinding", "ServiceAccount",
-            "Service", "ConfigMap"} <= kinds
+    role = "Role" if values else "ClusterRole"  # the custom values watch one namespace
+    assert {"CustomResourceDefinition", "Deployment", role, f"{role}Binding", "ServiceAccount", "Service", "ConfigMap",
+            "Job"} <= kinds
     for doc in documents:
         if doc["apiVersion"].startswith("monitoring.coreos.com"):
             assert doc["spec"].get("selector", {}).get("matchLabels"), doc["metadata"]["name"]
@@ -107,15 +109,65 @@ def test_chart_crd_is_identical_to_crds_folder() -> None:
     ).read_bytes()
 
 
-def _grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+def test_rbac_grants_exactly_what_the_operator_calls_cluster_wide() -> None:
+    documents = [d for d in render() if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+    (role,) = _by_kind(documents, "ClusterRole")
+    assert grants(role["rules"]) == grants(OPERATOR_RULES)
+    (binding,) = _by_kind(documents, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "p2ptrain"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "p2ptrain", "namespace": "p2ptrain"}]
+    assert not _by_kind(documents, "Role") and not _by_kind(documents, "RoleBinding")
 
 
-def test_rbac_grants_exactly_what_the_operator_calls() -> None:
-    (role,) = _by_kind(render(), "ClusterRole")
-    assert _grants(role["rules"]) == _grants(REQUIRED_RULES)
-    (binding,) = _by_kind(render(), "ClusterRoleBinding")
-    assert binding["subjects"][0]["namespace"] == "p2ptrain"
+def test_a_watched_namespace_gets_a_role_there_and_nothing_cluster_wide() -> None:
+    documents = render("operator.watchNamespace=training")
+    assert not _by_kind(documents, "ClusterRole") and not _by_kind(documents, "ClusterRoleBinding")
+    operator = [d for d in documents if "helm.sh/hook" not in d["metadata"].get("annotations", {})]
+    (role,) = _by_kind(operator, "Role")
+    (binding,) = _by_kind(operator, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "training"
+    assert grants(role["rules"]) == grants(OPERATOR_RULES)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "p2ptrain"}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "p2ptrain", "namespace": "p2ptrain"}]
+    (deployment,) = _by_kind(documents, "Deployment")
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["P2PTRAIN_OPERATOR_NAMESPACE"] == "training"
+
+
+def _hooks(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in documents if "helm.sh/hook" in d["metadata"].get("annotations", {})}
+
+
+@pytest.mark.parametrize("namespace", ["", "training"], ids=["cluster-wide", "one-namespace"])
+def test_uninstall_runs_a_pre_delete_cleanup_hook_with_its_own_rbac(namespace: str) -> None:
+    documents = render(f"operator.watchNamespace={namespace}")
+    hooks = _hooks(documents)
+    role = "Role" if namespace else "ClusterRole"
+    assert set(hooks) == {"ServiceAccount", role, f"{role}Binding", "Job"}
+    for kind, doc in hooks.items():
+        annotations = doc["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete", kind
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded", kind
+        # The account and its rules exist before the Job runs (lower weights go first).
+        assert int(annotations["helm.sh/hook-weight"]) == (0 if kind == "Job" else -10), kind
+        kubernetes_validate.validate(doc, "1.33.0", strict=True)
+    assert grants(hooks[role]["rules"]) == grants(CLEANUP_RULES)
+    if namespace:
+        assert hooks[role]["metadata"]["namespace"] == hooks[f"{role}Binding"]["metadata"]["namespace"] == namespace
+    assert hooks[f"{role}Binding"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "p2ptrain-cleanup", "namespace": "p2ptrain"}]
+    pod = hooks["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "p2ptrain-cleanup" and pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    assert container["args"] == ["operator", "cleanup", "--timeout", "120"]
+    assert container["image"] == "ghcr.io/p2ptrain/p2ptrain:0.1.0"
+    assert {e["name"]: e["value"] for e in container["env"]} == {"P2PTRAIN_OPERATOR_NAMESPACE": namespace}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False and pod["securityContext"]["runAsNonRoot"]
+    assert hooks["Job"]["spec"]["activeDeadlineSeconds"] > 120  # the command's own timeout fits in it
+
+
+def test_the_cleanup_hook_can_be_turned_off() -> None:
+    assert _hooks(render("cleanup.enabled=false")) == {}
 
 
 def _exported_names() -> set[str]:

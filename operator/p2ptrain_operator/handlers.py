@@ -124,12 +124,12 @@ def track_phase(type: str | None, body: kopf.Body, meta: kopf.Meta, memo: Operat
 
 async def reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                     logger: kopf.Logger, memo: OperatorMemo, **_: Any) -> None:
-    async with _measured("reconcile"):
+    async with measured_handler("reconcile"):
         await _reconcile(body, spec, meta, status, patch, logger, memo)
 
 
 @contextlib.asynccontextmanager
-async def _measured(handler: str) -> AsyncIterator[None]:
+async def measured_handler(handler: str) -> AsyncIterator[None]:
     """Time every run of a handler (those that find nothing to do included) and count its errors.
 
     A spec that can never work (kopf.PermanentError) is the job's failure, reported in its status,
@@ -189,7 +189,7 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
 
 async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,
                    logger: kopf.Logger, memo: OperatorMemo, **_: Any) -> None:
-    async with _measured("observe"):
+    async with measured_handler("observe"):
         await _observe(body, spec, meta, status, patch, logger, memo)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import kopf
 import pytest
@@ -37,9 +38,12 @@ async def test_a_job_on_a_volume_names_the_knative_flag_it_needs(cluster: Cluste
     await eventually(lambda: phase(cluster) == "Created")
     status = cluster.job()["status"]  # type: ignore[index]
     assert status["knativeFlagsNeeded"] == ["kubernetes.podspec-persistent-volume-claim"]
-    events = [r.data for r in cluster.k8s if r.method == "POST" and r.url.path.endswith("/events")]
-    warnings = [e for e in events if e.get("reason") == "KnativeFlagsNeeded"]
-    assert warnings and "kubernetes.podspec-persistent-volume-claim" in warnings[0]["message"]
+    def warnings() -> list[dict[str, Any]]:  # kopf posts events in the background: wait for it
+        events = [r.data for r in cluster.k8s if r.method == "POST" and r.url.path.endswith("/events")]
+        return [e for e in events if e and e.get("reason") == "KnativeFlagsNeeded"]
+
+    posted = await eventually(warnings)
+    assert "kubernetes.podspec-persistent-volume-claim" in posted[0]["message"]
 
 
 async def test_a_job_without_volumes_needs_no_knative_flag(cluster: Cluster) -> None:

@@ -27,7 +27,7 @@ REJECT_REASONS = (
 )
 EXCLUDE_REASONS = ("deadline", "rejected", "rule")
 # Why a round ended without an optimizer step: too few gradients for the rule, or the rule refused them.
-SKIP_REASONS = ("too-few-gradients", "rule-failed")
+SKIP_REASONS = ("too-few-gradients", "rule-failed", "divergence")
 # Why a gradient function call attempt failed: no answer, an error status, or a 200 whose reply is bad.
 FUNCTION_FAILURE_REASONS = ("http", "status", "reply")
 # Why a gradient never reached a peer: it stayed unreachable until the deadline, or refused the event.
@@ -85,6 +85,11 @@ OUTBOX_GRADIENTS_INVALID_TOTAL = Counter(
     "p2ptrain_outbox_gradients_invalid_total",
     "Gradients read from another peer's outbox that failed validation, by reject reason.",
     (*PEER_LABELS, "reason"),
+)
+DIVERGENCES_TOTAL = Counter(
+    "p2ptrain_divergences_total",
+    "Rounds in which training diverged (non-finite loss or gradient, exploding loss), by cause.",
+    (*PEER_LABELS, "cause"),
 )
 UPDATES_SKIPPED_TOTAL = Counter(
     "p2ptrain_updates_skipped_total",

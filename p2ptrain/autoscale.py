@@ -237,7 +237,6 @@ class LocalFunctionService:
             )
         instance = Instance(number=self._numbers, port=port, process=process, started=time.monotonic())
         self.instances.append(instance)
-        self.stats.max_instances = max(self.stats.max_instances, len(self.instances))
         metrics.FUNCTION_INSTANCES.labels(**self.labels).set(len(self.instances))
         return instance
 
@@ -248,6 +247,8 @@ class LocalFunctionService:
                 instance.ready.set()
                 instance.last_used = time.monotonic()
                 self.stats.cold_starts += 1
+                # Counted among ready instances, like cold starts: one that never served is neither.
+                self.stats.max_instances = max(self.stats.max_instances, self.serving)
                 self.stats.cold_start_seconds.append(time.monotonic() - instance.started)
                 log.info("function instance %d ready in %.2fs", instance.number, time.monotonic() - instance.started)
             else:
@@ -308,6 +309,11 @@ class LocalFunctionService:
     @property
     def running(self) -> int:
         return sum(1 for i in self.instances if i.alive)
+
+    @property
+    def serving(self) -> int:
+        """Instances that are up and ready (what ``stats.max_instances`` counts the most of)."""
+        return sum(1 for i in self.instances if i.alive and i.ready.is_set())
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:

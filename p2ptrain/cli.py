@@ -31,13 +31,44 @@ what it starts (all on 127.0.0.1, all stopped at the end, on failure and on Ctrl
 the manifest is the same P2PTrainingJob you would `kubectl apply`; cluster-only fields (images,
 resources, storage) are ignored here.
 
-exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest,
-130 interrupted.
+exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest
+or option, 3 training diverged (non-finite or exploding loss or gradient, with training.onDivergence:
+fail; the message names the cause and the round), 130 interrupted (SIGINT, Ctrl-C), 143 terminated
+(SIGTERM).
+
+signing: events are signed with a fresh random key unless --signing-key-file names a file holding
+the key (its text, surrounding whitespace removed); a client that is not p2ptrain can then sign
+events to this run's peers and function. The key is never printed or logged.
 
 examples:
   p2ptrain run examples/digits.yaml
   p2ptrain run examples/digits.yaml --summary out/summary.json --output out/model.safetensors
 """
+
+
+MIN_SIGNING_KEY_LENGTH = 16
+
+
+def read_signing_key(path: Path) -> str:
+    """The signing key in ``path`` (``--signing-key-file``); a ValueError names the option and the fault.
+
+    The key travels to peers and functions in an environment variable, as text: the file's text with
+    surrounding whitespace (a trailing newline) removed. Error messages never quote the key.
+    """
+    where = f"--signing-key-file {path}"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        key = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: the key must be UTF-8 text (for example hex), not binary") from exc
+    if "\x00" in key:
+        raise ValueError(f"{where}: the key must not contain NUL characters")
+    if len(key) < MIN_SIGNING_KEY_LENGTH:
+        raise ValueError(f"{where}: the key has {len(key)} characters; expected at least {MIN_SIGNING_KEY_LENGTH}")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                      "temporary directory, removed after a successful run)")
     run.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory after success")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display, only the summary")
+    run.add_argument("--signing-key-file", type=Path, metavar="FILE", help="sign events with the key in "
+                     "FILE (at least 16 characters) instead of a random one, so other clients can sign too")
 
     peer = sub.add_parser("peer", help="serve one peer of a job (what a peer pod runs)")
     peer.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
@@ -101,8 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         except SpecError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        try:
+            key = read_signing_key(args.signing_key_file) if args.signing_key_file is not None else None
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         options = RunOptions(
-            output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet, keep_logs=args.keep_logs
+            output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet,
+            keep_logs=args.keep_logs, signing_key=key,
         )
         return run_job(spec, options)
 

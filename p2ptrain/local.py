@@ -32,7 +32,7 @@ from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, Red
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
-from p2ptrain.status import PeerState, StatusDict, StatusError, parse_status
+from p2ptrain.status import PeerState, ReplicaCheck, StatusDict, StatusError, parse_status
 from p2ptrain.store import Keys, export_model
 from p2ptrain.summary import ProgressDisplay, format_summary, sum_counts
 
@@ -44,6 +44,18 @@ _POLL_SECONDS = 0.5
 class RunError(RuntimeError):
     """The local run could not finish; the message says what failed and where its logs are."""
 
+    exit_code = 1
+
+
+class DivergedError(RunError):
+    """Training diverged (``spec.training.onDivergence: fail``): the message names the cause and round."""
+
+    exit_code = 3
+
+
+# Exit codes of ``p2ptrain run`` (documented in the CLI's epilog).
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
 
 @dataclass(frozen=True)
 class RunOptions:
@@ -52,6 +64,7 @@ class RunOptions:
     workdir: Path | None = None
     quiet: bool = False
     keep_logs: bool = False
+    signing_key: str | None = None  # from --signing-key-file; a fresh random key otherwise
 
 
 @dataclass
@@ -74,7 +87,8 @@ class LocalRun:
         self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix=f"p2ptrain-{spec.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.password = secrets.token_hex(24)
-        self.signing_key = secrets.token_hex(32)
+        self.signing_key = options.signing_key or secrets.token_hex(32)
+        self.replicas = ReplicaCheck(spec.peers)
         self.display = ProgressDisplay(out, quiet=options.quiet)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
@@ -192,22 +206,34 @@ class LocalRun:
                         response = await http.get(f"http://127.0.0.1:{peer.port}/status")
                         if response.status_code == 200:
                             peer.status = parse_status(response.json())
+                            self.replicas.note(peer.status)
                 states = [PeerState(p.status["state"]) if p.status else PeerState.STARTING for p in self.peers]
                 self._show_progress()
                 if PeerState.FAILED in states:
                     failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
-                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
+                    error = DivergedError if failed.status.get("failure") == "divergence" else RunError
+                    raise error(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
                 if all(s is PeerState.SUCCEEDED for s in states):
                     self._show_progress(final=True)
                     return
                 await asyncio.sleep(_POLL_SECONDS)
+
+    def replica_check(self) -> dict[str, Any]:
+        """The replicas' parameter hashes compared round by round; drift is logged and reported."""
+        result = self.replicas.result()
+        if not result["identical"]:
+            log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
+            self.display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds "
+                             f"{result['drift_rounds']}")
+        return result
 
     def _finish(self, config: RuntimeConfig, wall_seconds: float) -> dict[str, Any]:
         statuses = [p.status for p in self.peers if p.status is not None]
         if len(statuses) != len(self.peers):
             raise RunError("a peer finished without reporting its status")
         accuracies = [s["accuracy"] for s in statuses if s["accuracy"] is not None]
+        losses = [s["loss"] for s in statuses if s["loss"] is not None]
         lead = statuses[0]
         phases = {p: sum(s["phasesMean"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
         first = {p: sum(s["phasesFirst"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
@@ -221,7 +247,9 @@ class LocalRun:
             "test_accuracy": lead.get("accuracy"),
             "test_accuracy_min": min(accuracies) if accuracies else None,
             "test_loss": lead.get("testLoss"),
-            "final_loss": lead.get("loss"),
+            # the mean over peers of their last round's training loss: what the progress line shows
+            "final_loss": sum(losses) / len(losses) if losses else None,
+            "replicas": self.replica_check(),
             "wall_seconds": wall_seconds,
             "phases": phases,
             "round_seconds": sum(phases.values()),
@@ -288,7 +316,7 @@ class LocalRun:
 
     def _show_progress(self, final: bool = False) -> None:
         statuses = [p.status for p in self.peers if p.status]
-        running = self.functions.running if self.functions else 0
+        running = self.functions.serving if self.functions else 0
         cold = self.functions.stats.cold_starts if self.functions else 0
         self.display.show(statuses, running, cold, final=final)
 
@@ -311,28 +339,38 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:
-    """Run a job locally; returns the process exit code (0 ok, 1 failed, 130 interrupted)."""
+    """Run a job locally; returns the process exit code (0 ok, 1 failed, 3 diverged, 130 SIGINT, 143 SIGTERM)."""
     runner = LocalRun(spec, options, out)
+    received: list[signal.Signals] = []
 
     async def main() -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+
+        def interrupt(sig: signal.Signals) -> None:
+            # The first signal cancels the run, whose ``finally`` stops everything; a second one must
+            # not cancel that cleanup half-way.
+            if not received:
+                received.append(sig)
+                task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, interrupt, sig)
         return await runner.run()
 
     try:
         summary = asyncio.run(main())
     except asyncio.CancelledError:
         left = runner.process_count()
+        sig = received[0] if received else signal.SIGINT
         out.write(
-            f"\ninterrupted: stopped {len(runner.peers)} peers, the function instances and "
+            f"\ninterrupted ({sig.name}): stopped {len(runner.peers)} peers, the function instances and "
             f"{len(runner.redis_servers)} Redis servers (left running: {sum(left.values())}); logs in {runner.workdir}\n"
         )
-        return 130
+        return EXIT_INTERRUPTED[sig]
     except RunError as exc:
         out.write(f"\nerror: {exc}\nlogs: {runner.workdir}\n")
-        return 1
+        return exc.exit_code
     out.write(format_summary(summary) + "\n")
     return 0

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -64,7 +64,8 @@ class RunOptions:
     workdir: Path | None = None
     quiet: bool = False
     keep_logs: bool = False
-    signing_key: str | None = None  # from --signing-key-file; a fresh random key otherwise
+    # from --signing-key-file (a fresh random key otherwise); kept out of repr so it is never logged
+    signing_key: str | None = field(default=None, repr=False)
 
 
 @dataclass

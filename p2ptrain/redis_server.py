@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import shutil
 import signal
 import socket
@@ -47,16 +46,22 @@ def remove_stale_dirs(root: Path | None = None) -> list[Path]:
             pid = int((directory / _PID_FILE).read_text(encoding="ascii"))
         except (OSError, ValueError):
             continue  # not ours, or a server still starting
-        try:
-            os.kill(pid, 0)
+        if _is_running_redis(pid):
             continue
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # someone else's live process
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(directory)
     return removed
+
+
+def _is_running_redis(pid: int) -> bool:
+    # A killed owner's servers may linger as zombies (nobody reaps them in some containers), and a
+    # pid may have been reused by another program since: neither is a live server.
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return comm == "redis-server" and state not in ("Z", "X")
 
 
 def die_with_parent() -> None:

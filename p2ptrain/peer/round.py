@@ -227,7 +227,10 @@ class Peer:
             await asyncio.to_thread(self.replica.apply, combined)
         evaluation = await asyncio.to_thread(self.replica.evaluate) if self._should_evaluate(round_index) else None
         if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
-            self.status.record_params_hash(round_index + 1, await asyncio.to_thread(self.replica.params_hash))
+            digest = await asyncio.to_thread(self.replica.params_hash)
+            self.status.record_params_hash(round_index + 1, digest)
+            metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
+            metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index, "loss": loss})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
         phases["update"] = time.perf_counter() - t0

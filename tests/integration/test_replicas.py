@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from p2ptrain.status import ReplicaCheck
 
@@ -39,6 +40,12 @@ async def test_sixteen_bit_exchange_keeps_four_replicas_bitwise_identical(dtype:
             check.note(status)
         assert check.result() == {"rounds_compared": 4, "identical": True, "drift_rounds": []}
         assert job.peers[0].status.params_hashes["12"] == job.peers[0].replica.params_hash()
+        for peer in job.peers:  # the same check from Prometheus: equal hash gauges after the same round
+            labels = {"job": spec.name, "namespace": spec.namespace, "peer": str(peer.index)}
+            assert REGISTRY.get_sample_value("p2ptrain_params_hash_round", labels) == 12
+            assert REGISTRY.get_sample_value("p2ptrain_params_hash", labels) == int(
+                job.peers[0].status.params_hashes["12"][:12], 16
+            )
 
 
 async def test_a_perturbed_replica_is_flagged_as_drift() -> None:

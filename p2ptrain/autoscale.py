@@ -114,7 +114,8 @@ class LocalFunctionService:
             await self._spawn()
         self._reaper = asyncio.create_task(self._reap_forever())
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop every instance: SIGTERM, and SIGKILL after ``grace`` seconds."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,7 +123,7 @@ class LocalFunctionService:
         warming = list(self._warming)
         for task in warming:
             task.cancel()
-        stopping = [asyncio.to_thread(_terminate, i.process) for i in self.instances]
+        stopping = [asyncio.to_thread(terminate, i.process, grace) for i in self.instances]
         self.instances.clear()
         await asyncio.gather(*warming, *stopping, *self._stopping, return_exceptions=True)
         metrics.FUNCTION_INSTANCES.labels(**self.labels).set(0)
@@ -282,7 +283,7 @@ class LocalFunctionService:
 
     def _reap_later(self, process: subprocess.Popen[bytes]) -> None:
         """Stop and wait for a process in a worker thread, outside the condition and off the loop."""
-        task = asyncio.create_task(asyncio.to_thread(_terminate, process))
+        task = asyncio.create_task(asyncio.to_thread(terminate, process))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
@@ -316,7 +317,8 @@ class LocalFunctionService:
         return sum(1 for i in self.instances if i.alive and i.ready.is_set())
 
 
-def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+def terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after ``timeout`` seconds; waits for it."""
     if process.poll() is None:
         process.terminate()
         try:

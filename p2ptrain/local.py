@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 import httpx
 
 from p2ptrain import asgi, native
-from p2ptrain.autoscale import LocalFunctionService, child_env
+from p2ptrain.autoscale import LocalFunctionService, child_env, terminate
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
@@ -39,6 +40,10 @@ from p2ptrain.summary import ProgressDisplay, format_summary, sum_counts
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.5
+# How long peers and function instances get to exit after SIGTERM before SIGKILL: on an interrupt
+# the user is waiting, and a peer's state is already checkpointed in Redis each round.
+STOP_GRACE_SECONDS = 5.0
+INTERRUPT_GRACE_SECONDS = 1.5
 
 
 class RunError(RuntimeError):
@@ -96,6 +101,7 @@ class LocalRun:
         self._peer_command: list[str] = []
         self._peer_env: dict[str, str] = {}
         self.peer_restarts = 0
+        self._stopped = False
 
     # --- entry ----------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -107,6 +113,9 @@ class LocalRun:
             await self._train()
             summary = await asyncio.to_thread(self._finish, config, time.monotonic() - started)
             return summary
+        except asyncio.CancelledError:
+            await self.stop(grace=INTERRUPT_GRACE_SECONDS)
+            raise
         finally:
             await self.stop()
 
@@ -124,7 +133,7 @@ class LocalRun:
         for _ in range(spec.peers):
             server = RedisServer(password=self.password, module=module, persistence=spec.redis.persistence)
             self.redis_servers.append(server)
-            await asyncio.to_thread(server.start)
+            await _finish_even_if_cancelled(asyncio.to_thread(server.start))
 
         secrets_env = {REDIS_PASSWORD_ENV: self.password, SIGNING_KEY_ENV: self.signing_key}
         function_port = free_port()
@@ -293,27 +302,29 @@ class LocalRun:
         return output
 
     # --- shutdown -------------------------------------------------------------------------------------
-    async def stop(self) -> None:
-        """Stop peers, functions and Redis servers (in that order); safe to call more than once."""
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop peers and function instances (together: SIGTERM, SIGKILL after ``grace`` seconds), then
+        the Redis servers; safe to call more than once."""
+        if self._stopped:
+            return
+        self._stopped = True
         for peer in self.peers:
             if peer.process.poll() is None:
                 peer.process.terminate()
-        for peer in self.peers:
-            try:
-                await asyncio.to_thread(peer.process.wait, 5)
-            except subprocess.TimeoutExpired:
-                peer.process.kill()
-                await asyncio.to_thread(peer.process.wait)
+        peers = asyncio.gather(*(asyncio.to_thread(terminate, p.process, grace) for p in self.peers))
+        await asyncio.gather(peers, self._stop_functions(grace))
+        for server in self.redis_servers:
+            await asyncio.to_thread(server.stop)
+        if self.options.workdir is None and not self.options.keep_logs and self._succeeded():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def _stop_functions(self, grace: float) -> None:
         if self.functions is not None:
             if self._stop_servers is not None and self._function_server is not None:
                 self._stop_servers.set()
                 with contextlib.suppress(Exception):
                     await self._function_server
-            await self.functions.stop()
-        for server in self.redis_servers:
-            await asyncio.to_thread(server.stop)
-        if self.options.workdir is None and not self.options.keep_logs and self._succeeded():
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            await self.functions.stop(grace)
 
     def _show_progress(self, final: bool = False) -> None:
         statuses = [p.status for p in self.peers if p.status]
@@ -330,6 +341,21 @@ class LocalRun:
             "functions": self.functions.running if self.functions else 0,
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
+
+async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
+    """Await ``work``; if the caller is cancelled meanwhile, let it finish first, then re-raise.
+
+    For a thread that starts a process: cancelling the await does not stop the thread, and a stop
+    racing with a half-done start would leave the process (and its directory) behind.
+    """
+    future = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
 
 def _tail(path: Path, lines: int = 15) -> str:
     try:

@@ -47,15 +47,12 @@ INTERRUPT_GRACE_SECONDS = 1.5
 
 
 class RunError(RuntimeError):
-    """The local run could not finish; the message says what failed and where its logs are."""
+    """The local run could not finish; the message says what failed and where its logs are; ``exit_code``
+    is 3 when training diverged (``spec.training.onDivergence: fail``), 1 otherwise."""
 
-    exit_code = 1
-
-
-class DivergedError(RunError):
-    """Training diverged (``spec.training.onDivergence: fail``): the message names the cause and round."""
-
-    exit_code = 3
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # Exit codes of ``p2ptrain run`` (documented in the CLI's epilog).
@@ -222,21 +219,12 @@ class LocalRun:
                 if PeerState.FAILED in states:
                     failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
-                    error = DivergedError if failed.status.get("failure") == "divergence" else RunError
-                    raise error(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
+                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path),
+                                   exit_code=3 if failed.status.get("failure") == "divergence" else 1)
                 if all(s is PeerState.SUCCEEDED for s in states):
                     self._show_progress(final=True)
                     return
                 await asyncio.sleep(_POLL_SECONDS)
-
-    def replica_check(self) -> dict[str, Any]:
-        """The replicas' parameter hashes compared round by round; drift is logged and reported."""
-        result = self.replicas.result()
-        if not result["identical"]:
-            log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
-            self.display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds "
-                             f"{result['drift_rounds']}")
-        return result
 
     def _finish(self, config: RuntimeConfig, wall_seconds: float) -> dict[str, Any]:
         statuses = [p.status for p in self.peers if p.status is not None]
@@ -259,7 +247,7 @@ class LocalRun:
             "test_loss": lead.get("testLoss"),
             # the mean over peers of their last round's training loss: what the progress line shows
             "final_loss": sum(losses) / len(losses) if losses else None,
-            "replicas": self.replica_check(),
+            "replicas": _checked(self.replicas, self.display),
             "wall_seconds": wall_seconds,
             "phases": phases,
             "round_seconds": sum(phases.values()),
@@ -341,6 +329,15 @@ class LocalRun:
             "functions": self.functions.running if self.functions else 0,
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
+
+def _checked(replicas: ReplicaCheck, display: ProgressDisplay) -> dict[str, Any]:
+    """The replicas' parameter hashes compared round by round; drift is logged, shown and reported."""
+    result = replicas.result()
+    if not result["identical"]:
+        log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
+        display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds {result['drift_rounds']}")
+    return result
+
 
 async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
     """Await ``work``; if the caller is cancelled meanwhile, let it finish first, then re-raise.

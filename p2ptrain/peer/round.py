@@ -208,7 +208,7 @@ class Peer:
         t0 = time.perf_counter()
         if average is not None and not diverged:
             # Apply exactly what the other peers will receive: the gradient through the wire dtype.
-            own = self._as_sent(average[0])
+            own = as_sent(average[0], spec.exchange.dtype)
             await self.inbox.file(round_index, self.index, own)
             await self._sender.send(round_index, own)
         gradients = await self.collect(round_index, deadline)
@@ -262,13 +262,6 @@ class Peer:
         metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
         return gradients
 
-    def _as_sent(self, gradient: np.ndarray) -> np.ndarray:
-        """``gradient`` as the other peers decode it (identity for float32; rounded for 16-bit dtypes)."""
-        dtype = self.spec.exchange.dtype
-        if dtype == "float32":
-            return gradient
-        return wire.decode_tensor(wire.encode_tensor(gradient, dtype), expected_numel=gradient.size)
-
     def _diverged(self, exc: Diverged) -> None:
         """``training.onDivergence``: fail (raise) or leave this round's diverging part out (counted)."""
         if not self.guard.skips:
@@ -293,3 +286,10 @@ class Peer:
     def _should_evaluate(self, round_index: int) -> bool:
         every = self.spec.evaluation.every_rounds
         return (round_index + 1) % every == 0 or round_index + 1 == self.rounds
+
+
+def as_sent(gradient: np.ndarray, dtype: str) -> np.ndarray:
+    """``gradient`` as the other peers decode it (identity for float32; rounded for 16-bit dtypes)."""
+    if dtype == "float32":
+        return gradient
+    return wire.decode_tensor(wire.encode_tensor(gradient, dtype), expected_numel=gradient.size)

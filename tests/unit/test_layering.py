@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"config", "data", "models", "summary"},
     {"store"},
     {"gradient", "autoscale", "peer.errors"},
-    {"peer.replica"},
+    {"peer.replica", "peer.divergence"},
     {"peer.recovery", "peer.inbox", "peer.report"},
     {"peer.receiver"},
     {"peer.sender", "peer.functions", "peer.endpoint"},

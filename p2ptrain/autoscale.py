@@ -114,7 +114,8 @@ class LocalFunctionService:
             await self._spawn()
         self._reaper = asyncio.create_task(self._reap_forever())
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop every instance: SIGTERM, and SIGKILL after ``grace`` seconds."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,7 +123,7 @@ class LocalFunctionService:
         warming = list(self._warming)
         for task in warming:
             task.cancel()
-        stopping = [asyncio.to_thread(_terminate, i.process) for i in self.instances]
+        stopping = [asyncio.to_thread(terminate, i.process, grace) for i in self.instances]
         self.instances.clear()
         await asyncio.gather(*warming, *stopping, *self._stopping, return_exceptions=True)
         await self._client.aclose()
@@ -236,7 +237,6 @@ class LocalFunctionService:
             )
         instance = Instance(number=self._numbers, port=port, process=process, started=time.monotonic())
         self.instances.append(instance)
-        self.stats.max_instances = max(self.stats.max_instances, len(self.instances))
         return instance
 
     async def _become_ready(self, instance: Instance) -> None:
@@ -246,6 +246,8 @@ class LocalFunctionService:
                 instance.ready.set()
                 instance.last_used = time.monotonic()
                 self.stats.cold_starts += 1
+                # Counted among ready instances, like cold starts: one that never served is neither.
+                self.stats.max_instances = max(self.stats.max_instances, self.serving)
                 self.stats.cold_start_seconds.append(time.monotonic() - instance.started)
                 log.info("function instance %d ready in %.2fs", instance.number, time.monotonic() - instance.started)
             else:
@@ -278,7 +280,7 @@ class LocalFunctionService:
 
     def _reap_later(self, process: subprocess.Popen[bytes]) -> None:
         """Stop and wait for a process in a worker thread, outside the condition and off the loop."""
-        task = asyncio.create_task(asyncio.to_thread(_terminate, process))
+        task = asyncio.create_task(asyncio.to_thread(terminate, process))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 
@@ -305,8 +307,14 @@ class LocalFunctionService:
     def running(self) -> int:
         return sum(1 for i in self.instances if i.alive)
 
+    @property
+    def serving(self) -> int:
+        """Instances that are up and ready (what ``stats.max_instances`` counts the most of)."""
+        return sum(1 for i in self.instances if i.alive and i.ready.is_set())
 
-def _terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+
+def terminate(process: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited after ``timeout`` seconds; waits for it."""
     if process.poll() is None:
         process.terminate()
         try:

@@ -38,7 +38,9 @@ before starting anything it checks what `p2ptrain validate` checks: the manifest
 
 the manifest is the same P2PTrainingJob you would `kubectl apply`; cluster-only fields (images, resources, storage) are ignored here.
 
-exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest, model or data, 130 interrupted.
+exit codes: 0 trained, 1 failed (the message names the failing part and its log), 2 bad manifest, model, data or option, 3 training diverged (non-finite or exploding loss or gradient, with training.onDivergence: fail; the message names the cause and the round), 130 interrupted (SIGINT, Ctrl-C), 143 terminated (SIGTERM).
+
+signing: events are signed with a fresh random key unless --signing-key-file names a file holding the key (its text, surrounding whitespace removed); a client that is not p2ptrain can then sign events to this run's peers and function (docs/wire.md). The key is never printed or logged.
 
 examples:
   p2ptrain run examples/digits.yaml
@@ -75,6 +77,31 @@ class _Formatter(argparse.HelpFormatter):
         return "\n".join(lines)
 
 
+MIN_SIGNING_KEY_LENGTH = 16
+
+
+def read_signing_key(path: Path) -> str:
+    """The signing key in ``path`` (``--signing-key-file``); a ValueError names the option and the fault.
+
+    The key travels to peers and functions in an environment variable, as text: the file's text with
+    surrounding whitespace (a trailing newline) removed. Error messages never quote the key.
+    """
+    where = f"--signing-key-file {path}"
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read the file: {exc.strerror or exc}") from exc
+    try:
+        key = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{where}: the key must be UTF-8 text (for example hex), not binary") from exc
+    if "\x00" in key:
+        raise ValueError(f"{where}: the key must not contain NUL characters")
+    if len(key) < MIN_SIGNING_KEY_LENGTH:
+        raise ValueError(f"{where}: the key has {len(key)} characters; expected at least {MIN_SIGNING_KEY_LENGTH}")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="p2ptrain",
@@ -103,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "temporary directory, removed after a successful run)")
     run.add_argument("--keep-logs", action="store_true", help="keep the temporary log directory after success")
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display, only the summary")
+    run.add_argument("--signing-key-file", type=Path, metavar="FILE", help="sign events with the key in "
+                     "FILE (at least 16 characters) instead of a random one, so other clients can sign too")
     run.set_defaults(func=_run)
 
     peer = sub.add_parser("peer", help="serve one peer of a job (what a peer pod runs)", formatter_class=_Formatter)
@@ -186,13 +215,19 @@ def _checked_job(manifest: Path, *, local: bool) -> tuple[JobSpec, str] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        key = read_signing_key(args.signing_key_file) if args.signing_key_file is not None else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     checked = _checked_job(args.manifest, local=True)
     if checked is None:
         return 2
     from p2ptrain.local import RunOptions, run_job
 
     options = RunOptions(
-        output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet, keep_logs=args.keep_logs
+        output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet,
+        keep_logs=args.keep_logs, signing_key=key,
     )
     return run_job(checked[0], options)
 

@@ -19,30 +19,44 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 from p2ptrain import asgi, native, scrape_targets
-from p2ptrain.autoscale import LocalFunctionService, child_env
+from p2ptrain.autoscale import LocalFunctionService, child_env, terminate
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
-from p2ptrain.status import PeerState, StatusDict, StatusError, parse_status
+from p2ptrain.status import PeerState, ReplicaCheck, StatusDict, StatusError, parse_status
 from p2ptrain.store import Keys, export_model
 from p2ptrain.summary import ProgressDisplay, format_summary, sum_counts
 
 log = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.5
+# How long peers and function instances get to exit after SIGTERM before SIGKILL: on an interrupt
+# the user is waiting, and a peer's state is already checkpointed in Redis each round.
+STOP_GRACE_SECONDS = 5.0
+INTERRUPT_GRACE_SECONDS = 1.5
 
 
 class RunError(RuntimeError):
-    """The local run could not finish; the message says what failed and where its logs are."""
+    """The local run could not finish; the message says what failed and where its logs are; ``exit_code``
+    is 3 when training diverged (``spec.training.onDivergence: fail``), 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Exit codes of ``p2ptrain run`` (documented in the CLI's epilog).
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,8 @@ class RunOptions:
     workdir: Path | None = None
     quiet: bool = False
     keep_logs: bool = False
+    # from --signing-key-file (a fresh random key otherwise); kept out of repr so it is never logged
+    signing_key: str | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -74,7 +90,8 @@ class LocalRun:
         self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix=f"p2ptrain-{spec.name}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.password = secrets.token_hex(24)
-        self.signing_key = secrets.token_hex(32)
+        self.signing_key = options.signing_key or secrets.token_hex(32)
+        self.replicas = ReplicaCheck(spec.peers)
         self.display = ProgressDisplay(out, quiet=options.quiet)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
@@ -82,6 +99,7 @@ class LocalRun:
         self._peer_env: dict[str, str] = {}
         self.peer_restarts = 0
         self._targets: scrape_targets.TargetsFile | None = None
+        self._stopped = False
 
     # --- entry ----------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -93,6 +111,9 @@ class LocalRun:
             await self._train()
             summary = await asyncio.to_thread(self._finish, config, time.monotonic() - started)
             return summary
+        except asyncio.CancelledError:
+            await self.stop(grace=INTERRUPT_GRACE_SECONDS)
+            raise
         finally:
             await self.stop()
 
@@ -110,7 +131,7 @@ class LocalRun:
         for _ in range(spec.peers):
             server = RedisServer(password=self.password, module=module, persistence=spec.redis.persistence)
             self.redis_servers.append(server)
-            await asyncio.to_thread(server.start)
+            await _finish_even_if_cancelled(asyncio.to_thread(server.start))
 
         secrets_env = {REDIS_PASSWORD_ENV: self.password, SIGNING_KEY_ENV: self.signing_key}
         function_port = free_port()
@@ -195,12 +216,14 @@ class LocalRun:
                         response = await http.get(f"http://127.0.0.1:{peer.port}/status")
                         if response.status_code == 200:
                             peer.status = parse_status(response.json())
+                            self.replicas.note(peer.status)
                 states = [PeerState(p.status["state"]) if p.status else PeerState.STARTING for p in self.peers]
                 self._show_progress()
                 if PeerState.FAILED in states:
                     failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
-                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path))
+                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path),
+                                   exit_code=3 if failed.status.get("failure") == "divergence" else 1)
                 if all(s is PeerState.SUCCEEDED for s in states):
                     self._show_progress(final=True)
                     return
@@ -211,6 +234,7 @@ class LocalRun:
         if len(statuses) != len(self.peers):
             raise RunError("a peer finished without reporting its status")
         accuracies = [s["accuracy"] for s in statuses if s["accuracy"] is not None]
+        losses = [s["loss"] for s in statuses if s["loss"] is not None]
         lead = statuses[0]
         phases = {p: sum(s["phasesMean"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
         first = {p: sum(s["phasesFirst"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
@@ -224,7 +248,9 @@ class LocalRun:
             "test_accuracy": lead.get("accuracy"),
             "test_accuracy_min": min(accuracies) if accuracies else None,
             "test_loss": lead.get("testLoss"),
-            "final_loss": lead.get("loss"),
+            # the mean over peers of their last round's training loss: what the progress line shows
+            "final_loss": sum(losses) / len(losses) if losses else None,
+            "replicas": _checked(self.replicas, self.display),
             "wall_seconds": wall_seconds,
             "phases": phases,
             "round_seconds": sum(phases.values()),
@@ -267,34 +293,36 @@ class LocalRun:
         return output
 
     # --- shutdown -------------------------------------------------------------------------------------
-    async def stop(self) -> None:
-        """Stop peers, functions and Redis servers (in that order); safe to call more than once."""
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop peers and function instances (together: SIGTERM, SIGKILL after ``grace`` seconds), then
+        the Redis servers; safe to call more than once."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._targets is not None:
             await self._targets.close()
             self._targets = None
         for peer in self.peers:
             if peer.process.poll() is None:
                 peer.process.terminate()
-        for peer in self.peers:
-            try:
-                await asyncio.to_thread(peer.process.wait, 5)
-            except subprocess.TimeoutExpired:
-                peer.process.kill()
-                await asyncio.to_thread(peer.process.wait)
-        if self.functions is not None:
-            if self._stop_servers is not None and self._function_server is not None:
-                self._stop_servers.set()
-                with contextlib.suppress(Exception):
-                    await self._function_server
-            await self.functions.stop()
+        peers = asyncio.gather(*(asyncio.to_thread(terminate, p.process, grace) for p in self.peers))
+        await asyncio.gather(peers, self._stop_functions(grace))
         for server in self.redis_servers:
             await asyncio.to_thread(server.stop)
         if self.options.workdir is None and not self.options.keep_logs and self._succeeded():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    async def _stop_functions(self, grace: float) -> None:
+        if self.functions is not None:
+            if self._stop_servers is not None and self._function_server is not None:
+                self._stop_servers.set()
+                with contextlib.suppress(Exception):
+                    await self._function_server
+            await self.functions.stop(grace)
+
     def _show_progress(self, final: bool = False) -> None:
         statuses = [p.status for p in self.peers if p.status]
-        running = self.functions.running if self.functions else 0
+        running = self.functions.serving if self.functions else 0
         cold = self.functions.stats.cold_starts if self.functions else 0
         self.display.show(statuses, running, cold, final=final)
 
@@ -308,6 +336,30 @@ class LocalRun:
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
 
+def _checked(replicas: ReplicaCheck, display: ProgressDisplay) -> dict[str, Any]:
+    """The replicas' parameter hashes compared round by round; drift is logged, shown and reported."""
+    result = replicas.result()
+    if not result["identical"]:
+        log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
+        display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds {result['drift_rounds']}")
+    return result
+
+
+async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
+    """Await ``work``; if the caller is cancelled meanwhile, let it finish first, then re-raise.
+
+    For a thread that starts a process: cancelling the await does not stop the thread, and a stop
+    racing with a half-done start would leave the process (and its directory) behind.
+    """
+    future = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -317,28 +369,38 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:
-    """Run a job locally; returns the process exit code (0 ok, 1 failed, 130 interrupted)."""
+    """Run a job locally; returns the process exit code (0 ok, 1 failed, 3 diverged, 130 SIGINT, 143 SIGTERM)."""
     runner = LocalRun(spec, options, out)
+    received: list[signal.Signals] = []
 
     async def main() -> dict[str, Any]:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+
+        def interrupt(sig: signal.Signals) -> None:
+            # The first signal cancels the run, whose ``finally`` stops everything; a second one must
+            # not cancel that cleanup half-way.
+            if not received:
+                received.append(sig)
+                task.cancel()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, interrupt, sig)
         return await runner.run()
 
     try:
         summary = asyncio.run(main())
     except asyncio.CancelledError:
         left = runner.process_count()
+        sig = received[0] if received else signal.SIGINT
         out.write(
-            f"\ninterrupted: stopped {len(runner.peers)} peers, the function instances and "
+            f"\ninterrupted ({sig.name}): stopped {len(runner.peers)} peers, the function instances and "
             f"{len(runner.redis_servers)} Redis servers (left running: {sum(left.values())}); logs in {runner.workdir}\n"
         )
-        return 130
+        return EXIT_INTERRUPTED[sig]
     except RunError as exc:
         out.write(f"\nerror: {exc}\nlogs: {runner.workdir}\n")
-        return 1
+        return exc.exit_code
     out.write(format_summary(summary) + "\n")
     return 0

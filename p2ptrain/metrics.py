@@ -30,7 +30,7 @@ REJECT_REASONS = (
 )
 EXCLUDE_REASONS = ("deadline", "rejected", "rule")
 # Why a round ended without an optimizer step: too few gradients for the rule, or the rule refused them.
-SKIP_REASONS = ("too-few-gradients", "rule-failed")
+SKIP_REASONS = ("too-few-gradients", "rule-failed", "divergence")
 # Why a gradient function call attempt failed: no answer, an error status, or a 200 whose reply is bad.
 FUNCTION_FAILURE_REASONS = ("http", "status", "reply")
 # Why a gradient never reached a peer: it stayed unreachable until the deadline, or refused the event.
@@ -52,6 +52,12 @@ ROUND_SECONDS = Histogram(
 ROUNDS_TOTAL = Counter("p2ptrain_rounds_total", "Training rounds completed.", PEER_LABELS)
 ROUND = Gauge("p2ptrain_round", "The round the peer is in.", PEER_LABELS)
 LOSS = Gauge("p2ptrain_loss", "Training loss of the peer's last round (mean over its micro-batches).", PEER_LABELS)
+# The parameter hash as a number (its first 48 bits: exact in a float64) and the round it was taken
+# after: replicas are identical when, for one round, every peer shows the same value, e.g.
+# count(count_values("h", p2ptrain_params_hash) by (job)) > 1 while p2ptrain_params_hash_round agrees.
+PARAMS_HASH = Gauge("p2ptrain_params_hash", "First 48 bits of the SHA-256 of the peer's parameters.", PEER_LABELS)
+PARAMS_HASH_ROUND = Gauge("p2ptrain_params_hash_round", "The round after which p2ptrain_params_hash was taken.",
+                          PEER_LABELS)
 TEST_LOSS = Gauge("p2ptrain_test_loss", "Loss on the held-out split at the last evaluation.", PEER_LABELS)
 ACCURACY = Gauge("p2ptrain_accuracy", "Accuracy on the held-out split at the last evaluation.", PEER_LABELS)
 PEERS_ACTIVE = Gauge(
@@ -88,6 +94,11 @@ OUTBOX_GRADIENTS_INVALID_TOTAL = Counter(
     "p2ptrain_outbox_gradients_invalid_total",
     "Gradients read from another peer's outbox that failed validation, by reject reason.",
     (*PEER_LABELS, "reason"),
+)
+DIVERGENCES_TOTAL = Counter(
+    "p2ptrain_divergences_total",
+    "Rounds in which training diverged (non-finite loss or gradient, exploding loss), by cause.",
+    (*PEER_LABELS, "cause"),
 )
 UPDATES_SKIPPED_TOTAL = Counter(
     "p2ptrain_updates_skipped_total",

@@ -2,13 +2,15 @@
 
 Each server listens on a free loopback port with AUTH on, keeps nothing on disk unless asked, and
 loads the p2ptrain module when one is given. A server is always stopped, even if its owner dies:
-children get SIGKILL when their parent exits (Linux ``PR_SET_PDEATHSIG``).
+children get SIGKILL when their parent exits (Linux ``PR_SET_PDEATHSIG``). The password never
+touches the disk: redis-server reads it from its stdin. A server's directory records its pid, so the
+directories of servers that died with a killed owner are removed by the next ``start``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import os
 import shutil
 import signal
 import socket
@@ -30,6 +32,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+_PREFIX = "p2ptrain-redis-"
+_PID_FILE = "redis-server.pid"
+
+
+def remove_stale_dirs(root: Path | None = None) -> list[Path]:
+    """Remove the directories of earlier servers that are no longer running; the ones removed."""
+    removed = []
+    for directory in Path(root or tempfile.gettempdir()).glob(_PREFIX + "*"):
+        try:
+            pid = int((directory / _PID_FILE).read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            continue  # not ours, or a server still starting
+        if _is_running_redis(pid):
+            continue
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed
+
+
+def _is_running_redis(pid: int) -> bool:
+    # A killed owner's servers may linger as zombies (nobody reaps them in some containers), and a
+    # pid may have been reused by another program since: neither is a live server.
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text(encoding="utf-8").strip()
+        state = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return comm == "redis-server" and state not in ("Z", "X")
 
 
 def die_with_parent() -> None:
@@ -58,7 +90,8 @@ class RedisServer:
                 "redis-server not found on PATH: install it (Debian/Ubuntu: apt-get install -y redis-server)"
             )
         self.port = self.port or free_port(self.host)
-        self.workdir = Path(tempfile.mkdtemp(prefix="p2ptrain-redis-"))
+        remove_stale_dirs()
+        self.workdir = Path(tempfile.mkdtemp(prefix=_PREFIX))
         args = [
             binary,
             "--bind", self.host,
@@ -70,17 +103,20 @@ class RedisServer:
             "--daemonize", "no",
             "--loglevel", "warning",
             "--proto-max-bulk-len", "1gb",
-            # The password travels on stdin-free config: an ACL user line keeps it out of `ps` output.
         ]
         if self.module is not None:
             args += ["--loadmodule", str(self.module)]
-        config = self.workdir / "redis.conf"
-        config.write_text(f'requirepass "{self.password}"\n', encoding="utf-8")
-        os.chmod(config, 0o600)
-        args.insert(1, str(config))
+        # "-": the config (the password) comes on stdin — not in `ps` output, not in any file.
+        args.insert(1, "-")
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+            args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches the owner, which stops its servers last
         )
+        assert self.process.stdin is not None
+        with self.process.stdin, contextlib.suppress(BrokenPipeError):  # BrokenPipe: it exited; reported below
+            self.process.stdin.write(f'requirepass "{self.password}"\n'.encode())
+        (self.workdir / _PID_FILE).write_text(str(self.process.pid), encoding="ascii")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -82,6 +82,13 @@ class EvaluationSpec:
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    on_divergence: str = "fail"  # or "skipRound"
+    explosion_factor: float = 10.0
+    hash_every_rounds: int = 1
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     min_scale: int = crd_default("function.minScale")
     max_scale: int = crd_default("function.maxScale")
@@ -142,6 +149,7 @@ class JobSpec:
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     exchange: ExchangeSpec = field(default_factory=ExchangeSpec)
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
     function: FunctionSpec = field(default_factory=FunctionSpec)
     redis: RedisSpec = field(default_factory=RedisSpec)
     metrics: MetricsSpec = field(default_factory=MetricsSpec)
@@ -295,6 +303,7 @@ def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:
         aggregation=pick(AggregationSpec, spec["aggregation"]),
         exchange=pick(ExchangeSpec, spec["exchange"]),
         evaluation=pick(EvaluationSpec, spec["evaluation"]),
+        training=pick(TrainingSpec, spec["training"]),
         function=pick(FunctionSpec, spec["function"]),
         redis=pick(RedisSpec, spec["redis"]),
         metrics=pick(MetricsSpec, spec["metrics"]),
@@ -340,6 +349,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("JobSpec", "aggregation"): AggregationSpec,
     ("JobSpec", "exchange"): ExchangeSpec,
     ("JobSpec", "evaluation"): EvaluationSpec,
+    ("JobSpec", "training"): TrainingSpec,
     ("JobSpec", "function"): FunctionSpec,
     ("JobSpec", "redis"): RedisSpec,
     ("JobSpec", "metrics"): MetricsSpec,

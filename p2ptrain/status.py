@@ -12,6 +12,8 @@ from typing import Any, TypedDict
 
 # Test accuracies whose first crossing a peer reports (round and training seconds): time to accuracy.
 ACCURACY_MILESTONES = (0.5, 0.8, 0.9, 0.95, 0.99)
+# Parameter hashes a peer keeps in its status (see ``PeerStatus.record_params_hash``).
+PARAMS_HASHES_KEPT = 64
 
 
 class PeerState(enum.StrEnum):
@@ -58,6 +60,8 @@ class StatusDict(TypedDict):
     reached: dict[str, Milestone]
     caughtUp: dict[str, int]
     recovered: int
+    failure: str  # "" or "divergence": why a failed peer failed, for the runner's exit code
+    paramsHashes: dict[str, str]  # round (1-based, as a string) -> hash of the parameters after it
 
 
 class StatusError(ValueError):
@@ -115,6 +119,14 @@ class PeerStatus:
     caught_up: dict[str, int] = field(default_factory=dict)  # rounds skipped by adopting peers' state
     recovered: int = 0  # gradients taken from other peers' outboxes after their events were missed
     reached: dict[str, Milestone] = field(default_factory=dict)  # "0.9" -> first round, seconds
+    failure: str = ""
+    params_hashes: dict[str, str] = field(default_factory=dict)  # the last PARAMS_HASHES_KEPT rounds hashed
+
+    def record_params_hash(self, round_number: int, digest: str) -> None:
+        # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
+        self.params_hashes[str(round_number)] = digest
+        while len(self.params_hashes) > PARAMS_HASHES_KEPT:
+            del self.params_hashes[next(iter(self.params_hashes))]
 
     def record_accuracy(self, accuracy: float) -> None:
         record_milestones(self.reached, accuracy, self.round, self.training_seconds)
@@ -157,4 +169,28 @@ class PeerStatus:
             "reached": self.reached,
             "caughtUp": self.caught_up,
             "recovered": self.recovered,
+            "failure": self.failure,
+            "paramsHashes": dict(self.params_hashes),
         }
+
+
+class ReplicaCheck:
+    """The cross-peer check that replicas stay bitwise identical: the peers' parameter hashes for the
+    same round must be equal. A reader (the local runner, the operator) notes every status it reads."""
+
+    def __init__(self, peers: int) -> None:
+        self.peers = peers
+        self.hashes: dict[int, dict[int, str]] = {}  # round -> peer -> hash
+
+    def note(self, status: StatusDict) -> None:
+        for round_number, digest in status.get("paramsHashes", {}).items():
+            self.hashes.setdefault(int(round_number), {})[status["peer"]] = digest
+
+    def drift_rounds(self) -> list[int]:
+        """Rounds after which every peer reported a hash and they were not all equal."""
+        return sorted(r for r, h in self.hashes.items() if len(h) == self.peers and len(set(h.values())) > 1)
+
+    def result(self) -> dict[str, Any]:
+        compared = sum(1 for h in self.hashes.values() if len(h) == self.peers)
+        drift = self.drift_rounds()
+        return {"rounds_compared": compared, "identical": not drift, "drift_rounds": drift}

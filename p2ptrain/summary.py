@@ -3,7 +3,8 @@ the closing report."""
 
 from __future__ import annotations
 
-import time
+import os
+import shutil
 from typing import Any, TextIO
 
 from p2ptrain.metrics import ROUND_PHASES
@@ -30,16 +31,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"job {summary['job']}: {summary['rounds']} rounds on {summary['peers']} peers x "
         f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
         f"  test accuracy {acc:.4f}" if acc is not None else "  test accuracy n/a",
-        f"  final loss    {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "  final loss n/a",
+        f"  final loss    {summary['final_loss']:.4f} (training loss of the last round, mean over peers)"
+        if summary["final_loss"] is not None else "  final loss n/a",
         f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
         + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
         f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
         *([f"  reached       {reached} test accuracy"] if reached else []),
-        f"  functions     {fn['cold_starts']} cold starts (mean {fn['cold_start_seconds_mean'] or 0:.2f}s), "
-        f"max {fn['max_instances']} instances, {fn['scaled_to_zero']} scaled to zero, "
+        f"  functions     {fn['cold_starts']} instances started from cold (mean {fn['cold_start_seconds_mean'] or 0:.2f}s "
+        f"to ready), at most {fn['max_instances']} ready at once, {fn['scaled_to_zero']} scaled to zero, "
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",
         f"  model         {summary['model']}",
     ]
+    replicas = summary.get("replicas")
+    if replicas:
+        lines.append(
+            f"  replicas      identical (parameter hashes equal in {replicas['rounds_compared']} rounds compared)"
+            if replicas["identical"]
+            else f"  replicas      DRIFTED: parameter hashes differ after rounds {replicas['drift_rounds']}"
+        )
     if summary.get("peer_restarts"):
         lines.append(f"  peers         restarted {summary['peer_restarts']} time(s) after being killed; they caught up")
     if summary["rejected_events"] or summary["excluded_peers"]:
@@ -53,20 +62,37 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 class ProgressDisplay:
-    """One progress line per update: rewritten in place on a terminal, every 2 s or on change otherwise."""
+    """The progress line.
 
-    def __init__(self, out: TextIO, *, quiet: bool) -> None:
+    On a terminal it is rewritten in place and always fits the terminal's width on one row: fields are
+    dropped, least important first, until it does (a longer line would wrap and ``\r`` would rewrite
+    only its last row). Otherwise (a pipe, a file) one line is written every ``every_rounds`` rounds
+    and at the end, never the same round twice. The loss shown is the mean over peers of their last
+    round's training loss, the same quantity as the summary's "final loss".
+    """
+
+    def __init__(self, out: TextIO, *, quiet: bool, every_rounds: int | None = None) -> None:
         self.out = out
         self.quiet = quiet
+        self.every_rounds = every_rounds
         self._tty = out.isatty()
         self._last_line = ""
-        self._last_print = 0.0
+        self._last_round = -1
         self._said_waiting = False
 
     def say(self, message: str) -> None:
         if not self.quiet:
+            if self._tty and self._last_line:
+                self.out.write("\r\x1b[K")  # a message never shares a row with the progress line
+                self._last_line = ""
             self.out.write(message + "\n")
             self.out.flush()
+
+    def width(self) -> int:
+        try:
+            return os.get_terminal_size(self.out.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return shutil.get_terminal_size().columns
 
     def show(self, statuses: list[StatusDict], instances: int, cold: int, *, final: bool = False) -> None:
         if self.quiet or not statuses:
@@ -78,25 +104,46 @@ class ProgressDisplay:
                 self.say("round 0: functions starting from zero (cold start) ...")
                 self._said_waiting = True
             return
-        losses = [s["loss"] for s in statuses if s["loss"] is not None]
-        accuracy = statuses[0]["accuracy"]
-        phases = statuses[0]["phases"]
-        line = (
-            f"round {done:>4}/{rounds}  loss {sum(losses) / len(losses):.4f}  " if losses else f"round {done:>4}/{rounds}  "
-        )
-        line += f"acc {accuracy:.4f}  " if accuracy is not None else "acc   --    "
-        line += f"round {sum(phases.values()):.3f}s [" + " ".join(
-            f"{p} {phases.get(p, 0.0) * 1000:.0f}ms" for p in ROUND_PHASES
-        ) + f"]  functions {instances} up, {cold} cold starts"
-        now = time.monotonic()
         if self._tty:
-            self.out.write("\r" + line.ljust(len(self._last_line)))
-            if final:
-                self.out.write("\n")
-            self.out.flush()
-            self._last_line = line
-        elif line != self._last_line and (final or now - self._last_print >= 2.0):
-            self.out.write(line + "\n")
-            self.out.flush()
-            self._last_print = now
-            self._last_line = line
+            line = progress_line(statuses, instances, cold, self.width() - 1)  # the last column would wrap
+            if line != self._last_line or final:
+                self.out.write("\r\x1b[K" + line + ("\n" if final else ""))
+                self.out.flush()
+                self._last_line = "" if final else line
+            return
+        every = self.every_rounds or max(1, rounds // 20)
+        crossed = done // every > max(self._last_round, 0) // every  # polls may skip rounds
+        if done == self._last_round or not (final or crossed or done == rounds):
+            return
+        self.out.write(progress_line(statuses, instances, cold, None) + "\n")
+        self.out.flush()
+        self._last_round = done
+
+
+def progress_line(statuses: list[StatusDict], instances: int, cold: int, width: int | None) -> str:
+    """The progress fields that fit in ``width`` characters (all of them for None), in display order.
+
+    Priority, highest first: round, loss, accuracy, round time, function instances, phase timings.
+    """
+    rounds = statuses[0]["rounds"]
+    done = min(s["round"] for s in statuses)
+    losses = [s["loss"] for s in statuses if s["loss"] is not None]
+    accuracy = statuses[0]["accuracy"]
+    phases = statuses[0]["phases"]
+    fields = [  # (priority, text) in display order
+        (0, f"round {done}/{rounds}"),
+        (1, f"loss {sum(losses) / len(losses):.4f}" if losses else "loss --"),
+        (2, f"acc {accuracy:.4f}" if accuracy is not None else "acc --"),
+        (3, f"round {sum(phases.values()):.3f}s"),
+        (5, "[" + " ".join(f"{p} {phases.get(p, 0.0) * 1000:.0f}ms" for p in ROUND_PHASES) + "]"),
+        (4, f"functions {instances} up, {cold} started"),
+    ]
+    kept = sorted(fields, key=lambda f: f[0])
+    while width is not None and len(kept) > 1 and len("  ".join(t for _, t in _in_order(fields, kept))) > width:
+        kept.pop()
+    line = "  ".join(t for _, t in _in_order(fields, kept))
+    return line if width is None else line[: max(0, width)]
+
+
+def _in_order(fields: list[tuple[int, str]], kept: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    return [f for f in fields if f in kept]

@@ -4,7 +4,8 @@ deadline, and check every reply.
 
 A failed attempt of any kind — no answer, an error status, or a 200 whose reply fails its signature
 or schema — is counted, logged and retried; a micro-batch that never succeeds is left out of the
-round. Only ``MAX_ROUNDS_WITHOUT_GRADIENT`` rounds in a row without any gradient fail the peer.
+round. Only ``MAX_ROUNDS_WITHOUT_GRADIENT`` rounds in a row without any gradient fail the peer. A
+non-finite gradient is not an outage: it is never retried, and the round raises ``Diverged``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from p2ptrain import metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import split_micro_batches
+from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.status import PeerStatus
 from p2ptrain.store import PeerStore
@@ -39,6 +41,19 @@ class Receipt:
     samples: int
     loss: float
     cold: bool
+
+
+class _NonFinite(Exception):
+    """The function computed a non-finite gradient: the model or the data diverged, not an outage."""
+
+
+def is_non_finite_answer(status: int, reason: str | None, text: str) -> bool:
+    """Whether an error reply says the micro-batch's gradient is not finite.
+
+    The function may name it (``X-P2PTrain-Reason: non-finite``); otherwise the accumulator's refusal
+    reaches the peer as a 503 "redis" reply carrying the accumulator's error text.
+    """
+    return reason == "non-finite" or (status >= 400 and "non-finite" in text)
 
 
 class BadReply(ValueError):
@@ -86,8 +101,14 @@ class FunctionClient:
         self._published = (round_index, params)
         return key
 
-    async def fan_out(self, round_index: int, model_key: str, indices: np.ndarray, deadline: float) -> list[Receipt]:
-        """Every micro-batch of the round; the receipts of those that succeeded before the deadline."""
+    async def fan_out(
+        self, round_index: int, model_key: str, indices: np.ndarray, deadline: float, *, skip_non_finite: bool = False
+    ) -> list[Receipt]:
+        """Every micro-batch of the round; the receipts of those that succeeded before the deadline.
+
+        A non-finite gradient raises ``Diverged`` after every call has ended, or with ``skip_non_finite``
+        leaves that micro-batch out (counted).
+        """
         keys = self.store.keys
         address = self.config.redis[self.index]
         calls = [
@@ -107,7 +128,23 @@ class FunctionClient:
             )
             for n, part in enumerate(split_micro_batches(indices, self.spec.functions_per_peer))
         ]
-        receipts = [r for r in await asyncio.gather(*calls) if r is not None]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        non_finite = [a for a in answers if isinstance(a, _NonFinite)]
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, _NonFinite):
+                raise answer
+        if non_finite and not skip_non_finite:
+            raise Diverged("non-finite-gradient", round_index, f"the gradient function answered: {non_finite[0]}")
+        receipts = [r for r in answers if isinstance(r, Receipt)]
+        if non_finite:
+            # training.onDivergence=skipRound: those micro-batches are left out (the accumulator refused
+            # them), the rest of the round goes on; a diverged model is not an outage of the function.
+            log.warning("round %d: %d micro-batch(es) had non-finite gradients and are left out: %s",
+                        round_index + 1, len(non_finite), non_finite[0], extra={"reason": "divergence"})
+            self.status.count_skipped_update("divergence")
+            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
+            metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause="non-finite-gradient").inc()
+            return receipts
         if receipts:
             self._rounds_without_gradient = 0
             return receipts
@@ -159,6 +196,10 @@ class FunctionClient:
                             self.status.function_cold_starts += 1
                         return receipt
                 else:
+                    if is_non_finite_answer(
+                        response.status_code, response.headers.get("x-p2ptrain-reason"), response.text[:1000]
+                    ):
+                        raise _NonFinite(f"micro-batch {request['part']}: {response.text[:200]}")
                     last_error = self._failed("status", f"HTTP {response.status_code}: {response.text[:200]}")
                     if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
                         break  # the request itself is wrong; retrying cannot help

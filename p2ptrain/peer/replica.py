@@ -7,6 +7,7 @@ on the model, so ``GET /model`` never reads a half-applied step.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Any
@@ -73,6 +74,12 @@ class Replica:
         """A copy of the flat parameters (what the gradient functions compute at)."""
         with self._lock:
             return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy().copy()
+
+    def params_hash(self) -> str:
+        """SHA-256 of the parameters' float32 bytes: equal on every peer while the replicas are identical."""
+        with self._lock:
+            flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
+            return hashlib.sha256(flat.numpy().astype("<f4", copy=False).tobytes()).hexdigest()[:16]
 
     def apply(self, gradient: torch.Tensor) -> None:
         """One optimizer step with ``gradient`` (flat) as every parameter's gradient."""

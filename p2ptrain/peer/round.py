@@ -18,9 +18,10 @@ import numpy as np
 import redis
 import torch
 
-from p2ptrain import metrics, retry
+from p2ptrain import metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
+from p2ptrain.peer.divergence import Diverged, DivergenceGuard
 from p2ptrain.peer.endpoint import PeerEndpoint
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.peer.functions import FunctionClient
@@ -65,6 +66,7 @@ class Peer:
         self.others = OtherPeers(config, index, secrets, self.replica.numel, self.status)
         self.receiver = EventReceiver(config, index, secrets, self.inbox, self.others, self.status)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
+        self.guard = DivergenceGuard(spec.training)
         self._functions: FunctionClient | None = None
         self._sender: GradientSender | None = None
 
@@ -98,7 +100,12 @@ class Peer:
                     await self._wait_for_peers(http)
                     start = await self.catch_up(start)
                     for round_index in range(start, self.rounds):
-                        reports.append(await self._run_round_through_redis_outages(round_index))
+                        try:
+                            reports.append(await self._run_round_through_redis_outages(round_index))
+                        except Diverged as exc:
+                            self.status.failure = "divergence"
+                            metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause=exc.cause).inc()
+                            raise
                     await self._sender.drain()  # the last rounds' gradients, bounded by the deadline
                 finally:
                     await self._sender.close()
@@ -174,7 +181,14 @@ class Peer:
 
         t0 = time.perf_counter()
         indices = batch_indices(self.shard, round_index, spec.batch_size, spec.seed + self.index)
-        receipts = await self._functions.fan_out(round_index, model_key, indices, deadline)
+        diverged = False
+        try:
+            receipts = await self._functions.fan_out(
+                round_index, model_key, indices, deadline, skip_non_finite=self.guard.skips
+            )
+        except Diverged as exc:
+            self._diverged(exc)
+            receipts, diverged = [], True
         phases["fanout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -183,10 +197,18 @@ class Peer:
         phases["average"] = time.perf_counter() - t0
         samples = sum(r.samples for r in receipts)
         loss = sum(r.loss * r.samples for r in receipts) / samples if samples else None
+        try:
+            self.guard.check_loss(round_index, loss)
+            if average is not None:
+                self.guard.check_gradient(round_index, average[0], "this peer's")
+        except Diverged as exc:
+            self._diverged(exc)
+            diverged = True
 
         t0 = time.perf_counter()
-        if average is not None:
-            own, _, _ = average
+        if average is not None and not diverged:
+            # Apply exactly what the other peers will receive: the gradient through the wire dtype.
+            own = as_sent(average[0], spec.exchange.dtype)
             await self.inbox.file(round_index, self.index, own)
             await self._sender.send(round_index, own)
         gradients = await self.collect(round_index, deadline)
@@ -194,12 +216,21 @@ class Peer:
 
         t0 = time.perf_counter()
         combined = await asyncio.to_thread(self._aggregate, gradients)
+        if combined is not None and not bool(torch.isfinite(combined).all()):
+            self._diverged(Diverged("non-finite-aggregate", round_index,
+                                    f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
+            combined = None
         phases["aggregate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if combined is not None:
             await asyncio.to_thread(self.replica.apply, combined)
         evaluation = await asyncio.to_thread(self.replica.evaluate) if self._should_evaluate(round_index) else None
+        if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
+            digest = await asyncio.to_thread(self.replica.params_hash)
+            self.status.record_params_hash(round_index + 1, digest)
+            metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
+            metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index, "loss": loss})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
         phases["update"] = time.perf_counter() - t0
@@ -232,6 +263,16 @@ class Peer:
         metrics.record_excluded_rounds(self.labels, self.spec.peers, gradients)
         return gradients
 
+    def _diverged(self, exc: Diverged) -> None:
+        """``training.onDivergence``: fail (raise) or leave this round's diverging part out (counted)."""
+        if not self.guard.skips:
+            raise exc
+        metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause=exc.cause).inc()
+        metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
+        self.status.count_skipped_update("divergence")
+        log.warning("%s; leaving it out of the round (training.onDivergence=skipRound)", exc,
+                    extra={"reason": "divergence", "cause": exc.cause})
+
     def _aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
         """The rule's combination of the gradients, or None (counted, logged) when the update is skipped."""
         try:
@@ -246,3 +287,10 @@ class Peer:
     def _should_evaluate(self, round_index: int) -> bool:
         every = self.spec.evaluation.every_rounds
         return (round_index + 1) % every == 0 or round_index + 1 == self.rounds
+
+
+def as_sent(gradient: np.ndarray, dtype: str) -> np.ndarray:
+    """``gradient`` as the other peers decode it (identity for float32; rounded for 16-bit dtypes)."""
+    if dtype == "float32":
+        return gradient
+    return wire.decode_tensor(wire.encode_tensor(gradient, dtype), expected_numel=gradient.size)

@@ -35,7 +35,7 @@ from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerState, ReplicaCheck, StatusDict, StatusError, parse_status
 from p2ptrain.store import Keys, export_model
-from p2ptrain.summary import ProgressDisplay, format_summary, sum_counts
+from p2ptrain.summary import ProgressDisplay, checked_replicas, format_summary, log_tail, sum_counts
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class LocalRun:
         spent = f" after {self.peer_restarts} restarts (backoffLimit={limit})" if code < 0 else ""
         raise RunError(
             f"peer {peer.index} {how} before the job finished{spent}:\n"
-            + _tail(peer.log_path) + f"\n(full log: {peer.log_path})"
+            + log_tail(peer.log_path) + f"\n(full log: {peer.log_path})"
         )
 
     async def _train(self) -> None:
@@ -222,7 +222,7 @@ class LocalRun:
                 if PeerState.FAILED in states:
                     failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
-                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + _tail(failed.log_path),
+                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + log_tail(failed.log_path),
                                    exit_code=3 if failed.status.get("failure") == "divergence" else 1)
                 if all(s is PeerState.SUCCEEDED for s in states):
                     self._show_progress(final=True)
@@ -250,7 +250,7 @@ class LocalRun:
             "test_loss": lead.get("testLoss"),
             # the mean over peers of their last round's training loss: what the progress line shows
             "final_loss": sum(losses) / len(losses) if losses else None,
-            "replicas": _checked(self.replicas, self.display),
+            "replicas": checked_replicas(self.replicas, self.display),
             "wall_seconds": wall_seconds,
             "phases": phases,
             "round_seconds": sum(phases.values()),
@@ -275,22 +275,11 @@ class LocalRun:
             "logs": str(self.workdir),
         }
         output = self.options.output or Path(f"{self.spec.name}-model.safetensors")
-        summary["model"] = str(self._write_model(output))
+        summary["model"] = str(write_model(self.redis_servers[0], self.spec, output))
         if self.options.summary is not None:
             self.options.summary.parent.mkdir(parents=True, exist_ok=True)
             self.options.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
-
-    def _write_model(self, output: Path) -> Path:
-        """Peer 0's final model (from its checkpoint in Redis) as a safetensors file."""
-        client = self.redis_servers[0].client()
-        try:
-            export_model(client, Keys(self.spec.name, 0), output, {"p2ptrain.job": json.dumps(self.spec.to_dict())})
-        except CheckpointError as exc:
-            raise RunError(f"cannot write the model: {exc}") from exc
-        finally:
-            client.close()
-        return output
 
     # --- shutdown -------------------------------------------------------------------------------------
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
@@ -336,13 +325,15 @@ class LocalRun:
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
 
-def _checked(replicas: ReplicaCheck, display: ProgressDisplay) -> dict[str, Any]:
-    """The replicas' parameter hashes compared round by round; drift is logged, shown and reported."""
-    result = replicas.result()
-    if not result["identical"]:
-        log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
-        display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds {result['drift_rounds']}")
-    return result
+
+def write_model(server: RedisServer, spec: JobSpec, output: Path) -> Path:
+    """Peer 0's final model (from its checkpoint in Redis) as a safetensors file."""
+    with contextlib.closing(server.client()) as client:
+        try:
+            export_model(client, Keys(spec.name, 0), output, {"p2ptrain.job": json.dumps(spec.to_dict())})
+        except CheckpointError as exc:
+            raise RunError(f"cannot write the model: {exc}") from exc
+    return output
 
 
 async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
@@ -359,13 +350,6 @@ async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
             await future
         raise
 
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join("    " + line for line in text[-lines:])
 
 
 def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:

@@ -3,12 +3,16 @@ the closing report."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from pathlib import Path
 from typing import Any, TextIO
 
 from p2ptrain.metrics import ROUND_PHASES
-from p2ptrain.status import StatusDict
+from p2ptrain.status import ReplicaCheck, StatusDict
+
+log = logging.getLogger("p2ptrain.local")
 
 
 def sum_counts(dicts: Any) -> dict[str, int]:
@@ -147,3 +151,20 @@ def progress_line(statuses: list[StatusDict], instances: int, cold: int, width: 
 
 def _in_order(fields: list[tuple[int, str]], kept: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return [f for f in fields if f in kept]
+
+
+def checked_replicas(replicas: ReplicaCheck, display: ProgressDisplay) -> dict[str, Any]:
+    """The replicas' parameter hashes compared round by round; drift is logged, shown and reported."""
+    result = replicas.result()
+    if not result["identical"]:
+        log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
+        display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds {result['drift_rounds']}")
+    return result
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join("    " + line for line in text[-lines:])

@@ -169,9 +169,9 @@ def test_signature_covers_json_data_exactly_as_sent() -> None:
     parsed = wire.from_http(headers, sent)
     wire.verify(parsed, KEY)
     assert wire.event_bytes(parsed) == sent and wire.event_json(parsed) == {"loss": 0.1, "indices": [1, 2]}
-    envelope = ('{"specversion":"1.0","id":"7","source":"/p","type":"%s","datacontenttype":"application/json",'
-                '"signature":"%s","data": %s}' % (wire.GRADIENT_REQUESTED, wire.signature(attributes, sent, KEY),
-                                                 sent.decode()))
+    signed = wire.signature(attributes, sent, KEY)
+    envelope = (f'{{"specversion":"1.0","id":"7","source":"/p","type":"{wire.GRADIENT_REQUESTED}",'
+                f'"datacontenttype":"application/json","signature":"{signed}","data": {sent.decode()}}}')
     structured = wire.from_http({"content-type": wire.STRUCTURED}, envelope.encode())
     wire.verify(structured, KEY)
     assert wire.event_bytes(structured) == sent

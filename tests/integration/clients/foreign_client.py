@@ -17,7 +17,7 @@ import uuid
 
 def canonical(attributes, data):
     lines = [f"{name}={value}" for name, value in sorted(attributes.items()) if name not in ("signature", "time")]
-    return "\n".join(lines + [hashlib.sha256(data).hexdigest()])
+    return "\n".join([*lines, hashlib.sha256(data).hexdigest()])
 
 
 def main():

@@ -24,8 +24,17 @@ async def lifespan(receive: Receive, send: Send) -> None:
     await send({"type": "lifespan.shutdown.complete"})
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The request body, or None once it exceeds ``limit`` bytes (the rest is drained, not kept)."""
+async def read_body(receive: Receive, limit: int, scope: Scope | None = None) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes.
+
+    A declared Content-Length over the limit is refused before a byte is read; otherwise chunks are
+    collected (joined once, never concatenated in a loop) until the limit is crossed. Nothing more is
+    read then: the caller answers 413 at once and the server drops the rest with the connection.
+    """
+    if scope is not None:
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            return None
     chunks: list[bytes] = []
     size = 0
     more = True
@@ -33,10 +42,11 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         message = await receive()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size <= limit:
-            chunks.append(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
         more = message.get("more_body", False)
-    return b"".join(chunks) if size <= limit else None
+    return b"".join(chunks)
 
 
 def headers_of(scope: Scope) -> dict[str, str]:
@@ -51,11 +61,14 @@ async def respond(
     reason: str | None = None,
     content_type: bytes = b"text/plain; charset=utf-8",
     headers: list[tuple[bytes, bytes]] | None = None,
+    close: bool = False,
 ) -> None:
     out = headers if headers is not None else [(b"content-type", content_type)]
     out = [*out, (b"content-length", str(len(body)).encode())]
     if reason:
         out.append((REASON_HEADER, reason.encode()))
+    if close:
+        out.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body})
 

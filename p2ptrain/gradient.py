@@ -5,7 +5,10 @@ decoded CloudEvent in ``scope["event"]``. Each ``gradient.requested`` event name
 version and the sample indices; the function loads that version from the peer's Redis (cached per
 version), computes the gradient with torch, adds it into the peer's accumulator in Redis (idempotently,
 so retries never double-count) and replies with a ``gradient.computed`` event (loss, samples, timings).
-The event boundary runs in four visible steps: decode (func-python), validate, process, encode.
+The event boundary runs in four visible steps: decode, validate, process, encode. Decoding happens in
+:class:`FunctionFront`, ahead of func-python's own parser: the body is read within a size budget, the
+content type and required attributes are checked, and every refusal is a 4xx naming its reason and
+counted in ``p2ptrain_function_invocations_total{outcome=<reason>}``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from cloudevents.core.v1.event import CloudEvent
 
 from p2ptrain import asgi, metrics, wire
 from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
-from p2ptrain.config import CONFIG_ENV, RedisAddress, RuntimeConfig, Secrets
+from p2ptrain.config import CONFIG_ENV, ConfigError, RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.models import build_model
 from p2ptrain.store import Keys, connect
@@ -41,6 +44,10 @@ Receive = asgi.Receive
 Send = Callable[..., Awaitable[None]]  # func-python's send also carries ``.binary`` and ``.http``
 
 SOURCE = "/functions/gradient"
+# A gradient request is a small JSON object (at most batchSize sample indices); 1 MiB leaves room for
+# batches of over 100k samples and refuses anything that is plainly not a request.
+MAX_REQUEST_BYTES = 1 << 20
+REJECT_STATUS = {"signature": 401, "oversize": 413, "content-type": 415, "method": 405, "not-ready": 503}
 _MODEL_CACHE_VERSIONS = 16
 
 
@@ -85,18 +92,26 @@ class GradientFunction:
         self._labels: dict[str, str] = {}
 
     # --- lifecycle (func-python calls these) ----------------------------------------------------
-    def start(self, env: dict[str, str]) -> None:
-        """Load configuration from the environment (the edge), the data set and the model skeleton."""
+    def configure(self, env: dict[str, str]) -> None:
+        """Read the job's config and secrets from the environment (the edge); ConfigError names what is
+        missing. Cheap, so ``serve`` runs it before binding and exits on failure."""
         if self.config is None:
             path = env.get(CONFIG_ENV)
             if not path:
-                raise RuntimeError(f"{CONFIG_ENV} must name the job's runtime config (job.json)")
+                raise ConfigError(f"{CONFIG_ENV} must name the job's runtime config (job.json); it is not set")
             self.config = RuntimeConfig.from_file(path)
         if self.secrets is None:
             self.secrets = Secrets.from_env()
+        self._labels = {"job": self.config.spec.name, "namespace": self.config.spec.namespace}
+
+    def start(self, env: dict[str, str]) -> None:
+        """Configure, then load the data set and the model skeleton (once: ``serve`` may have done it)."""
+        if self._ready:
+            return
+        self.configure(env)
+        assert self.config is not None
         torch.set_num_threads(int(env.get("P2PTRAIN_TORCH_THREADS", "1")))
         spec = self.config.spec
-        self._labels = {"job": spec.name, "namespace": spec.namespace}
         self._dataset = load_dataset(spec.dataset)
         torch.manual_seed(spec.seed)
         self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes)
@@ -128,15 +143,14 @@ class GradientFunction:
     # --- the event boundary -----------------------------------------------------------------------
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        event: CloudEvent = scope["event"]
+        event: wire.Incoming | CloudEvent = scope["event"]
         try:
             request = self.validate(event)
             result = await asyncio.to_thread(self.process, request)
         except (RequestError, wire.WireError) as exc:
-            status = exc.status if isinstance(exc, RequestError) else 400
+            status = exc.status if isinstance(exc, RequestError) else REJECT_STATUS.get(exc.reason, 400)
             status = 401 if exc.reason == "signature" else status
-            metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome=exc.reason).inc()
-            log.warning("rejected gradient request: %s", exc, extra={"reason": exc.reason})
+            self.count_rejected(exc)
             await _reply_error(send, status, exc.reason, str(exc))
             return
         except (AccumulatorError, redis.RedisError) as exc:
@@ -163,7 +177,11 @@ class GradientFunction:
         )
         await send.binary(reply)  # type: ignore[attr-defined]
 
-    def validate(self, event: CloudEvent) -> GradientRequest:
+    def count_rejected(self, exc: RequestError | wire.WireError) -> None:
+        metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome=exc.reason).inc()
+        log.warning("rejected gradient request: %s", exc, extra={"reason": exc.reason})
+
+    def validate(self, event: wire.Incoming | CloudEvent) -> GradientRequest:
         """Check signature, type and every field against this job's config."""
         if not self._ready or self.config is None or self.secrets is None or self._dataset is None:
             raise RequestError("not-ready", "function is still starting", status=503)
@@ -312,25 +330,74 @@ def new() -> GradientFunction:
     return GradientFunction()
 
 
-def serve() -> None:
-    """Serve the function with func-python's ASGI middleware, plus ``/metrics`` on the same port.
+class FunctionFront:
+    """The function's ASGI app: bounded, checked event decoding in front of func-python's middleware
+    (which still answers lifespan and health), plus ``/metrics`` on the same port (Knative gives a
+    container one port).
 
-    Knative gives a container one port, so metrics share it with events and health checks.
+    func-python reads any body whole by repeated concatenation and answers every bad event with one
+    generic 400; here a body over ``max_body_bytes`` is refused with 413 before it is read, and a
+    malformed, unsigned or mistyped event gets the 4xx of its reason, counted like any other refusal.
+    """
+
+    def __init__(self, function: GradientFunction, max_body_bytes: int = MAX_REQUEST_BYTES) -> None:
+        from func_python.cloudevent import ASGIApplication
+        from prometheus_client import make_asgi_app
+
+        self.function = function
+        self.max_body_bytes = max_body_bytes
+        self._func_app = ASGIApplication(function)
+        self._metrics_app = make_asgi_app()
+
+    async def on_start(self) -> None:
+        await self._func_app.on_start()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: asgi.Send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/health/liveness", "/health/readiness"):
+            await self._func_app(scope, receive, send)
+            return
+        if scope["path"] == "/metrics":
+            await self._metrics_app(scope, receive, send)
+            return
+        body: bytes | None = b""
+        try:
+            if scope["method"] != "POST":
+                raise wire.WireError("method", f"events are POSTed; {scope['method']} is not accepted")
+            body = await asgi.read_body(receive, self.max_body_bytes, scope)
+            if body is None:
+                raise wire.WireError("oversize", f"request body exceeds the limit of {self.max_body_bytes} bytes")
+            incoming = wire.from_http(
+                asgi.headers_of(scope), body, max_body_bytes=self.max_body_bytes, data_content_types=(wire.JSON,)
+            )
+        except wire.WireError as exc:
+            self.function.count_rejected(exc)
+            await asgi.respond(send, REJECT_STATUS.get(exc.reason, 400), f"{exc.reason}: {exc}".encode(),
+                               reason=exc.reason, close=body is None)
+            return
+        from func_python.cloudevent import CloudEventSender
+
+        scope["event"] = incoming
+        await self.function.handle(scope, receive, CloudEventSender(send))
+
+
+def serve() -> None:
+    """Serve the gradient function on func-python's address (``LISTEN_ADDRESS``, default port 8080).
+
+    Config, secrets, data and model are loaded before the port opens: a function that cannot start
+    logs why and exits 1, so Kubernetes restarts it and the pod shows the reason, instead of serving
+    liveness 200 and readiness 500 forever.
     """
     import signal
 
-    from func_python.cloudevent import ASGIApplication
     from func_python.sock import bind
-    from prometheus_client import make_asgi_app
 
-    function_app = ASGIApplication(new())
-    metrics_app = make_asgi_app()
-
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/metrics":
-            await metrics_app(scope, receive, send)
-        else:
-            await function_app(scope, receive, send)
+    function = new()
+    try:
+        function.start(dict(os.environ))
+    except (ConfigError, OSError, ValueError) as exc:
+        log.error("gradient function cannot start: %s", exc)
+        raise SystemExit(1) from exc
+    app = FunctionFront(function)
 
     async def main() -> None:
         stop = asyncio.Event()

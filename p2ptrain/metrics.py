@@ -27,6 +27,7 @@ REJECT_REASONS = (
     "duplicate",
     "unknown-peer",
     "dataref",
+    "content-type",
 )
 EXCLUDE_REASONS = ("deadline", "rejected", "rule")
 # Why a round ended without an optimizer step: too few gradients for the rule, or the rule refused them.

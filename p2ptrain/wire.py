@@ -1,19 +1,22 @@
 """The wire: tensor encoding and signed CloudEvents over HTTP.
 
 Tensors travel as raw little-endian float32 (or fp16/bf16) behind a 16-byte typed header, optionally
-zstd-compressed; nothing is ever pickled. Events are CloudEvents in binary content mode built and parsed
-with the ``cloudevents`` SDK, and signed with HMAC-SHA256 over their attributes and body. Every decode
-step validates its input and raises :class:`WireError` whose ``reason`` is a bounded metric label.
+zstd-compressed; nothing is ever pickled. Events are CloudEvents (binary or structured content mode)
+signed with HMAC-SHA256 over their attributes and the data bytes exactly as sent, so a client in any
+language can sign (the contract is docs/wire.md). Every decode step validates its input and raises
+:class:`WireError` whose ``reason`` is a bounded metric label.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import struct
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,7 @@ STATE_REQUESTED = "dev.p2ptrain.state.requested.v1"
 
 OCTET_STREAM = "application/octet-stream"
 JSON = "application/json"
+STRUCTURED = "application/cloudevents+json"
 SIGNATURE_ATTRIBUTE = "signature"
 DATAREF_ATTRIBUTE = "dataref"
 
@@ -46,7 +50,9 @@ _DTYPE_BY_CODE = {code: (name, dt) for name, (code, dt) in _DTYPES.items()}
 _COMPRESSIONS = {"none": 0, "zstd": 1}
 _COMPRESSION_BY_CODE = {code: name for name, code in _COMPRESSIONS.items()}
 DEFAULT_MAX_BYTES = 1 << 30
-
+# Binary mode: these ce-* headers must be present and non-empty (the SDK would invent a missing id,
+# and a receiver would then blame the signature for what is a malformed request).
+REQUIRED_ATTRIBUTES = ("specversion", "id", "source", "type")
 
 
 def peer_source(namespace: str, job: str, index: int) -> str:
@@ -141,20 +147,24 @@ def build_event(
     extensions: Mapping[str, str | int] | None = None,
     key: bytes | None = None,
 ) -> CloudEvent:
-    """A CloudEvent with raw (octet-stream) or JSON data, signed when ``key`` is given."""
+    """A CloudEvent with raw (octet-stream) or JSON data, signed when ``key`` is given.
+
+    JSON data is serialised here, once, and travels as these exact bytes: the signature covers what is
+    sent, not a re-serialisation a foreign client could not reproduce.
+    """
     attributes: dict[str, Any] = {"type": event_type, "source": source, "id": str(uuid.uuid4()), "specversion": "1.0"}
     if subject is not None:
         attributes["subject"] = subject
     if isinstance(data, bytes | bytearray):
         attributes["datacontenttype"] = OCTET_STREAM
-        payload: Any = bytes(data)
+        payload = bytes(data)
     else:
         attributes["datacontenttype"] = JSON
-        payload = dict(data)
+        payload = json.dumps(dict(data), sort_keys=True, separators=(",", ":")).encode()
     for name, value in (extensions or {}).items():
         attributes[name] = str(value)
     if key is not None:
-        attributes[SIGNATURE_ATTRIBUTE] = _signature(attributes, _canonical_body(payload), key)
+        attributes[SIGNATURE_ATTRIBUTE] = signature(attributes, payload, key)
     try:
         return CloudEvent(attributes=attributes, data=payload)
     except BaseCloudEventException as exc:
@@ -167,43 +177,180 @@ def to_http(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     return dict(message.headers), message.body
 
 
-def from_http(headers: Mapping[str, str], body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BYTES) -> CloudEvent:
-    """Decode an incoming binary- or structured-mode event; raises WireError('malformed'|'oversize')."""
+@dataclass(frozen=True)
+class Incoming:
+    """A received event and its data bytes exactly as sent (what the signature covers)."""
+
+    event: CloudEvent
+    data: bytes
+
+    def get_type(self) -> str:
+        return self.event.get_type()
+
+    def get_source(self) -> str:
+        return self.event.get_source()
+
+    def get_id(self) -> str:
+        return self.event.get_id()
+
+    def get_extension(self, name: str) -> Any:
+        return self.event.get_extension(name)
+
+    def get_attributes(self) -> dict[str, Any]:
+        return self.event.get_attributes()
+
+
+def media_type(content_type: str | None) -> str:
+    """``application/json; charset=utf-8`` -> ``application/json``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def from_http(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BYTES,
+    data_content_types: Collection[str] = (OCTET_STREAM, JSON),
+) -> Incoming:
+    """Decode an incoming binary- or structured-mode event.
+
+    Raises WireError: 'oversize'; 'content-type' (neither mode, or data of a type this receiver does not
+    take); 'malformed' (a required attribute missing, an envelope that is not a JSON object, ...).
+    """
     if len(body) > max_body_bytes:
         raise WireError("oversize", f"event body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
     lowered = {k.lower(): v for k, v in headers.items()}
+    content_type = media_type(lowered.get("content-type"))
+    if any(name.startswith("ce-") for name in lowered):
+        missing = [f"ce-{name}" for name in REQUIRED_ATTRIBUTES if not lowered.get(f"ce-{name}", "").strip()]
+        if missing:
+            raise WireError("malformed", f"binary-mode event lacks required header(s) {', '.join(missing)}")
+        data = body
+    elif content_type == STRUCTURED:
+        data, content_type = _structured_data(body)
+    else:
+        raise WireError(
+            "content-type",
+            f"content-type {content_type or '(none)'!r} is neither a binary-mode event (ce-* headers) "
+            f"nor a structured one ({STRUCTURED})",
+        )
+    if content_type not in data_content_types:
+        raise WireError(
+            "content-type", f"event data of type {content_type or '(none)'!r} is not accepted here "
+            f"(expected {' or '.join(sorted(data_content_types))})",
+        )
     try:
         event = from_http_event(HTTPMessage(headers=lowered, body=body))
     except (BaseCloudEventException, ValueError, KeyError, TypeError) as exc:
         raise WireError("malformed", f"not a valid CloudEvent: {exc}") from exc
     if not isinstance(event, CloudEvent):
         raise WireError("malformed", f"CloudEvents specversion {event.get_specversion()} is not supported (need 1.0)")
-    return event
+    return Incoming(event, data)
 
 
-def verify(event: CloudEvent, key: bytes) -> None:
-    """Check the event's HMAC signature; raises WireError('signature')."""
-    given = event.get_extension(SIGNATURE_ATTRIBUTE)
-    if not given:
-        raise WireError("signature", f"event {event.get_type()} from {event.get_source()} is not signed")
-    expected = _signature(event.get_attributes(), _canonical_body(event.get_data()), key)
-    if not hmac.compare_digest(str(given), expected):
-        raise WireError("signature", f"event {event.get_type()} from {event.get_source()} has a wrong signature")
+def _structured_data(body: bytes) -> tuple[bytes, str]:
+    """The data bytes of a structured-mode envelope and its datacontenttype.
 
-
-def event_bytes(event: CloudEvent) -> bytes:
-    """The event's data as bytes (the SDK hands undecodable bodies back as str when they are UTF-8)."""
-    return _canonical_body(event.get_data())
-
-
-def event_json(event: CloudEvent) -> dict[str, Any]:
-    """The event's data as a JSON object, or WireError('malformed')."""
-    data = event.get_data()
-    if isinstance(data, bytes | str):
+    ``data_base64`` gives its decoded bytes; ``data`` gives the bytes of its JSON value exactly as they
+    stand in the envelope (a client signs the text it inserts, whatever its JSON serialiser).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError("malformed", f"structured event is not UTF-8: {exc}") from exc
+    members = _top_level_members(text)
+    for name in REQUIRED_ATTRIBUTES:
+        value = members.get(name)
+        if value is None or not isinstance(json.loads(value), str) or not json.loads(value).strip():
+            raise WireError("malformed", f"structured event lacks required string attribute {name!r}")
+    content_type_json = members.get("datacontenttype")
+    content_type = json.loads(content_type_json) if content_type_json is not None else JSON
+    if not isinstance(content_type, str):
+        raise WireError("malformed", "structured event's datacontenttype must be a string")
+    if "data" in members and "data_base64" in members:
+        raise WireError("malformed", "structured event has both data and data_base64")
+    if "data_base64" in members:
+        encoded = json.loads(members["data_base64"])
         try:
-            data = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise WireError("malformed", f"event data is not JSON: {exc}") from exc
+            return base64.b64decode(str(encoded), validate=True), media_type(content_type)
+        except (ValueError, TypeError) as exc:
+            raise WireError("malformed", f"data_base64 is not base64: {exc}") from exc
+    return members.get("data", "").encode("utf-8"), media_type(content_type)
+
+
+def _top_level_members(text: str) -> dict[str, str]:
+    """The raw JSON text of each member of a top-level object; duplicate names are malformed."""
+    decoder = json.JSONDecoder()
+    members: dict[str, str] = {}
+
+    def skip(i: int) -> int:
+        while i < len(text) and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def expect(i: int, char: str) -> int:
+        i = skip(i)
+        if i >= len(text) or text[i] != char:
+            raise WireError("malformed", f"structured event is not a JSON object: expected {char!r} at offset {i}")
+        return i + 1
+
+    try:
+        i = expect(0, "{")
+        if skip(i) < len(text) and text[skip(i)] == "}":
+            i = skip(i) + 1
+        else:
+            while True:
+                i = skip(i)
+                name, i = decoder.raw_decode(text, i)
+                if not isinstance(name, str):
+                    raise WireError("malformed", "structured event member names must be strings")
+                if name in members:
+                    raise WireError("malformed", f"structured event has member {name!r} twice")
+                i = skip(expect(i, ":"))
+                _, end = decoder.raw_decode(text, i)
+                members[name] = text[i:end]
+                i = skip(end)
+                if i < len(text) and text[i] == ",":
+                    i += 1
+                    continue
+                i = expect(i, "}")
+                break
+    except (ValueError, RecursionError) as exc:
+        raise WireError("malformed", f"structured event is not valid JSON: {exc}") from exc
+    if skip(i) != len(text):
+        raise WireError("malformed", "structured event has trailing data after its JSON object")
+    return members
+
+
+def _as_incoming(event: Incoming | CloudEvent) -> Incoming:
+    """func-python hands a parsed CloudEvent (``func deploy``): its data re-serialised as our senders do."""
+    if isinstance(event, Incoming):
+        return event
+    return Incoming(event, _canonical_body(event.get_data()))
+
+
+def verify(event: Incoming | CloudEvent, key: bytes) -> None:
+    """Check the event's HMAC signature; raises WireError('signature')."""
+    incoming = _as_incoming(event)
+    given = incoming.get_extension(SIGNATURE_ATTRIBUTE)
+    if not given:
+        raise WireError("signature", f"event {incoming.get_type()} from {incoming.get_source()} is not signed")
+    expected = signature(incoming.get_attributes(), incoming.data, key)
+    if not hmac.compare_digest(str(given).encode(), expected.encode()):
+        raise WireError("signature", f"event {incoming.get_type()} from {incoming.get_source()} has a wrong signature")
+
+
+def event_bytes(event: Incoming | CloudEvent) -> bytes:
+    """The event's data bytes as sent."""
+    return _as_incoming(event).data
+
+
+def event_json(event: Incoming | CloudEvent) -> dict[str, Any]:
+    """The event's data as a JSON object, or WireError('malformed')."""
+    try:
+        data = json.loads(_as_incoming(event).data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise WireError("malformed", f"event data is not JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise WireError("malformed", f"event data must be a JSON object, got {type(data).__name__}")
     return data
@@ -219,8 +366,9 @@ def _canonical_body(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _signature(attributes: Mapping[str, Any], body: bytes, key: bytes) -> str:
-    """HMAC-SHA256 over every attribute but ``time`` and the signature itself, and the body's digest.
+def canonical_string(attributes: Mapping[str, Any], data: bytes) -> str:
+    """What is signed: ``name=value`` lines of every attribute but ``signature`` and ``time``, sorted by
+    name, then the hex SHA-256 of the data bytes as sent (docs/wire.md).
 
     ``time`` is left out because its textual form changes across the HTTP binding; ids, source, type,
     subject and our extensions (round, peer, version) are what a forger would need to change.
@@ -230,6 +378,10 @@ def _signature(attributes: Mapping[str, Any], body: bytes, key: bytes) -> str:
         for name, value in attributes.items()
         if name not in (SIGNATURE_ATTRIBUTE, "time") and value is not None
     )
-    canonical = "\n".join(f"{name}={value}" for name, value in signed)
-    canonical += "\n" + hashlib.sha256(body).hexdigest()
-    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+    lines = [f"{name}={value}" for name, value in signed]
+    return "\n".join([*lines, hashlib.sha256(data).hexdigest()])
+
+
+def signature(attributes: Mapping[str, Any], data: bytes, key: bytes) -> str:
+    """HMAC-SHA256 (hex) of :func:`canonical_string` under the job's signing key."""
+    return hmac.new(key, canonical_string(attributes, data).encode(), hashlib.sha256).hexdigest()

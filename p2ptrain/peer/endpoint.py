@@ -43,9 +43,10 @@ class PeerEndpoint:
             await asgi.respond(send, 200, await asyncio.to_thread(self._model_file),
                                content_type=b"application/octet-stream")
         elif path == "/" and method == "POST":
-            body = await asgi.read_body(receive, self.receiver.max_body_bytes)
+            body = await asgi.read_body(receive, self.receiver.max_body_bytes, scope)
             status, reason, text = await self.receiver.receive(asgi.headers_of(scope), body)
-            await asgi.respond(send, status, text.encode(), reason=reason)
+            # An oversize body is not read to its end: the connection cannot carry another request.
+            await asgi.respond(send, status, text.encode(), reason=reason, close=body is None)
         else:
             await asgi.respond(send, 404, b"not found")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from p2ptrain import metrics, wire
 from p2ptrain.config import RuntimeConfig, Secrets
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 
 # Gradients for rounds this far ahead of ours are buffered (faster peers); further ones are refused.
 ROUND_WINDOW = 4
-REJECT_STATUS = {"signature": 401, "stale": 409, "duplicate": 409, "oversize": 413}
+REJECT_STATUS = {"signature": 401, "stale": 409, "duplicate": 409, "oversize": 413, "content-type": 415}
 
 
 class EventReceiver:
@@ -63,8 +62,8 @@ class EventReceiver:
         metrics.EXCHANGE_RECEIVED_BYTES_TOTAL.labels(**self.labels).inc(len(payload))
         return 202, "accepted", "accepted"
 
-    def _verified_event(self, headers: dict[str, str], body: bytes) -> Any:
-        event = wire.from_http(headers, body)
+    def _verified_event(self, headers: dict[str, str], body: bytes) -> wire.Incoming:
+        event = wire.from_http(headers, body, data_content_types=(wire.OCTET_STREAM,))
         wire.verify(event, self.secrets.signing_key)
         if event.get_type() != wire.GRADIENT_AVERAGED:
             raise wire.WireError("malformed", f"unexpected event type {event.get_type()!r}")
@@ -79,7 +78,7 @@ class EventReceiver:
         if self.inbox.holds(round_index, sender):
             raise wire.WireError("duplicate", f"peer {sender} already sent its round {round_index} gradient")
 
-    def _sender_and_round(self, event: Any) -> tuple[int, int]:
+    def _sender_and_round(self, event: wire.Incoming) -> tuple[int, int]:
         try:
             sender = int(event.get_extension("peer"))
             round_index = int(event.get_extension("round"))

@@ -14,11 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from func_python.cloudevent import ASGIApplication
-
 from p2ptrain import asgi
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
-from p2ptrain.gradient import GradientFunction
+from p2ptrain.gradient import FunctionFront, GradientFunction
 from p2ptrain.peer import Peer
 from p2ptrain.redis_server import RedisServer, free_port
 from p2ptrain.spec import JobSpec, parse_manifest
@@ -90,8 +88,9 @@ async def running_job(spec: JobSpec, *, module: Any = None) -> AsyncIterator[Job
         )
         function = GradientFunction(config, job_secrets)
         job = Job(spec, config, job_secrets, servers, function)
-        # func-python's own ASGI middleware decodes the CloudEvent and calls start() on lifespan.
-        job._servers.append(asyncio.create_task(_serve(ASGIApplication(function), function_port, job._stop)))
+        # The app `p2ptrain function` serves: our bounded decoding in front of func-python's middleware,
+        # which calls start() on lifespan.
+        job._servers.append(asyncio.create_task(_serve(FunctionFront(function), function_port, job._stop)))
         for index, port in enumerate(peer_ports):
             peer = Peer(config, index, job_secrets)
             job.peers.append(peer)

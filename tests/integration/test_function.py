@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from func_python.cloudevent import ASGIApplication
 from prometheus_client import REGISTRY
 
 from p2ptrain import wire
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
-from p2ptrain.gradient import GradientFunction, compute_gradient
+from p2ptrain.gradient import FunctionFront, GradientFunction, compute_gradient
 from p2ptrain.store import Keys, PeerStore
 
 from .harness import make_spec
@@ -43,15 +42,16 @@ async def test_health_and_readiness_follow_start(redis_server) -> None:
     spec = make_spec(name="fnhealth", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
     config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (RedisAddress(redis_server.host, redis_server.port),), "http://x")
     function = GradientFunction(config, Secrets(redis_server.password, secrets.token_bytes(16)))
-    app = ASGIApplication(function)
+    app = FunctionFront(function)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://fn") as client:
         assert (await client.get("/health/readiness")).status_code == 500
         await app.on_start()
         assert (await client.get("/health/liveness")).status_code == 200
         assert (await client.get("/health/readiness")).status_code == 200
-        # A plain request is not a CloudEvent: func-python answers 400 and the function keeps serving.
-        assert (await client.post("/", content=b"hello")).status_code == 400
+        # A plain request is not a CloudEvent: refused with its reason, and the function keeps serving.
+        response = await client.post("/", content=b"hello", headers={"content-type": "text/plain"})
+        assert response.status_code == 415 and response.headers["x-p2ptrain-reason"] == "content-type"
         event = wire.build_event(wire.GRADIENT_REQUESTED, "/x", data={"peer": 0}, key=b"wrong-key")
         headers, body = wire.to_http(event)
         response = await client.post("/", headers=headers, content=body)
@@ -90,7 +90,7 @@ async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_
     config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (address,), "http://x")
     job_secrets = Secrets(redis_server.password, secrets.token_bytes(16))
     function = GradientFunction(config, job_secrets)
-    app = ASGIApplication(function)
+    app = FunctionFront(function)
     await app.on_start()
     assert function.model is not None
     keys = Keys(spec.name, 0)
@@ -121,3 +121,40 @@ async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_
         assert failures() == before + 1
         monkeypatch.undo()
         assert (await post(client)).status_code == 200  # and the instance keeps serving
+
+
+def _outcome(job: str, outcome: str) -> float:
+    labels = {"job": job, "namespace": "default", "outcome": outcome}
+    return REGISTRY.get_sample_value("p2ptrain_function_invocations_total", labels) or 0.0
+
+
+_GOOD = {"ce-specversion": "1.0", "ce-id": "1", "ce-source": "/x", "ce-type": wire.GRADIENT_REQUESTED,
+         "content-type": wire.JSON}
+
+
+@pytest.mark.parametrize(
+    "headers,body,status,reason,names",
+    [
+        ({}, b"hello", 415, "content-type", "neither a binary-mode event"),
+        ({k: v for k, v in _GOOD.items() if k != "ce-id"}, b"{}", 400, "malformed", "ce-id"),
+        ({**_GOOD, "content-type": wire.OCTET_STREAM}, b"\0", 415, "content-type", "application/octet-stream"),
+        ({"content-type": wire.STRUCTURED}, b'{"specversion": "1.0"', 400, "malformed", "not valid JSON"),
+        ({**_GOOD, "content-length": str(64 << 20)}, b"", 413, "oversize", "limit"),
+        (_GOOD, b"{}", 401, "signature", "not signed"),
+    ],
+    ids=["not-an-event", "missing-id", "octet-stream", "truncated-envelope", "declared-oversize", "unsigned"],
+)
+async def test_bad_requests_get_their_reason_and_a_counter_and_the_function_keeps_serving(
+    redis_server, headers: dict[str, str], body: bytes, status: int, reason: str, names: str
+) -> None:
+    spec = make_spec(name="fnbad", peers=1, functionsPerPeer=1, batchSize=8, rounds=1)
+    config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (RedisAddress(redis_server.host, redis_server.port),), "http://x")
+    app = FunctionFront(GradientFunction(config, Secrets(redis_server.password, secrets.token_bytes(16))))
+    await app.on_start()
+    before = _outcome("fnbad", reason)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fn") as client:
+        response = await client.post("/", headers=headers, content=body)
+        assert (response.status_code, response.headers["x-p2ptrain-reason"]) == (status, reason)
+        assert names in response.text
+        assert _outcome("fnbad", reason) == before + 1
+        assert (await client.get("/health/readiness")).status_code == 200

@@ -115,7 +115,8 @@ async def test_bad_events_are_rejected_with_a_reason_and_training_continues() ->
         future_format = zeros[:4] + bytes([99]) + zeros[5:]  # a tensor format version we do not speak
         foreign_dataref = f"redis://10.0.0.1:6379/{Keys(spec.name, 1).outbox(0)}"
         cases = {
-            "malformed": ({"content-type": "text/plain"}, b"not an event"),
+            "malformed": ({k: v for k, v in gradient_event(zeros)[0].items() if k != "ce-id"}, zeros),
+            "content-type": ({"content-type": "text/plain"}, b"not an event"),
             "signature": gradient_event(zeros, signing_key=None),
             "shape": gradient_event(wire.encode_tensor(np.zeros(numel + 1))),
             "nonfinite": gradient_event(bad_nan_blob),

@@ -131,15 +131,50 @@ def test_json_events_verify_after_the_sdk_parses_them() -> None:
     assert wire.event_json(parsed) == {"indices": [1, 2], "loss": 0.1}
 
 
+_ID_LESS = {"ce-specversion": "1.0", "ce-source": "/p", "ce-type": wire.GRADIENT_AVERAGED, "ce-signature": "00",
+            "content-type": wire.OCTET_STREAM}
+
+
 @pytest.mark.parametrize(
-    "headers,body",
-    [({"content-type": "text/plain"}, b"hello"), ({"ce-type": "x"}, b""), ({"ce-specversion": "0.1", "ce-id": "1"}, b"")],
-    ids=["not-an-event", "missing-attributes", "bad-specversion"],
+    "headers,body,reason,names",
+    [
+        ({"content-type": "text/plain"}, b"hello", "content-type", "text/plain"),
+        ({"ce-type": "x"}, b"", "malformed", "ce-id"),
+        ({"ce-specversion": "0.1", "ce-id": "1"}, b"", "malformed", "ce-source"),
+        # The SDK would invent an id; the receiver would then blame the signature.
+        (_ID_LESS, b"\0" * 16, "malformed", "ce-id"),
+        ({**_ID_LESS, "ce-id": "1", "content-type": "text/csv"}, b"1,2", "content-type", "text/csv"),
+        ({"content-type": wire.STRUCTURED}, b'{"id": "1", "id": "2"}', "malformed", "twice"),
+        ({"content-type": wire.STRUCTURED}, b'{"specversion": "1.0", "source": "/p", "type": "t"}', "malformed", "'id'"),
+        ({"content-type": wire.STRUCTURED}, b"[1, 2]", "malformed", "JSON object"),
+        ({"content-type": wire.STRUCTURED}, b"\xff", "malformed", "UTF-8"),
+    ],
+    ids=["not-an-event", "missing-attributes", "bad-specversion", "missing-id", "wrong-data-type",
+         "duplicate-member", "structured-missing-id", "structured-not-object", "structured-not-utf8"],
 )
-def test_malformed_events_are_rejected(headers: dict[str, str], body: bytes) -> None:
+def test_malformed_events_are_rejected_with_their_reason(headers: dict[str, str], body: bytes, reason: str, names: str) -> None:
     with pytest.raises(wire.WireError) as info:
         wire.from_http(headers, body)
-    assert info.value.reason == "malformed"
+    assert info.value.reason == reason
+    assert names in str(info.value)
+
+
+def test_signature_covers_json_data_exactly_as_sent() -> None:
+    """A client whose serialiser spaces or orders JSON differently signs the bytes it sends."""
+    sent = b'{ "loss": 0.1,  "indices": [1, 2] }'
+    attributes = {"specversion": "1.0", "id": "7", "source": "/p", "type": wire.GRADIENT_REQUESTED,
+                  "datacontenttype": wire.JSON}
+    headers = {f"ce-{k}": v for k, v in attributes.items() if k != "datacontenttype"}
+    headers |= {"content-type": wire.JSON, "ce-signature": wire.signature(attributes, sent, KEY)}
+    parsed = wire.from_http(headers, sent)
+    wire.verify(parsed, KEY)
+    assert wire.event_bytes(parsed) == sent and wire.event_json(parsed) == {"loss": 0.1, "indices": [1, 2]}
+    signed = wire.signature(attributes, sent, KEY)
+    envelope = (f'{{"specversion":"1.0","id":"7","source":"/p","type":"{wire.GRADIENT_REQUESTED}",'
+                f'"datacontenttype":"application/json","signature":"{signed}","data": {sent.decode()}}}')
+    structured = wire.from_http({"content-type": wire.STRUCTURED}, envelope.encode())
+    wire.verify(structured, KEY)
+    assert wire.event_bytes(structured) == sent
 
 
 def test_oversize_event_body_is_refused() -> None:

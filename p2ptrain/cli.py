@@ -303,7 +303,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _function(args: argparse.Namespace) -> int:
-    from p2ptrain.gradient import serve
+    from p2ptrain.function_server import serve
 
     serve()
     return 0

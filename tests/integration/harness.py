@@ -16,7 +16,8 @@ from typing import Any
 
 from p2ptrain import asgi
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
-from p2ptrain.gradient import FunctionFront, GradientFunction
+from p2ptrain.function_server import FunctionFront
+from p2ptrain.gradient import GradientFunction
 from p2ptrain.peer import Peer
 from p2ptrain.redis_server import RedisServer, free_port
 from p2ptrain.spec import JobSpec, parse_manifest

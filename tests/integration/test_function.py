@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY
 
 from p2ptrain import wire
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
-from p2ptrain.gradient import FunctionFront, GradientFunction, compute_gradient
+from p2ptrain.function_server import FunctionFront
+from p2ptrain.gradient import GradientFunction, compute_gradient
 from p2ptrain.store import Keys, PeerStore
 
 from .harness import make_spec

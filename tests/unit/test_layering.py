@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"config", "data", "models", "summary"},
     {"store", "preflight"},
     {"gradient", "autoscale", "peer.errors"},
-    {"peer.replica", "peer.divergence", "scrape_targets"},
+    {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report"},
     {"peer.receiver"},
     {"peer.sender", "peer.functions", "peer.endpoint"},

@@ -29,6 +29,7 @@ import kopf
 
 from p2ptrain.config import ChildNames
 from p2ptrain.spec import API_GROUP, API_VERSION, PLURAL, JobSpec, SpecError, parse_spec
+from p2ptrain.status import PeerState, StatusDict, parse_status
 from p2ptrain_operator import metrics
 from p2ptrain_operator.builders import (
     build_children,
@@ -213,14 +214,14 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
     start = _parse_time(status.get("startTime"))
     observed = Observed(
         peers=job.peers,
-        peer_states=[r.get("state") if r else None for r in reports],
+        peer_states=[PeerState(r["state"]) if r else None for r in reports],
         restarts=restarts,
         previous_restarts=int(status.get("restarts") or 0),
         suspended=job.run_policy.suspend,
         backoff_limit=job.run_policy.backoff_limit,
         elapsed_seconds=time.time() - start if start else None,
         active_deadline_seconds=job.run_policy.active_deadline_seconds,
-        failure_message=next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r.get("state") == "failed"), ""),
+        failure_message=next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r["state"] == PeerState.FAILED), ""),
     )
     transition = next_phase(phase, observed)
     _write_progress(patch, job, reports, restarts)
@@ -275,9 +276,9 @@ def refuse_rescale(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, old:
     raise kopf.PermanentError(message)
 
 
-def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[dict[str, Any] | None], restarts: int) -> None:
+def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[StatusDict | None], restarts: int) -> None:
     live = [r for r in reports if r]
-    ready = sum(1 for r in live if r.get("state") in ("training", "succeeded"))
+    ready = sum(1 for r in live if r["state"] in (PeerState.TRAINING, PeerState.SUCCEEDED))
     patch.status["peersReady"] = ready
     patch.status["peersReadyText"] = f"{ready}/{job.peers}"
     patch.status["restarts"] = restarts
@@ -285,26 +286,27 @@ def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[dict[str, Any
         patch.status["round"] = min(int(r.get("round") or 0) for r in live)
         patch.status["rounds"] = max(int(r.get("rounds") or 0) for r in live)
         patch.status["epoch"] = round(min(float(r.get("epoch") or 0) for r in live), 3)
-        losses = [float(r["loss"]) for r in live if r.get("loss") is not None]
-        accuracies = [float(r["accuracy"]) for r in live if r.get("accuracy") is not None]
+        losses = [float(loss) for r in live if (loss := r.get("loss")) is not None]
+        accuracies = [float(acc) for r in live if (acc := r.get("accuracy")) is not None]
         if losses:
             patch.status["loss"] = round(sum(losses) / len(losses), 5)
         if accuracies:
             patch.status["accuracy"] = round(sum(accuracies) / len(accuracies), 5)
 
 
-async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[dict[str, Any] | None]:
-    """Each peer's ``/status`` (None where it does not answer), through the one shared HTTP client."""
+async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[StatusDict | None]:
+    """Each peer's ``/status`` (None where it does not answer, or answers what is not a peer status),
+    through the one shared HTTP client; the status schema is ``p2ptrain.status``, shared with the peers."""
     settings = memo.settings
 
-    async def one(index: int) -> dict[str, Any] | None:
+    async def one(index: int) -> StatusDict | None:
         url = settings.peer_status_url.format(
             job=job.name, index=index, namespace=job.namespace, domain=settings.cluster_domain
         )
         try:
             response = await memo.http.get(url)
-            return response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+            return parse_status(response.json()) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):  # StatusError is a ValueError
             return None
 
     return list(await asyncio.gather(*(one(i) for i in range(job.peers))))

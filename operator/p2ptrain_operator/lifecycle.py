@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from p2ptrain.status import PeerState
+
 
 class Phase(enum.StrEnum):
     PENDING = "Pending"
@@ -35,7 +37,7 @@ class Observed:
     """What the operator saw of a job's children and peers."""
 
     peers: int
-    peer_states: Sequence[str | None] = ()  # from each peer's /status; None when it did not answer
+    peer_states: Sequence[PeerState | None] = ()  # from each peer's /status; None when it did not answer
     restarts: int = 0  # container restarts summed over the job's pods
     previous_restarts: int = 0
     suspended: bool = False
@@ -68,14 +70,14 @@ def next_phase(current: Phase, observed: Observed) -> Transition:
             f"{observed.restarts} pod restarts exceed backoffLimit={observed.backoff_limit}",
         )
     states = list(observed.peer_states)
-    if "failed" in states:
-        peer = states.index("failed")
+    if PeerState.FAILED in states:
+        peer = states.index(PeerState.FAILED)
         return Transition(Phase.FAILED, "PeerFailed", observed.failure_message or f"peer {peer} failed")
-    if len(states) == observed.peers and states and all(s == "succeeded" for s in states):
+    if len(states) == observed.peers and states and all(s == PeerState.SUCCEEDED for s in states):
         return Transition(Phase.SUCCEEDED, "AllPeersSucceeded", f"all {observed.peers} peers finished training")
     if observed.restarts > observed.previous_restarts:
         return Transition(Phase.RESTARTING, "PodRestarted", f"{observed.restarts} pod restarts so far")
-    if any(s in ("training", "succeeded") for s in states):
+    if any(s in (PeerState.TRAINING, PeerState.SUCCEEDED) for s in states):
         return Transition(Phase.RUNNING, "Training", "peers are training")
     if current in (Phase.RUNNING, Phase.RESTARTING):
         return Transition(current, "Waiting", "waiting for peers to report")

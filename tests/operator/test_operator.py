@@ -71,7 +71,7 @@ async def test_a_failed_peer_fails_the_job_with_its_message(cluster: Cluster) ->
     await cluster.apply(job_manifest())
     await asyncio.to_thread(cluster.start_operator)
     cluster.peers.report("training")
-    cluster.peers.reports[("digits", 1)] = {"peer": 1, "state": "failed", "message": "cannot reach Redis"}
+    cluster.peers.reports[("digits", 1)] = {"peer": 1, "state": "failed", "round": 3, "message": "cannot reach Redis"}
     await eventually(lambda: phase(cluster) == "Failed")
     assert "cannot reach Redis" in cluster.job()["status"]["message"]  # type: ignore[index]
 

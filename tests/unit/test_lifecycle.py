@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from p2ptrain.status import PeerState
 from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
 
 
@@ -11,20 +12,20 @@ from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions,
     "current,observed,expected",
     [
         (Phase.PENDING, Observed(peers=2), Phase.CREATED),
-        (Phase.CREATED, Observed(peers=2, peer_states=["starting", None]), Phase.CREATED),
-        (Phase.CREATED, Observed(peers=2, peer_states=["training", "starting"]), Phase.RUNNING),
-        (Phase.RUNNING, Observed(peers=2, peer_states=["succeeded", "training"]), Phase.RUNNING),
-        (Phase.RUNNING, Observed(peers=2, peer_states=["succeeded", "succeeded"]), Phase.SUCCEEDED),
-        (Phase.RUNNING, Observed(peers=2, peer_states=["training", "failed"]), Phase.FAILED),
+        (Phase.CREATED, Observed(peers=2, peer_states=[PeerState.STARTING, None]), Phase.CREATED),
+        (Phase.CREATED, Observed(peers=2, peer_states=[PeerState.TRAINING, PeerState.STARTING]), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=[PeerState.SUCCEEDED, PeerState.TRAINING]), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=[PeerState.SUCCEEDED, PeerState.SUCCEEDED]), Phase.SUCCEEDED),
+        (Phase.RUNNING, Observed(peers=2, peer_states=[PeerState.TRAINING, PeerState.FAILED]), Phase.FAILED),
         (Phase.RUNNING, Observed(peers=2, peer_states=[None, None]), Phase.RUNNING),
-        (Phase.RUNNING, Observed(peers=2, peer_states=["training"] * 2, restarts=1), Phase.RESTARTING),
-        (Phase.RESTARTING, Observed(peers=2, peer_states=["training"] * 2, restarts=1, previous_restarts=1), Phase.RUNNING),
+        (Phase.RUNNING, Observed(peers=2, peer_states=[PeerState.TRAINING] * 2, restarts=1), Phase.RESTARTING),
+        (Phase.RESTARTING, Observed(peers=2, peer_states=[PeerState.TRAINING] * 2, restarts=1, previous_restarts=1), Phase.RUNNING),
         (Phase.RUNNING, Observed(peers=2, restarts=4, backoff_limit=3), Phase.FAILED),
         (Phase.RUNNING, Observed(peers=2, elapsed_seconds=61, active_deadline_seconds=60), Phase.FAILED),
         (Phase.RUNNING, Observed(peers=2, suspended=True), Phase.SUSPENDED),
-        (Phase.SUSPENDED, Observed(peers=2, peer_states=["training"] * 2), Phase.RUNNING),
+        (Phase.SUSPENDED, Observed(peers=2, peer_states=[PeerState.TRAINING] * 2), Phase.RUNNING),
         (Phase.SUCCEEDED, Observed(peers=2, suspended=True, restarts=9), Phase.SUCCEEDED),
-        (Phase.FAILED, Observed(peers=2, peer_states=["training"] * 2), Phase.FAILED),
+        (Phase.FAILED, Observed(peers=2, peer_states=[PeerState.TRAINING] * 2), Phase.FAILED),
     ],
 )
 def test_next_phase(current: Phase, observed: Observed, expected: Phase) -> None:

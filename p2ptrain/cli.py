@@ -19,6 +19,7 @@ from pathlib import Path
 from p2ptrain import __version__, logs
 from p2ptrain.config import (
     CONFIG_ENV,
+    PEER_PORT,
     REDIS_PASSWORD_ENV,
     SIGNING_KEY_ENV,
     ConfigError,
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
     peer.add_argument("--index", help="peer number (default: the StatefulSet ordinal of $HOSTNAME)")
     peer.add_argument("--listen", default="0.0.0.0", help="address for the peer's HTTP endpoint")
-    peer.add_argument("--port", type=int, default=8080, help="port for events, /status, /healthz, /metrics")
+    peer.add_argument("--port", type=int, default=PEER_PORT, help="port for events, /status, /healthz, /metrics")
     peer.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (pods: spec.metrics.port)")
     peer.add_argument("--exit-when-done", action="store_true", help="exit after training instead of lingering")
     peer.set_defaults(func=_peer)

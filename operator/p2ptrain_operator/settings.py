@@ -7,7 +7,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-DEFAULT_IMAGE = "ghcr.io/p2ptrain/p2ptrain:0.1.0"
+from p2ptrain import __version__
+from p2ptrain.config import PEER_PORT
+
+DEFAULT_IMAGE = f"ghcr.io/p2ptrain/p2ptrain:{__version__}"
 PULL_SECRETS_ENV = "P2PTRAIN_OPERATOR_IMAGE_PULL_SECRETS"
 # A Secret's name: a DNS-1123 subdomain.
 _SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -34,7 +37,7 @@ class Settings:
     cluster_domain: str = "cluster.local"
     poll_seconds: float = 10.0
     # Where the operator reads a peer's progress; tests point it at local fake peers.
-    peer_status_url: str = "http://{job}-peer-{index}.{job}-peers.{namespace}.svc.{domain}:8080/status"
+    peer_status_url: str = "http://{job}-peer-{index}.{job}-peers.{namespace}.svc.{domain}:" + f"{PEER_PORT}/status"
     image_pull_policy: str = "IfNotPresent"
     # Secrets in each job's namespace that every child pod pulls its image with.
     image_pull_secrets: tuple[str, ...] = ()

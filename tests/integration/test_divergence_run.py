@@ -27,10 +27,13 @@ def _job(tmp_path: Path, name: str, **spec: object) -> Path:
 
 
 def _digits_with_nan(tmp_path: Path, every: int) -> Path:
-    """The digits data set with every ``every``-th sample's features NaN (a corrupt data file)."""
+    """The digits data set with every ``every``-th sample's features at 3e38: finite, so the file
+    passes the pre-flight check (NaN or Inf in a data file is refused before anything starts, exit 2),
+    but the first layer overflows to Inf and the gradient of those samples is NaN, as with a corrupt
+    or badly scaled data set."""
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
-    x[::every] = np.nan
+    x[::every] = np.float32(3e38)
     path = tmp_path / "digits-nan.npz"
     np.savez(path, x=x, y=digits.target.astype(np.int64))
     return path

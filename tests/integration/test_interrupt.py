@@ -22,9 +22,10 @@ from p2ptrain.redis_server import RedisServer, remove_stale_dirs
 
 from .test_local_run import _processes_of, _redis_servers_of, _wait_gone, _wait_training, _write_job
 
-# The runner gives peers and functions 1.5 s after SIGTERM, then SIGKILLs them; the rest is slack
-# for a loaded machine (before that grace, a Ctrl-C in the cold start took up to 12 s here).
-EXIT_WITHIN_SECONDS = 6
+# A guard against a hang, not a speed target (speed belongs in bench/): the runner gives peers and
+# functions 1.5 s after SIGTERM, then SIGKILLs them, and exits in 2-3 s on an idle 2-core machine
+# (before that grace a Ctrl-C in the cold start took up to 12 s); the test prints what it measured.
+EXIT_WITHIN_SECONDS = 30
 
 
 def _own_terminal() -> None:
@@ -81,6 +82,7 @@ def test_ctrl_c_during_the_cold_start_exits_130_promptly_without_tracebacks(tmp_
         signalled = time.monotonic()
         process.wait(timeout=EXIT_WITHIN_SECONDS)
         took = time.monotonic() - signalled
+        print(f"exited {took:.2f} s after Ctrl-C ({when})")
         output += _read_until(master, "\0", timeout=0.5)
     finally:
         if process.poll() is None:

@@ -9,6 +9,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -102,3 +104,16 @@ async def serve(
 
     config = hypercorn_config(bind, graceful_timeout=graceful_timeout, errorlog=errorlog)
     await hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def quiet_cancellation(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A server connection cancelled by an interrupt is the expected end, not an error.
+
+    Python 3.11's ``asyncio.streams`` calls ``task.exception()`` on the server's connection task in a
+    done-callback, which raises CancelledError when the task was cancelled, and the loop logs that with
+    a traceback; everything else goes to the default handler.
+    """
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        log.debug("connection cancelled during shutdown: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)

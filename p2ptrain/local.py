@@ -371,6 +371,7 @@ def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, interrupt, sig)
+        loop.set_exception_handler(asgi.quiet_cancellation)
         return await runner.run()
 
     try:

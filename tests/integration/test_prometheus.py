@@ -173,7 +173,7 @@ async def test_every_dashboard_query_has_data_from_a_local_run(tmp_path: Path) -
                     if run.peers:
                         with contextlib.suppress(httpx.HTTPError):
                             await client.post(f"http://127.0.0.1:{run.peers[0].port}/",
-                                              content=b"not a cloudevent", headers={"content-type": "text/plain"})
+                                              content=b"not a cloudevent", headers={"content-type": "application/cloudevents+json"})
                     now = time.time()
                     results = {(t, r): await query_range(client, q, started, now) for t, r, q in expected}
                     missing = [key for key, result in results.items() if not finite_values(result)]

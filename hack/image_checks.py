@@ -20,6 +20,8 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from p2ptrain import retry
+
 DEADLINE_SECONDS = 120.0
 
 
@@ -27,15 +29,11 @@ class CheckFailed(Exception):
     """What a check found wrong, in words."""
 
 
-def _wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes] | None = None) -> None:
-    deadline = time.monotonic() + DEADLINE_SECONDS
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if process is not None and process.poll() is not None:
-            raise CheckFailed(f"{what}: the process exited with status {process.returncode} first")
-        time.sleep(0.1)
-    raise CheckFailed(f"{what}: not within {DEADLINE_SECONDS:.0f} s")
+def _wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen[bytes]) -> None:
+    try:
+        retry.wait_until_ready(condition, process, what, timeout=DEADLINE_SECONDS)
+    except retry.NotReady as exc:
+        raise CheckFailed(str(exc)) from None
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

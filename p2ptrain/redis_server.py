@@ -16,11 +16,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from p2ptrain import retry
 
 
 class RedisServerError(RuntimeError):
@@ -117,18 +118,26 @@ class RedisServer:
         with self.process.stdin, contextlib.suppress(BrokenPipeError):  # BrokenPipe: it exited; reported below
             self.process.stdin.write(f'requirepass "{self.password}"\n'.encode())
         (self.workdir / _PID_FILE).write_text(str(self.process.pid), encoding="ascii")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise RedisServerError(f"redis-server on port {self.port} exited at start: {err.strip()}")
+        client = self.client()
+
+        def answers() -> bool:
             try:
-                self.client().ping()
-                return self
+                return bool(client.ping())
             except redis.exceptions.ConnectionError:
-                time.sleep(0.02)
-        self.stop()
-        raise RedisServerError(f"redis-server on port {self.port} did not answer within {timeout}s")
+                return False
+
+        try:
+            retry.wait_until_ready(answers, self.process, f"redis-server on port {self.port}", timeout=timeout,
+                                   interval=0.02)
+        except retry.NotReady as exc:
+            if exc.exited:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RedisServerError(f"redis-server on port {self.port} exited at start: {err.strip()}") from None
+            self.stop()
+            raise RedisServerError(f"redis-server on port {self.port} did not answer within {timeout}s") from None
+        finally:
+            client.close()
+        return self
 
     @property
     def url(self) -> str:

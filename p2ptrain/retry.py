@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,30 @@ async def poll(check: Callable[[], Awaitable[bool]], *, deadline: float, backoff
             return False
         await sleep_before_retry(backoff, attempt, deadline)
         attempt += 1
+
+
+class NotReady(Exception):
+    """A started process did not become ready: it exited first, or the deadline passed."""
+
+    def __init__(self, message: str, exited: bool) -> None:
+        super().__init__(message)
+        self.exited = exited
+
+
+def wait_until_ready(
+    ready: Callable[[], bool], process: subprocess.Popen[bytes], what: str, *, timeout: float, interval: float = 0.1
+) -> float:
+    """Poll ``ready`` until it returns True; the seconds it took. ``NotReady`` (naming ``what``) if
+    ``process`` exits first or ``timeout`` passes. ``ready`` must not raise for "not yet"."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise NotReady(f"{what}: the process exited with status {process.returncode} first", exited=True)
+        if time.monotonic() >= deadline:
+            raise NotReady(f"{what}: not within {timeout:g} s", exited=False)
+        time.sleep(min(interval, remaining(deadline)))
+    return time.monotonic() - started
 
 
 def poll_blocking(check: Callable[[], bool], *, deadline: float, backoff: Backoff) -> bool:

@@ -20,11 +20,10 @@ import httpx
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
-from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import split_micro_batches
+from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.errors import PeerError
-from p2ptrain.status import PeerStatus
 from p2ptrain.store import PeerStore
 
 log = logging.getLogger(__name__)
@@ -75,24 +74,11 @@ def read_receipt(headers: dict[str, str], body: bytes, key: bytes) -> Receipt:
     return Receipt(samples=samples, loss=float(loss), cold=bool(data.get("cold")))
 
 
-class FunctionClient:
-    def __init__(
-        self,
-        config: RuntimeConfig,
-        index: int,
-        secrets: Secrets,
-        store: PeerStore,
-        http: httpx.AsyncClient,
-        status: PeerStatus,
-    ) -> None:
-        self.config = config
-        self.spec = config.spec
-        self.index = index
-        self.secrets = secrets
+class FunctionClient(PeerPart):
+    def __init__(self, ctx: PeerContext, store: PeerStore, http: httpx.AsyncClient) -> None:
+        super().__init__(ctx)
         self.store = store
         self.http = http
-        self.status = status
-        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
         self._published: tuple[int, np.ndarray] | None = None  # the model version functions are reading
         self._rounds_without_gradient = 0
 

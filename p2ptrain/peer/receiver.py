@@ -8,10 +8,9 @@ import asyncio
 import logging
 
 from p2ptrain import metrics, wire
-from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.recovery import OtherPeers
-from p2ptrain.status import PeerStatus
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +19,11 @@ ROUND_WINDOW = 4
 REJECT_STATUS = {"signature": 401, "stale": 409, "duplicate": 409, "oversize": 413, "content-type": 415}
 
 
-class EventReceiver:
-    def __init__(
-        self, config: RuntimeConfig, index: int, secrets: Secrets, inbox: Inbox, others: OtherPeers, status: PeerStatus
-    ) -> None:
-        self.config = config
-        self.spec = config.spec
-        self.index = index
-        self.secrets = secrets
+class EventReceiver(PeerPart):
+    def __init__(self, ctx: PeerContext, inbox: Inbox, others: OtherPeers) -> None:
+        super().__init__(ctx)
         self.inbox = inbox
         self.others = others
-        self.status = status
-        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
 
     @property
     def max_body_bytes(self) -> int:

@@ -16,26 +16,20 @@ import redis
 
 from p2ptrain import metrics, wire
 from p2ptrain.checkpoint import CheckpointError, median_state
-from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.peer.replica import Replica
-from p2ptrain.status import PeerStatus
 from p2ptrain.store import Keys, PeerStore, checkpoint_round, connect, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-class OtherPeers:
+class OtherPeers(PeerPart):
     """One shared client per other peer's Redis, only at the job's own addresses."""
 
-    def __init__(self, config: RuntimeConfig, index: int, secrets: Secrets, numel: int, status: PeerStatus) -> None:
-        self.config = config
-        self.spec = config.spec
-        self.index = index
-        self.secrets = secrets
+    def __init__(self, ctx: PeerContext, numel: int) -> None:
+        super().__init__(ctx)
         self.numel = numel
-        self.status = status
-        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
         self._clients: dict[int, redis.Redis] = {}
 
     @property

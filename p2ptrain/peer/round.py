@@ -21,6 +21,7 @@ import torch
 from p2ptrain import metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
+from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.divergence import Diverged, DivergenceGuard
 from p2ptrain.peer.endpoint import PeerEndpoint
 from p2ptrain.peer.errors import PeerError
@@ -63,8 +64,9 @@ class Peer:
             accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
         )
         self.inbox = Inbox(spec.peers, index)
-        self.others = OtherPeers(config, index, secrets, self.replica.numel, self.status)
-        self.receiver = EventReceiver(config, index, secrets, self.inbox, self.others, self.status)
+        self.ctx = PeerContext(config, index, secrets, self.status)
+        self.others = OtherPeers(self.ctx, self.replica.numel)
+        self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
         self.guard = DivergenceGuard(spec.training)
         self._functions: FunctionClient | None = None
@@ -94,8 +96,8 @@ class Peer:
             self.status.state = PeerState.TRAINING
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
             async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
-                self._functions = FunctionClient(self.config, self.index, self.secrets, self.store, http, self.status)
-                self._sender = GradientSender(self.config, self.index, self.secrets, self.store, http, self.status)
+                self._functions = FunctionClient(self.ctx, self.store, http)
+                self._sender = GradientSender(self.ctx, self.store, http)
                 try:
                     await self._wait_for_peers(http)
                     start = await self.catch_up(start)

@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
-from p2ptrain.config import RuntimeConfig, Secrets
-from p2ptrain.status import PeerStatus
+from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.store import PeerStore
 
 log = logging.getLogger(__name__)
@@ -24,24 +23,11 @@ _SEND_BACKOFF = retry.Backoff(first=0.05, cap=1.0)
 _POST_TIMEOUT_SECONDS = 10
 
 
-class GradientSender:
-    def __init__(
-        self,
-        config: RuntimeConfig,
-        index: int,
-        secrets: Secrets,
-        store: PeerStore,
-        http: httpx.AsyncClient,
-        status: PeerStatus,
-    ) -> None:
-        self.config = config
-        self.spec = config.spec
-        self.index = index
-        self.secrets = secrets
+class GradientSender(PeerPart):
+    def __init__(self, ctx: PeerContext, store: PeerStore, http: httpx.AsyncClient) -> None:
+        super().__init__(ctx)
         self.store = store
         self.http = http
-        self.status = status
-        self.labels = metrics.peer_labels(self.spec.name, self.spec.namespace, index)
         self._sending: set[asyncio.Task[None]] = set()
 
     async def send(self, round_index: int, gradient: np.ndarray) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from p2ptrain import retry
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.gradient import MAX_REQUEST_BYTES
 from p2ptrain.redis_server import free_port
@@ -64,16 +65,16 @@ def function_port(tmp_path: Path) -> Iterator[int]:
     process = start_function(port, function_env(
         port, **{CONFIG_ENV: str(job_file(tmp_path)), REDIS_PASSWORD_ENV: "pw", SIGNING_KEY_ENV: "key"}))
     try:
-        deadline = time.monotonic() + 60
-        while True:  # until it answers ready (or dies, or the deadline passes)
-            assert process.poll() is None, f"function exited: {process.communicate()[1][-2000:]}"
+        def ready() -> bool:
             try:
-                if readiness(port)[0] == 200:
-                    break
+                return readiness(port)[0] == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline, "function did not become ready in 60 s"
-            time.sleep(0.1)
+                return False
+
+        try:
+            retry.wait_until_ready(ready, process, "function readiness", timeout=60)
+        except retry.NotReady as exc:
+            pytest.fail(f"{exc}: {process.communicate(timeout=30)[1][-2000:]!r}")
         yield port
     finally:
         process.terminate()

@@ -26,6 +26,7 @@ import httpx
 import pytest
 import yaml
 
+from p2ptrain import retry
 from p2ptrain.local import LocalRun, RunOptions
 from p2ptrain.redis_server import free_port
 from p2ptrain.scrape_targets import TARGETS_FILE
@@ -49,6 +50,12 @@ NO_DATA_LOCALLY = {
     "Operator job outcomes": "the operator runs only on a cluster",
     "Recovery: gradients from outboxes, peers caught up": "no peer restarts or misses an event in a healthy run",
 }
+
+
+def http_ok(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url, timeout=2).status_code == 200
+    return False
 
 
 @contextlib.contextmanager
@@ -76,14 +83,10 @@ def prometheus(workdir: Path, tsdb: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None, f"prometheus exited: {log_path.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"prometheus not ready after 60 s: {log_path.read_text()[-2000:]}"
-            time.sleep(0.1)
+        try:
+            retry.wait_until_ready(lambda: http_ok(f"{url}/-/ready"), process, "prometheus", timeout=60)
+        except retry.NotReady as exc:
+            pytest.fail(f"{exc}: {log_path.read_text()[-2000:]}")
         yield url
     finally:
         process.terminate()

@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status", "redis_server"},
-    {"spec", "dbupdate"},
+     "status"},
+    {"spec", "dbupdate", "redis_server"},
     {"config", "data", "models", "summary"},
     {"store", "preflight"},
-    {"gradient", "autoscale", "peer.errors"},
+    {"gradient", "autoscale", "peer.errors", "peer.context"},
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report"},
     {"peer.receiver"},

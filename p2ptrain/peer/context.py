@@ -1,0 +1,43 @@
+"""What every part of one peer shares: the job's runtime config, which peer this is, its secrets,
+its live status and its metric labels. ``Peer`` builds one ``PeerContext``; each part it composes
+(function client, sender, receiver, other peers) takes it instead of the same six arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from p2ptrain import metrics
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.spec import JobSpec
+from p2ptrain.status import PeerStatus
+
+
+@dataclass(frozen=True)
+class PeerContext:
+    config: RuntimeConfig
+    index: int
+    secrets: Secrets
+    status: PeerStatus
+    labels: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.config.spec
+        object.__setattr__(self, "labels", metrics.peer_labels(spec.name, spec.namespace, self.index))
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.config.spec
+
+
+class PeerPart:
+    """A part of a peer: the shared context, with its fields at hand."""
+
+    def __init__(self, ctx: PeerContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.spec = ctx.spec
+        self.index = ctx.index
+        self.secrets = ctx.secrets
+        self.status = ctx.status
+        self.labels = ctx.labels

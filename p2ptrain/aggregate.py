@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 import torch
 
-
 # Columns per block in the coordinate-wise and distance passes: n rows of a block stay in the L2 cache
 # while they are sorted or compared, so each gradient is read from memory once, not once per step.
 BLOCK_COLUMNS = 32768

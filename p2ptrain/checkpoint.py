@@ -22,10 +22,17 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or optimizer it is loaded into."""
 
 
-def pack_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> bytes:
+def pack_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> bytes:
+    """Model, optimizer and ``extra`` tensors (state kept across rounds, e.g. an aggregation rule's)."""
     tensors: dict[str, torch.Tensor] = {
         f"model.{name}": value.detach().contiguous() for name, value in model.state_dict().items()
     }
+    tensors.update({f"extra.{name}": value.detach().contiguous() for name, value in (extra or {}).items()})
     opt_state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for index, entries in opt_state["state"].items():
@@ -61,6 +68,14 @@ def unpack_state(data: bytes, model: torch.nn.Module, optimizer: torch.optim.Opt
         return meta
     except (SafetensorError, RuntimeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"checkpoint does not fit this job's model/optimizer: {exc}") from exc
+
+
+def extra_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The ``extra`` tensors :func:`pack_state` stored (none in checkpoints written without them)."""
+    try:
+        return {k.removeprefix("extra."): v for k, v in st_load(data).items() if k.startswith("extra.")}
+    except SafetensorError as exc:
+        raise CheckpointError(f"not a checkpoint: {exc}") from exc
 
 
 def model_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

@@ -145,6 +145,7 @@ class JobSpec:
     rounds: int | None = None
     epochs: float | None = None
     seed: int = crd_default("seed")
+    update: str = crd_default("update")  # where the optimizer step runs: "peer" or "database"
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     exchange: ExchangeSpec = field(default_factory=ExchangeSpec)
@@ -297,6 +298,7 @@ def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:
         rounds=spec.get("rounds"),
         epochs=spec.get("epochs"),
         seed=spec["seed"],
+        update=spec["update"],
         model=pick(ModelSpec, spec["model"]),
         dataset=pick(DatasetSpec, spec["dataset"]),
         optimizer=pick(OptimizerSpec, spec["optimizer"]),

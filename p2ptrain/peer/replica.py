@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2ptrain.aggregate import AggregationError, aggregate, minimum_gradients
-from p2ptrain.checkpoint import pack_state, unpack_state
+from p2ptrain.aggregate import AggregationError, CenteredClipping, aggregate, minimum_gradients
+from p2ptrain.checkpoint import CheckpointError, extra_tensors, pack_state, unpack_state
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.models import build_model
 from p2ptrain.peer.errors import PeerError
@@ -45,19 +45,42 @@ def build_optimizer(model: torch.nn.Module, opt: OptimizerSpec) -> torch.optim.O
     raise PeerError(f"optimizer.name={opt.name!r} is not supported: use sgd, adam or adamw")
 
 
-def aggregate_gradients(rule: AggregationSpec, gradients: dict[int, np.ndarray]) -> torch.Tensor:
-    """The configured robust rule over the round's gradients (ordered by peer); raises ``SkipUpdate``."""
+def aggregate_gradients(
+    rule: AggregationSpec,
+    gradients: dict[int, np.ndarray],
+    *,
+    stack: torch.Tensor | None = None,
+    clipping: CenteredClipping | None = None,
+) -> torch.Tensor:
+    """The configured robust rule over the round's gradients (ordered by peer); raises ``SkipUpdate``.
+
+    ``stack``: a preallocated [peers, d] float32 matrix the gradients are copied into (one copy, no
+    new allocation per round). ``clipping``: the job's centered-clipping state, used for that rule.
+    """
     needed = minimum_gradients(rule.rule, rule.byzantine)
     if len(gradients) < needed:
         raise SkipUpdate("too-few-gradients", f"only {len(gradients)} gradients arrived: {rule.rule} needs {needed}")
-    stacked = torch.from_numpy(np.stack([gradients[i] for i in sorted(gradients)]))
+    stacked = _stack(gradients, stack)
     params: dict[str, Any] = {}
     if rule.rule == "multi-krum" and rule.multi_krum_select is not None:
         params["m"] = min(rule.multi_krum_select, len(gradients))
     try:
+        if rule.rule == "centered-clipping" and clipping is not None:
+            return clipping(stacked, rule.byzantine)
         return aggregate(rule.rule, stacked, rule.byzantine, **params)
     except AggregationError as exc:
         raise SkipUpdate("rule-failed", f"aggregation failed: {exc}") from exc
+
+
+def _stack(gradients: dict[int, np.ndarray], stack: torch.Tensor | None) -> torch.Tensor:
+    rows = [gradients[i] for i in sorted(gradients)]
+    if stack is None or stack.shape[0] < len(rows) or any(r.shape != (stack.shape[1],) for r in rows):
+        return torch.from_numpy(np.stack(rows))
+    target = stack[: len(rows)]
+    out = target.numpy()
+    for slot, row in enumerate(rows):
+        out[slot] = row
+    return target
 
 
 class Replica:
@@ -68,26 +91,36 @@ class Replica:
         self.model = build_model(spec.model, self.dataset.input_shape, self.dataset.num_classes)
         self.optimizer = build_optimizer(self.model, spec.optimizer)
         self.numel = sum(p.numel() for p in self.model.parameters())
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # one thread at a time on the model and optimizer
+        # Reused every round: a fresh [peers, d] matrix per round costs page faults, not just a copy.
+        self.stack = torch.empty(spec.peers, self.numel, dtype=torch.float32)
+        # Centered clipping's center is the previous round's aggregate: one instance for the whole job,
+        # its center saved in the checkpoint so a restarted peer aggregates exactly as the others do.
+        self.clipping = CenteredClipping() if spec.aggregation.rule == "centered-clipping" else None
+
+    def aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor:
+        """This round's robust aggregate (raises ``SkipUpdate``); updates the rule's state, if any."""
+        return aggregate_gradients(self.spec.aggregation, gradients, stack=self.stack, clipping=self.clipping)
 
     def parameters(self) -> np.ndarray:
         """A copy of the flat parameters (what the gradient functions compute at)."""
-        with self._lock:
+        with self.lock:
             return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy().copy()
 
     def params_hash(self) -> str:
         """SHA-256 of the parameters' float32 bytes: equal on every peer while the replicas are identical."""
-        with self._lock:
+        with self.lock:
             flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
             return hashlib.sha256(flat.numpy().astype("<f4", copy=False).tobytes()).hexdigest()[:16]
 
     def apply(self, gradient: torch.Tensor) -> None:
         """One optimizer step with ``gradient`` (flat) as every parameter's gradient."""
-        with self._lock:
+        with self.lock:
             offset = 0
             for p in self.model.parameters():
                 n = p.numel()
-                p.grad = gradient[offset : offset + n].view_as(p).clone()
+                # A view, not a copy: torch's optimizers read ``grad`` and never write into it.
+                p.grad = gradient[offset : offset + n].view_as(p)
                 offset += n
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -97,7 +130,7 @@ class Replica:
         data = self.dataset
         if len(data.y_test) == 0:
             return None
-        with self._lock:
+        with self.lock:
             self.model.eval()
             correct, loss_sum = 0, 0.0
             try:
@@ -114,14 +147,22 @@ class Replica:
         return correct / n, loss_sum / n
 
     def pack(self, meta: dict[str, Any]) -> bytes:
-        with self._lock:
-            return pack_state(self.model, self.optimizer, meta)
+        with self.lock:
+            extra = {}
+            if self.clipping is not None and self.clipping.center is not None:
+                extra["clipping.center"] = self.clipping.center
+            return pack_state(self.model, self.optimizer, meta, extra)
 
     def load(self, state: bytes) -> None:
         """Adopt a packed state (own checkpoint or other peers'); raises ``CheckpointError``."""
-        with self._lock:
+        with self.lock:
             unpack_state(state, self.model, self.optimizer)
+            if self.clipping is not None:
+                center = extra_tensors(state).get("clipping.center")
+                if center is not None and center.shape != (self.numel,):
+                    raise CheckpointError(f"clipping.center has shape {tuple(center.shape)}, expected ({self.numel},)")
+                self.clipping.center = center  # None: rebuilt from the next round's median
 
     def final_state(self) -> dict[str, torch.Tensor]:
-        with self._lock:
+        with self.lock:
             return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

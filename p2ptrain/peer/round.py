@@ -29,9 +29,10 @@ from p2ptrain.peer.functions import FunctionClient
 from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
-from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
+from p2ptrain.peer.replica import Replica, SkipUpdate
 from p2ptrain.peer.report import RoundReport, record_round
 from p2ptrain.peer.sender import GradientSender
+from p2ptrain.peer.update import RoundUpdate
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import Keys, PeerStore, connect
 
@@ -63,6 +64,7 @@ class Peer:
             self.redis, Keys(spec.name, index),
             accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
         )
+        self.update = RoundUpdate(spec, self.replica, self.store)
         self.inbox = Inbox(spec.peers, index)
         self.ctx = PeerContext(config, index, secrets, self.status)
         self.others = OtherPeers(self.ctx, self.replica.numel)
@@ -111,6 +113,7 @@ class Peer:
                     await self._sender.drain()  # the last rounds' gradients, bounded by the deadline
                 finally:
                     await self._sender.close()
+                    await self.update.close()  # the last checkpoint lands; the replica holds the final state
             await asyncio.to_thread(self.store.expire_job_keys, self.spec.redis.key_ttl_seconds)
         finally:
             await asyncio.to_thread(self._close_clients)
@@ -178,7 +181,7 @@ class Peer:
         deadline = time.monotonic() + spec.exchange.round_deadline_seconds
 
         t0 = time.perf_counter()
-        model_key = await self._functions.publish(round_index, await asyncio.to_thread(self.replica.parameters))
+        model_key = await self.update.publish(round_index, self._functions.publish)
         phases["publish"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -226,15 +229,16 @@ class Peer:
 
         t0 = time.perf_counter()
         if combined is not None:
-            await asyncio.to_thread(self.replica.apply, combined)
-        evaluation = await asyncio.to_thread(self.replica.evaluate) if self._should_evaluate(round_index) else None
+            await self.update.apply(round_index, combined)
+        evaluation = None
+        if self._should_evaluate(round_index):
+            evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
         if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
-            digest = await asyncio.to_thread(self.replica.params_hash)
+            digest = await asyncio.to_thread((await self.update.synced()).params_hash)
             self.status.record_params_hash(round_index + 1, digest)
             metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
             metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
-        state = await asyncio.to_thread(self.replica.pack, {"round": round_index, "loss": loss})
-        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
+        await self.update.checkpoint(round_index, loss)  # written in the background, off the critical path
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(
@@ -278,7 +282,7 @@ class Peer:
     def _aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
         """The rule's combination of the gradients, or None (counted, logged) when the update is skipped."""
         try:
-            return aggregate_gradients(self.spec.aggregation, gradients)
+            return self.replica.aggregate(gradients)
         except SkipUpdate as exc:
             metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
             metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="rule").inc(len(gradients))

@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"store", "preflight"},
     {"gradient", "autoscale", "peer.errors", "peer.context"},
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
-    {"peer.recovery", "peer.inbox", "peer.report"},
+    {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},
     {"peer.receiver"},
     {"peer.sender", "peer.functions", "peer.endpoint"},
     {"peer.round"},

@@ -1,0 +1,190 @@
+"""Where a round's aggregate becomes the next model version, and the checkpoint off the critical path.
+
+``spec.update: peer`` takes the optimizer step on this peer's torch replica and publishes every
+version to Redis. ``spec.update: database`` takes it inside the peer's Redis, where the model lives
+(:class:`p2ptrain.dbupdate.ModelUpdater`): version *v + 1* appears beside *v* and the gradient
+functions read it with no re-publish; the torch replica is brought level (read back) only when it is
+needed: evaluation, the parameter hash, the checkpoint, the end of the run.
+
+The checkpoint of round *r* is written by a background thread while round *r + 1* fans out and
+exchanges. At most one is in flight, and the next optimizer step waits for it, so it always holds
+exactly round *r*'s state; a peer killed before it lands resumes at round *r* as it did when the
+write was synchronous (every step of a round is idempotent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
+from p2ptrain.dbupdate import (
+    AdamSettings,
+    ModelUpdater,
+    SgdSettings,
+    read_model,
+    read_state,
+    settings_for,
+    write_state,
+)
+from p2ptrain.peer.replica import Replica
+from p2ptrain.spec import JobSpec
+from p2ptrain.store import PeerStore
+
+log = logging.getLogger(__name__)
+
+
+class RoundUpdate:
+    """Publish, step, read back and checkpoint for one peer (``spec.update`` picks where the step runs)."""
+
+    def __init__(self, spec: JobSpec, replica: Replica, store: PeerStore) -> None:
+        self.spec = spec
+        self.replica = replica
+        self.store = store
+        self.in_database = spec.update == "database"
+        self._settings: SgdSettings | AdamSettings | None = None
+        self._updater: ModelUpdater | None = None
+        if self.in_database:
+            opt = spec.optimizer
+            self._settings = settings_for(opt.name, lr=opt.learning_rate, momentum=opt.momentum,
+                                          weight_decay=opt.weight_decay)
+            self._updater = ModelUpdater.like(store.accumulator)
+        self._stepped_to: int | None = None  # the version the last in-database step wrote
+        self._replica_behind = False  # Redis holds a newer version than the torch replica
+        self._pending: asyncio.Future[Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.store.keys.prefix}:optstate"
+
+    # --- publish ---------------------------------------------------------------------------------------
+    async def publish(self, round_index: int, publish: Any) -> str:
+        """The key of model version ``round_index`` for the functions. ``publish(round, params)`` is the
+        function client's publish, used whenever the replica's parameters must be written."""
+        if self.in_database and self._stepped_to == round_index:
+            if await asyncio.to_thread(self.store.client.exists, self.store.keys.model(round_index)):
+                return self.store.keys.model(round_index)
+            log.warning("model version %d is gone from Redis (restarted?): publishing it from the replica",
+                        round_index)
+        await self.wait_for_checkpoint()
+        await asyncio.to_thread(self.sync)
+        key: str = await publish(round_index, await asyncio.to_thread(self.replica.parameters))
+        if self.in_database:
+            # The optimizer state in Redis now follows the replica's, and no stale next version (a
+            # step taken before a restart) can stand in for this run's step.
+            await asyncio.to_thread(self._seed, round_index)
+        return key
+
+    def _seed(self, round_index: int) -> None:
+        assert self._settings is not None
+        client = self.store.client
+        client.delete(self.store.keys.model(round_index + 1), self.state_key)
+        state = flat_optimizer_state(self.replica, self._settings)
+        if state is not None:
+            write_state(client, self._settings, self.state_key, state)
+        self._stepped_to = None
+
+    # --- the step --------------------------------------------------------------------------------------
+    async def apply(self, round_index: int, gradient: torch.Tensor) -> None:
+        """One optimizer step with the round's aggregate: model version ``round_index + 1``."""
+        await self.wait_for_checkpoint()  # it reads the state this step is about to change
+        if not self.in_database:
+            await asyncio.to_thread(self.replica.apply, gradient)
+            return
+        await asyncio.to_thread(self._step_in_database, round_index, gradient.numpy())
+
+    def _step_in_database(self, round_index: int, gradient: np.ndarray) -> None:
+        assert self._updater is not None and self._settings is not None
+        keys = self.store.keys
+        self._updater.step(self.store.client, self._settings, keys.model(round_index), keys.model(round_index + 1),
+                           self.state_key, gradient, ttl_seconds=ROUND_KEY_TTL_SECONDS)
+        if round_index >= 1:
+            self.store.client.delete(keys.model(round_index - 1))  # no function reads it any more
+        self._stepped_to = round_index + 1
+        self._replica_behind = True
+
+    def sync(self) -> None:
+        """Bring the torch replica level with the version the last in-database step wrote (blocking)."""
+        if not self._replica_behind or self._stepped_to is None:
+            return
+        assert self._settings is not None
+        client, numel = self.store.client, self.replica.numel
+        params = read_model(client, self.store.keys.model(self._stepped_to), expected_numel=numel)
+        state = read_state(client, self._settings, self.state_key, numel)
+        load_flat(self.replica, params, state)
+        self._replica_behind = False
+
+    async def synced(self) -> Replica:
+        """The replica, level with the newest version (for evaluation and the parameter hash)."""
+        await asyncio.to_thread(self.sync)
+        return self.replica
+
+    # --- the checkpoint --------------------------------------------------------------------------------
+    async def checkpoint(self, round_index: int, loss: float | None) -> None:
+        """Start writing round ``round_index``'s state in the background (after the previous write)."""
+        await self.wait_for_checkpoint()
+        self._pending = asyncio.ensure_future(asyncio.to_thread(self._write_checkpoint, round_index, loss))
+
+    def _write_checkpoint(self, round_index: int, loss: float | None) -> None:
+        self.sync()
+        state = self.replica.pack({"round": round_index, "loss": loss})
+        self.store.save_checkpoint(round_index, state, {"loss": loss})
+
+    async def wait_for_checkpoint(self) -> None:
+        """Wait for the write in flight, if any; its error (Redis gone) is raised here, once."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def close(self) -> None:
+        """Let a write in flight finish and leave the replica level (the run's final state)."""
+        await self.wait_for_checkpoint()
+        await asyncio.to_thread(self.sync)
+
+
+def flat_optimizer_state(replica: Replica, settings: SgdSettings | AdamSettings) -> dict[str, np.ndarray | float] | None:
+    """The torch optimizer's state as :func:`p2ptrain.dbupdate.read_state` names it (flat); None before step 1."""
+    if not settings.has_state:
+        return None
+    with replica.lock:
+        params = list(replica.model.parameters())
+        states = [replica.optimizer.state.get(p, {}) for p in params]
+        if not all(states):
+            return None
+        if isinstance(settings, SgdSettings):
+            return {"momentum_buffer": _flat(s["momentum_buffer"] for s in states)}
+        return {
+            "step": float(states[0]["step"]),
+            "exp_avg": _flat(s["exp_avg"] for s in states),
+            "exp_avg_sq": _flat(s["exp_avg_sq"] for s in states),
+        }
+
+
+def load_flat(replica: Replica, params: np.ndarray, state: dict[str, np.ndarray | float] | None) -> None:
+    """Write flat parameters and flat optimizer state (as Redis keeps them) into the torch replica."""
+    with replica.lock, torch.no_grad():
+        flat = torch.from_numpy(params)
+        offset = 0
+        for p in replica.model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        if state is None:
+            return
+        offset = 0
+        for p in replica.model.parameters():
+            n = p.numel()
+            entry = replica.optimizer.state[p]
+            for name, value in state.items():
+                if isinstance(value, np.ndarray):
+                    entry[name] = torch.from_numpy(value[offset : offset + n].copy()).view_as(p)
+                else:
+                    entry[name] = torch.tensor(value, dtype=torch.float32)
+            offset += n
+
+
+def _flat(tensors: Any) -> np.ndarray:
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).numpy()

@@ -1,0 +1,76 @@
+"""Where the optimizer step runs (``spec.update``) and the background checkpoint, against real parts:
+redis-server processes (with the p2ptrain module and with the Lua fallback), HTTP CloudEvents, torch.
+
+``update: database`` must train exactly like ``update: peer`` (float tolerance: Redis does the same
+float32 arithmetic in another order), and a peer restarted from the checkpoint written in the
+background must continue to the same parameters as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from p2ptrain import native
+from p2ptrain.peer import Peer
+
+from .harness import make_spec, running_job
+
+
+def _module(kind: str) -> Any:
+    if kind == "lua":
+        return None
+    path = native.module_path()
+    assert path is not None, "the p2ptrain Redis module could not be built"
+    return path
+
+
+async def _train(spec: Any, module: Any) -> tuple[dict[str, torch.Tensor], float]:
+    async with running_job(spec, module=module) as job:
+        reports = await job.train(timeout=300)
+        states = [p.final_state() for p in job.peers]
+        for state in states[1:]:
+            for name, tensor in state.items():
+                torch.testing.assert_close(tensor, states[0][name])
+        accuracy = reports[0][-1].accuracy
+        assert accuracy is not None
+        return states[0], accuracy
+
+
+@pytest.mark.parametrize("kind", ["module", "lua"])
+async def test_database_update_trains_like_the_peer_update(kind: str) -> None:
+    settings: dict[str, Any] = dict(peers=2, functionsPerPeer=2, batchSize=64, rounds=60,
+                                    optimizer={"learningRate": 0.1, "momentum": 0.9},
+                                    evaluation={"everyRounds": 20})
+    on_peer, peer_accuracy = await _train(make_spec(name=f"onpeer{kind}", update="peer", **settings), _module(kind))
+    in_db, db_accuracy = await _train(make_spec(name=f"indb{kind}", update="database", **settings), _module(kind))
+    assert in_db.keys() == on_peer.keys()
+    for name, tensor in on_peer.items():
+        torch.testing.assert_close(in_db[name], tensor, rtol=1e-3, atol=1e-4)
+    assert db_accuracy >= 0.93, db_accuracy
+    assert abs(db_accuracy - peer_accuracy) <= 0.01
+
+
+@pytest.mark.parametrize("update", ["peer", "database"])
+async def test_a_restarted_peer_continues_to_the_uninterrupted_parameters(update: str) -> None:
+    """The checkpoint is written in the background; the run's end waits for it, and a restart from it
+    (momentum restored, into Redis too for ``database``) reaches what five straight rounds reach."""
+    settings: dict[str, Any] = dict(peers=1, functionsPerPeer=2, batchSize=16,
+                                    optimizer={"learningRate": 0.1, "momentum": 0.9}, update=update)
+    straight, _ = await _train(make_spec(name=f"straight{update}", rounds=5, **settings), None)
+    spec = make_spec(name=f"restart{update}", rounds=3, **settings)
+    async with running_job(spec) as job:
+        await job.train()
+        trained = job.peers[0].final_state()
+        longer = dataclasses.replace(job.config, spec=dataclasses.replace(spec, rounds=5))
+        restarted = Peer(longer, 0, job.secrets)  # a fresh process would build exactly this
+        assert await restarted.resume() == 3
+        for name, tensor in restarted.final_state().items():
+            torch.testing.assert_close(tensor, trained[name], rtol=0, atol=0)
+        reports = await restarted.run()
+        assert [r.round for r in reports] == [3, 4]
+        for name, tensor in restarted.final_state().items():
+            torch.testing.assert_close(tensor, straight[name], rtol=1e-5, atol=1e-6)

@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/accumulate.py
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/aggregate.py
+	$(BIN)/python bench/update.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

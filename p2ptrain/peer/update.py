@@ -65,7 +65,9 @@ class RoundUpdate:
     async def publish(self, round_index: int, publish: Any) -> str:
         """The key of model version ``round_index`` for the functions. ``publish(round, params)`` is the
         function client's publish, used whenever the replica's parameters must be written."""
-        if self.in_database and self._stepped_to == round_index:
+        # The last step wrote this version, or (a round run again after a Redis outage) already took this
+        # round's step: the version in Redis is the one to compute at, and the step will be a no-op.
+        if self.in_database and self._stepped_to in (round_index, round_index + 1):
             if await asyncio.to_thread(self.store.client.exists, self.store.keys.model(round_index)):
                 return self.store.keys.model(round_index)
             log.warning("model version %d is gone from Redis (restarted?): publishing it from the replica",
@@ -141,9 +143,15 @@ class RoundUpdate:
             await pending
 
     async def close(self) -> None:
-        """Let a write in flight finish and leave the replica level (the run's final state)."""
-        await self.wait_for_checkpoint()
-        await asyncio.to_thread(self.sync)
+        """Let a write in flight finish and leave the replica level (the run's final state).
+
+        Called on every way out of a run: a failure here is logged, never raised over the run's own.
+        """
+        try:
+            await self.wait_for_checkpoint()
+            await asyncio.to_thread(self.sync)
+        except Exception as exc:  # the run's own outcome stands; this is its epilogue
+            log.warning("the last checkpoint or read-back failed: %s", exc)
 
 
 def flat_optimizer_state(replica: Replica, settings: SgdSettings | AdamSettings) -> dict[str, np.ndarray | float] | None:

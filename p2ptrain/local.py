@@ -99,7 +99,7 @@ class LocalRun:
         self.password = secrets.token_hex(24)
         self.signing_key = options.signing_key or secrets.token_hex(32)
         self.replicas = ReplicaCheck(spec.peers)
-        self.display = ProgressDisplay(out, quiet=options.quiet)
+        self.display = ProgressDisplay(out, quiet=options.quiet, inline=spec.function.inline)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
         self._peer_command: list[str] = []

@@ -90,8 +90,11 @@ class ProgressDisplay:
     round's training loss, the same quantity as the summary's "final loss".
     """
 
-    def __init__(self, out: TextIO, *, quiet: bool, every_rounds: int | None = None) -> None:
+    def __init__(self, out: TextIO, *, quiet: bool, every_rounds: int | None = None, inline: bool = False) -> None:
         self.out = out
+        # said once while no peer has finished a round: what the first round waits for
+        self.waiting = ("round 0: peers computing their first micro-batches inline (function.mode=inline) ..."
+                        if inline else "round 0: functions starting from zero (cold start) ...")
         self.quiet = quiet
         self.every_rounds = every_rounds
         self._tty = out.isatty()
@@ -120,7 +123,7 @@ class ProgressDisplay:
         done = min(s["round"] for s in statuses)
         if done == 0 and not final:
             if not self._said_waiting:
-                self.say("round 0: functions starting from zero (cold start) ...")
+                self.say(self.waiting)
                 self._said_waiting = True
             return
         if self._tty:

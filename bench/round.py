@@ -1,10 +1,12 @@
 """Round wall time of p2ptrain, split by phase, against PyTorch DDP (gloo) on the same job.
 
 Runs the digits job with the local runner (real Redis servers, peers and function processes on this
-machine), then the same model, data shards, batch size, optimizer and number of steps with
-``torch.nn.parallel.DistributedDataParallel`` over gloo with as many workers as peers. Prints both and
-their ratio, measured in one run, and writes ``docs/bench-round.md``. Usage:
-``python bench/round.py [examples/digits.yaml] [--rounds N]``.
+machine) once per ``function.mode`` asked for — serverless (gradient functions) and inline (the peers
+compute their own micro-batches) — then the same model, data shards, batch size, optimizer and number
+of steps with ``torch.nn.parallel.DistributedDataParallel`` over gloo with as many workers as peers.
+Prints every round time by phase and its ratio to a DDP step, measured in one run, and writes
+``docs/bench-round.md``. Usage:
+``python bench/round.py [examples/digits.yaml] [--rounds N] [--mode serverless] [--mode inline]``.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from p2ptrain.status import Milestone, record_milestones
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_p2ptrain(spec: JobSpec) -> dict:
+def run_p2ptrain(spec: JobSpec, mode: str) -> dict:
     import asyncio
 
+    spec = dataclasses.replace(spec, function=dataclasses.replace(spec.function, mode=mode))
     with tempfile.TemporaryDirectory() as tmp:
         options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True)
         runner = LocalRun(spec, options, out=io.StringIO())
@@ -103,65 +106,101 @@ def run_ddp(spec: JobSpec) -> dict:
             "reached": result["reached"]}
 
 
-def time_to_accuracy(p2p: dict, ddp: dict) -> list[str]:
+def time_to_accuracy(mode: str, p2p: dict, ddp: dict) -> list[str]:
     """The highest test accuracy both reached, and how long each took to get there."""
     both = [m for m in p2p["time_to_accuracy"] if m in ddp["reached"]]
     if not both:
-        return ["", "Time to accuracy: no accuracy milestone was reached by both systems."]
+        return ["", f"Time to accuracy ({mode}): no accuracy milestone was reached by both systems."]
     target = max(both, key=float)
     ours, theirs = p2p["time_to_accuracy"][target], ddp["reached"][target]
     warm = ours["seconds"] - p2p["first_round_seconds"]
     return [
         "",
-        f"**Time to {float(target):.2f} test accuracy**: p2ptrain {ours['seconds']:.2f} s at round {ours['round']} "
-        f"({warm:.2f} s without the first, cold-start round) vs DDP {theirs['seconds']:.2f} s of steps at step "
+        f"**Time to {float(target):.2f} test accuracy ({mode})**: p2ptrain {ours['seconds']:.2f} s at round "
+        f"{ours['round']} ({warm:.2f} s without the first round) vs DDP {theirs['seconds']:.2f} s of steps at step "
         f"{theirs['round']}: **{ours['seconds'] / theirs['seconds']:.1f}x** ({warm / theirs['seconds']:.1f}x warm).",
     ]
+
+
+# What function.mode=inline aims at on a small model: a round within this factor of a DDP step.
+INLINE_TARGET_RATIO = 2.0
+
+
+def where_the_time_goes(mode: str, p2p: dict, ddp_seconds: float) -> str:
+    """The phases that make up the round, largest first, each against a DDP step."""
+    phases = sorted(p2p["phases"].items(), key=lambda item: -item[1])
+    return f"- {mode}: " + ", ".join(f"{p} {v * 1000:.1f} ms ({v / ddp_seconds:.1f}x a DDP step)" for p, v in phases)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("manifest", nargs="?", default=str(ROOT / "examples" / "digits.yaml"))
     parser.add_argument("--rounds", type=int, help="override spec.rounds")
+    parser.add_argument("--mode", action="append", choices=["serverless", "inline"],
+                        help="function.mode to run (repeat for both; default: serverless and inline)")
     parser.add_argument("--report", default=str(ROOT / "docs" / "bench-round.md"))
     args = parser.parse_args()
     spec = load_manifest(args.manifest)
     if args.rounds:
         spec = dataclasses.replace(spec, rounds=args.rounds, epochs=None)
+    modes: list[str] = list(dict.fromkeys(args.mode or ["serverless", "inline"]))
 
-    p2p = run_p2ptrain(spec)
+    runs = {mode: run_p2ptrain(spec, mode) for mode in modes}
     ddp = run_ddp(spec)
-    round_seconds = p2p["round_seconds"]
-    ratio = round_seconds / ddp["step_seconds_mean"]
+    step = ddp["step_seconds_mean"]
+    ratio = {mode: p2p["round_seconds"] / step for mode, p2p in runs.items()}
     lines = [
-        f"# Round time: p2ptrain vs PyTorch DDP (gloo), {spec.name}",
+        f"# Round time: p2ptrain ({', '.join(modes)}) vs PyTorch DDP (gloo), {spec.name}",
         "",
-        f"{spec.peers} peers/workers, batch {spec.batch_size} per peer, {p2p['rounds']} rounds, model "
-        f"{spec.model.name} {dict(spec.model.args)}, {spec.functions_per_peer} functions per peer, one machine "
-        f"({os.cpu_count()} cores). Measured in one run; compare the ratio, not the absolute times.",
+        f"{spec.peers} peers/workers, batch {spec.batch_size} per peer, {runs[modes[0]]['rounds']} rounds, "
+        f"model {spec.model.name} {dict(spec.model.args)}, {spec.functions_per_peer} micro-batches per peer "
+        f"(function calls when serverless, computed in the peer when inline), one machine ({os.cpu_count()} cores). "
+        "Measured in one run; compare the ratios, not the absolute times.",
         "",
-        "| phase | p2ptrain mean ms/round |",
-        "|---|---|",
-        *[f"| {p} | {p2p['phases'][p] * 1000:.2f} |" for p in ROUND_PHASES],
-        f"| **round** | **{round_seconds * 1000:.2f}** |",
+        "| phase | " + " | ".join(f"{m} mean ms/round" for m in modes) + " |",
+        "|---|" + "---|" * len(modes),
+        *[f"| {p} | " + " | ".join(f"{runs[m]['phases'][p] * 1000:.2f}" for m in modes) + " |" for p in ROUND_PHASES],
+        "| **round** | " + " | ".join(f"**{runs[m]['round_seconds'] * 1000:.2f}**" for m in modes) + " |",
         "",
-        "| system | ms per round/step | test accuracy | wall s (incl. start-up) |",
-        "|---|---|---|---|",
-        f"| p2ptrain (local runner) | {round_seconds * 1000:.2f} | {p2p['test_accuracy']:.4f} | {p2p['wall_seconds']:.1f} |",
-        f"| DDP gloo | {ddp['step_seconds_mean'] * 1000:.2f} | {ddp['accuracy']:.4f} | {ddp['wall_seconds']:.1f} |",
+        "| system | ms per round/step | / DDP step | test accuracy | wall s (incl. start-up) |",
+        "|---|---|---|---|---|",
+        *[f"| p2ptrain {m} (local runner) | {runs[m]['round_seconds'] * 1000:.2f} | {ratio[m]:.1f}x | "
+          f"{runs[m]['test_accuracy']:.4f} | {runs[m]['wall_seconds']:.1f} |" for m in modes],
+        f"| DDP gloo | {step * 1000:.2f} | 1.0x | {ddp['accuracy']:.4f} | {ddp['wall_seconds']:.1f} |",
         "",
-        f"**p2ptrain round / DDP step = {ratio:.1f}x** (p2ptrain: mean over rounds after the first). "
-        f"The first round, which starts the functions from zero, took {p2p['first_round_seconds']:.2f} s: "
-        f"{p2p['function']['cold_starts']} cold starts of {p2p['function']['cold_start_seconds_mean'] or 0:.2f} s "
-        f"on average vs a warm function request of {(p2p['function']['warm_request_seconds_mean'] or 0) * 1000:.1f} ms.",
-        "",
-        "Where the time goes: every micro-batch is an HTTP round trip (peer → local activator → function "
-        "instance → Redis) of Python processes sharing the machine's cores, where DDP does one in-process "
-        "allreduce per step. The architecture buys scale-to-zero compute, no parameter server and Byzantine "
-        "robustness; on one small machine it pays in per-round overhead, which shrinks relative to compute "
-        "as models and micro-batches grow.",
+        "**" + "; ".join(f"{m} round / DDP step = {ratio[m]:.1f}x" for m in modes) + "**"
+        + (f"; inline rounds are {ratio['serverless'] / ratio['inline']:.1f}x faster than serverless ones"
+           if {"inline", "serverless"} <= set(modes) else "")
+        + " (p2ptrain: mean over rounds after the first).",
     ]
-    lines += time_to_accuracy(p2p, ddp)
+    if "serverless" in runs:
+        fn = runs["serverless"]["function"]
+        lines += [
+            "",
+            f"Serverless: the first round, which starts the functions from zero, took "
+            f"{runs['serverless']['first_round_seconds']:.2f} s: {fn['cold_starts']} cold starts of "
+            f"{fn['cold_start_seconds_mean'] or 0:.2f} s on average vs a warm function request of "
+            f"{(fn['warm_request_seconds_mean'] or 0) * 1000:.1f} ms. Every micro-batch is an HTTP round trip "
+            "(peer → local activator → function instance → Redis) of Python processes sharing the machine's cores.",
+        ]
+    if "inline" in runs:
+        met = ratio["inline"] <= INLINE_TARGET_RATIO
+        lines += [
+            "",
+            f"Inline target (a round within {INLINE_TARGET_RATIO:g}x a DDP step): "
+            + ("**met**." if met else f"**missed** ({ratio['inline']:.1f}x). Where the time goes:"),
+        ]
+    lines += ["", *(where_the_time_goes(m, runs[m], step) for m in modes)]
+    lines += [
+        "",
+        "DDP does one in-process allreduce per step; a p2ptrain round also publishes, sums in Redis, sends signed "
+        "CloudEvents to every other peer, waits for a quorum (the exchange phase includes waiting for the slowest "
+        "peer), aggregates with a robust rule and checkpoints. That buys no parameter server, Byzantine robustness "
+        "and, serverless, scale-to-zero compute; on one small machine it pays in per-round overhead, which shrinks "
+        "relative to compute as models and micro-batches grow.",
+    ]
+    for mode in modes:
+        lines += time_to_accuracy(mode, runs[mode], ddp)
     publish(lines, args.report)
     return 0
 

@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import httpx
 
 from p2ptrain import asgi, native, scrape_targets
-from p2ptrain.autoscale import LocalFunctionService, child_env, terminate
+from p2ptrain.autoscale import LocalFunctionService, ScaleStats, child_env, terminate
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.metrics import ROUND_PHASES
@@ -35,7 +35,14 @@ from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerState, ReplicaCheck, StatusDict, StatusError, parse_status
 from p2ptrain.store import Keys, export_model
-from p2ptrain.summary import ProgressDisplay, checked_replicas, format_summary, log_tail, sum_counts
+from p2ptrain.summary import (
+    ProgressDisplay,
+    checked_replicas,
+    format_summary,
+    log_tail,
+    starting_line,
+    sum_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ class LocalRun:
         self.password = secrets.token_hex(24)
         self.signing_key = options.signing_key or secrets.token_hex(32)
         self.replicas = ReplicaCheck(spec.peers)
-        self.display = ProgressDisplay(out, quiet=options.quiet)
+        self.display = ProgressDisplay(out, quiet=options.quiet, inline=spec.function.inline)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
         self._peer_command: list[str] = []
@@ -124,10 +131,7 @@ class LocalRun:
             module = await asyncio.to_thread(native.module_path)
             if module is None and spec.redis.accumulator == "module":
                 raise RunError("redis.accumulator=module but the p2ptrain Redis module could not be built (is gcc installed?)")
-        self.display.say(
-            f"starting {spec.peers} Redis servers, {spec.peers} peers and the gradient function "
-            f"(0..{spec.function.max_scale} instances; accumulator: {'module' if module else 'lua'})"
-        )
+        self.display.say(starting_line(spec, module is not None))
         for _ in range(spec.peers):
             server = RedisServer(password=self.password, module=module, persistence=spec.redis.persistence)
             self.redis_servers.append(server)
@@ -146,19 +150,8 @@ class LocalRun:
         config_path.write_text(config.to_json(), encoding="utf-8")
 
         env = child_env({**secrets_env, CONFIG_ENV: str(config_path)})
-        self.functions = LocalFunctionService(
-            spec.function,
-            [sys.executable, "-m", "p2ptrain", "function"],
-            env,
-            self.workdir,
-            {"job": spec.name, "namespace": spec.namespace},
-        )
-        await self.functions.start()
-        assert self._stop_servers is not None
-        self._function_server = asyncio.create_task(
-            # no error log: the runner's own output is the progress display
-            asgi.serve(self.functions.app, [f"127.0.0.1:{function_port}"], self._stop_servers, graceful_timeout=1)
-        )
+        if not spec.function.inline:  # inline peers compute their own gradients: no instances, no activator
+            await self._start_functions(env, function_port)
 
         self._peer_command = [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path)]
         self._peer_env = env
@@ -168,6 +161,20 @@ class LocalRun:
         self._targets = scrape_targets.for_local_run(self.workdir, spec.name, spec.namespace, peer_ports, self.functions)
         self._targets.start()
         return config
+
+    async def _start_functions(self, env: dict[str, str], port: int) -> None:
+        """The local stand-in for the Knative Service: instances from zero, behind an activator on ``port``."""
+        spec = self.spec
+        self.functions = LocalFunctionService(
+            spec.function, [sys.executable, "-m", "p2ptrain", "function"], env, self.workdir,
+            {"job": spec.name, "namespace": spec.namespace},
+        )
+        await self.functions.start()
+        assert self._stop_servers is not None
+        self._function_server = asyncio.create_task(
+            # no error log: the runner's own output is the progress display
+            asgi.serve(self.functions.app, [f"127.0.0.1:{port}"], self._stop_servers, graceful_timeout=1)
+        )
 
     def _start_peer(self, index: int, port: int, log_path: Path) -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log_file:
@@ -238,9 +245,9 @@ class LocalRun:
         lead = statuses[0]
         phases = {p: sum(s["phasesMean"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
         first = {p: sum(s["phasesFirst"].get(p, 0.0) for s in statuses) / len(statuses) for p in ROUND_PHASES}
-        assert self.functions is not None
         summary: dict[str, Any] = {
             "job": self.spec.name,
+            "mode": self.spec.function.mode,
             "peers": self.spec.peers,
             "functions_per_peer": self.spec.functions_per_peer,
             "aggregation": self.spec.aggregation.rule,
@@ -258,7 +265,7 @@ class LocalRun:
             "first_round_seconds": sum(first.values()),
             # peer 0's first evaluation at or above each accuracy, in seconds of training (rounds summed)
             "time_to_accuracy": lead.get("reached", {}),
-            "function": self.functions.stats.as_dict(),
+            "function": (self.functions.stats if self.functions else ScaleStats()).as_dict(),  # zeros inline
             "rejected_events": sum_counts(s.get("rejected", {}) for s in statuses),
             "excluded_peers": sum_counts(s.get("excluded", {}) for s in statuses),
             "function_retries": sum(s.get("functionRetries", 0) for s in statuses),

@@ -85,13 +85,14 @@ class TargetsFile:
 
 
 def for_local_run(
-    workdir: Path, job: str, namespace: str, peer_ports: Iterable[int], functions: LocalFunctionService
+    workdir: Path, job: str, namespace: str, peer_ports: Iterable[int], functions: LocalFunctionService | None
 ) -> TargetsFile:
-    """The targets file of a local run: its peers, and the function instances that are serving."""
+    """The targets file of a local run: its peers, and the function instances that are serving (none
+    for ``function.mode: inline``)."""
     peers = list(peer_ports)
 
     def groups() -> list[dict[str, Any]]:
-        serving = [i.port for i in functions.instances if i.alive and i.ready.is_set()]
+        serving = [i.port for i in functions.instances if i.alive and i.ready.is_set()] if functions else []
         return target_groups(job, namespace, peers, serving)
 
     return TargetsFile(workdir / TARGETS_FILE, groups)

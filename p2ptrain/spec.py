@@ -90,6 +90,9 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class FunctionSpec:
+    # function.mode: "serverless" fans micro-batches out to the gradient function; "inline" computes them
+    # in the peer (p2ptrain.peer.inline), with no function and no Knative Service.
+    mode: str = crd_default("function.mode")
     min_scale: int = crd_default("function.minScale")
     max_scale: int = crd_default("function.maxScale")
     container_concurrency: int = crd_default("function.containerConcurrency")
@@ -98,6 +101,11 @@ class FunctionSpec:
     retries: int = crd_default("function.retries")
     image: str | None = None
     resources: Mapping[str, Any] | None = None
+
+    @property
+    def inline(self) -> bool:
+        """Whether the peers compute their gradients in-process (no gradient function at all)."""
+        return self.mode == "inline"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from p2ptrain.metrics import ROUND_PHASES
+from p2ptrain.spec import JobSpec
 from p2ptrain.status import ReplicaCheck, StatusDict
 
 log = logging.getLogger("p2ptrain.local")
@@ -23,6 +24,16 @@ def sum_counts(dicts: Any) -> dict[str, int]:
     return total
 
 
+def starting_line(spec: JobSpec, module: bool) -> str:
+    """What the run starts, in one line: the gradient function's instances, or the mode that needs none."""
+    accumulator = f"accumulator: {'module' if module else 'lua'}"
+    if spec.function.inline:
+        return (f"starting {spec.peers} Redis servers and {spec.peers} peers (function.mode=inline: gradients "
+                f"computed in the peers, {spec.functions_per_peer} micro-batches each; {accumulator})")
+    return (f"starting {spec.peers} Redis servers, {spec.peers} peers and the gradient function "
+            f"(0..{spec.function.max_scale} instances; {accumulator})")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     phases = summary["phases"]
     fn = summary["function"]
@@ -33,14 +44,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     )
     lines = [
         f"job {summary['job']}: {summary['rounds']} rounds on {summary['peers']} peers x "
-        f"{summary['functions_per_peer']} functions ({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
+        f"{summary['functions_per_peer']} {'micro-batches inline' if summary.get('mode') == 'inline' else 'functions'} "
+        f"({summary['aggregation']}) in {summary['wall_seconds']:.1f}s",
         f"  test accuracy {acc:.4f}" if acc is not None else "  test accuracy n/a",
         f"  final loss    {summary['final_loss']:.4f} (training loss of the last round, mean over peers)"
         if summary["final_loss"] is not None else "  final loss n/a",
         f"  round time    {summary['round_seconds'] * 1000:.1f} ms mean after the first round: "
         + ", ".join(f"{p} {phases[p] * 1000:.1f} ms" for p in ROUND_PHASES),
-        f"  first round   {summary['first_round_seconds']:.2f} s (includes function cold starts)",
+        f"  first round   {summary['first_round_seconds']:.2f} s"
+        + ("" if summary.get("mode") == "inline" else " (includes function cold starts)"),
         *([f"  reached       {reached} test accuracy"] if reached else []),
+        f"  functions     none: function.mode=inline, each peer computed its {summary['functions_per_peer']} "
+        "micro-batches itself" if summary.get("mode") == "inline" else
         f"  functions     {fn['cold_starts']} instances started from cold (mean {fn['cold_start_seconds_mean'] or 0:.2f}s "
         f"to ready), at most {fn['max_instances']} ready at once, {fn['scaled_to_zero']} scaled to zero, "
         f"warm request {1000 * (fn['warm_request_seconds_mean'] or 0):.1f} ms",
@@ -75,8 +90,11 @@ class ProgressDisplay:
     round's training loss, the same quantity as the summary's "final loss".
     """
 
-    def __init__(self, out: TextIO, *, quiet: bool, every_rounds: int | None = None) -> None:
+    def __init__(self, out: TextIO, *, quiet: bool, every_rounds: int | None = None, inline: bool = False) -> None:
         self.out = out
+        # said once while no peer has finished a round: what the first round waits for
+        self.waiting = ("round 0: peers computing their first micro-batches inline (function.mode=inline) ..."
+                        if inline else "round 0: functions starting from zero (cold start) ...")
         self.quiet = quiet
         self.every_rounds = every_rounds
         self._tty = out.isatty()
@@ -105,7 +123,7 @@ class ProgressDisplay:
         done = min(s["round"] for s in statuses)
         if done == 0 and not final:
             if not self._said_waiting:
-                self.say("round 0: functions starting from zero (cold start) ...")
+                self.say(self.waiting)
                 self._said_waiting = True
             return
         if self._tty:

@@ -3,7 +3,7 @@
 ``build_children`` returns every child of a ``P2PTrainingJob``: the Secret (Redis password,
 event-signing key), the ConfigMap (the job's runtime config), one independent Redis per peer
 (StatefulSet + headless Service), the peers (StatefulSet + headless Service) and the Knative Service of
-the gradient function. Each carries the standard labels and an owner reference, so deleting the job
+the gradient function (none with ``function.mode: inline``: the peers compute their own gradients). Each carries the standard labels and an owner reference, so deleting the job
 deletes them all.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import math
+import re
+from decimal import Decimal
 from typing import Any
 
 from p2ptrain.config import (
@@ -22,7 +24,7 @@ from p2ptrain.config import (
     ChildNames,
     cluster_config,
 )
-from p2ptrain.spec import API_GROUP, API_VERSION, KIND, JobSpec
+from p2ptrain.spec import API_GROUP, API_VERSION, KIND, JobSpec, SpecError
 from p2ptrain_operator.settings import Settings
 
 Object = dict[str, Any]
@@ -237,9 +239,48 @@ def build_headless_service(spec: JobSpec, owner: Object, *, name: str, component
 
 # --- peers -------------------------------------------------------------------------------------------------
 
+# function.mode=inline: the peers compute what the functions would have, so they get the functions'
+# CPU and memory. One peer's round keeps ceil(functionsPerPeer / containerConcurrency) instances busy
+# (one when containerConcurrency is 0, unlimited), at most maxScale: the peer container gets
+# function.resources (requests and limits alike) times that many. Without function.resources the
+# functions had no requests or limits, and neither do the peers.
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]*)?|\.[0-9]+)([a-zA-Z]*)$")
+
+
+def inline_instances_per_peer(spec: JobSpec) -> int:
+    """The function instances one peer's round keeps busy: what an inline peer's resources stand in for."""
+    fn = spec.function
+    busy = math.ceil(spec.functions_per_peer / fn.container_concurrency) if fn.container_concurrency else 1
+    return min(busy, fn.max_scale)
+
+
+def scale_quantity(value: object, factor: int, where: str) -> str:
+    """A Kubernetes quantity (``500m``, ``1Gi``, ``2``) times ``factor``, in the same unit."""
+    match = _QUANTITY.match(str(value))
+    if match is None:
+        raise SpecError(f"{where}: expected a Kubernetes quantity such as 500m, 2 or 512Mi, got {value!r}")
+    number = Decimal(match[1]) * factor
+    return f"{number.normalize():f}{match[2]}"
+
+
+def inline_peer_resources(spec: JobSpec) -> Object | None:
+    """The peer container's resources for ``function.mode: inline`` (None when serverless or unset)."""
+    if not spec.function.inline or not spec.function.resources:
+        return None
+    factor = inline_instances_per_peer(spec)
+    scaled: Object = {}
+    for kind, amounts in spec.function.resources.items():
+        if not isinstance(amounts, dict):
+            raise SpecError(f"spec.function.resources.{kind}: expected a mapping of resource names to quantities")
+        scaled[kind] = {name: scale_quantity(amount, factor, f"spec.function.resources.{kind}.{name}")
+                        for name, amount in amounts.items()}
+    return scaled
+
+
 def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> Object:
     names = ChildNames(spec.name)
     data_volumes, data_mounts = _data_volume(spec)
+    resources = inline_peer_resources(spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -280,6 +321,7 @@ def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> 
                                 {"name": "tmp", "mountPath": "/tmp"},
                                 *data_mounts,
                             ],
+                            **({"resources": resources} if resources else {}),
                         }
                     ],
                     "volumes": [
@@ -332,7 +374,7 @@ def knative_warnings(spec: JobSpec) -> list[str]:
     """What the cluster will do differently from the spec (for the job's events); empty when nothing."""
     idle = spec.function.idle_seconds
     window = knative_window_seconds(idle)
-    if window != idle:
+    if window != idle and not spec.function.inline:  # an inline job has no Knative Service
         return [f"function.idleSeconds={idle:g} is outside what Knative's autoscaling window accepts "
                 f"(whole seconds from {KNATIVE_WINDOW_MIN_SECONDS} to {KNATIVE_WINDOW_MAX_SECONDS}): "
                 f"idle functions scale down after {window}s"]
@@ -361,7 +403,7 @@ def knative_flags_needed(spec: JobSpec) -> list[str]:
     ``kubernetes.podspec-persistent-volume-write`` is not needed. Everything else the Service uses
     passes Knative's admission with its default flags.
     """
-    return [PVC_FLAG] if spec.dataset.claim_name else []
+    return [PVC_FLAG] if spec.dataset.claim_name and not spec.function.inline else []
 
 
 def build_knative_service(spec: JobSpec, owner: Object, settings: Settings) -> Object:
@@ -482,8 +524,10 @@ def build_export_job(spec: JobSpec, owner: Object, settings: Settings) -> Object
 # --- all of them ------------------------------------------------------------------------------------------
 
 def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_password: str, signing_key: str) -> list[Object]:
-    """Every child of a job, in the order to create them (configuration before its users)."""
+    """Every child of a job, in the order to create them (configuration before its users); with
+    ``function.mode: inline`` no Knative Service (the peers compute their own gradients)."""
     names = ChildNames(spec.name)
+    function = [] if spec.function.inline else [build_knative_service(spec, owner, settings)]
     return [
         build_secret(spec, owner, redis_password=redis_password, signing_key=signing_key),
         build_configmap(spec, owner, settings),
@@ -494,5 +538,5 @@ def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_pa
                                ports=[{"name": "http", "port": PEER_PORT, "targetPort": "http"},
                                       {"name": "metrics", "port": spec.metrics.port, "targetPort": "metrics"}]),
         build_peer_statefulset(spec, owner, settings),
-        build_knative_service(spec, owner, settings),
+        *function,
     ]

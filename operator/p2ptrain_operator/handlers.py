@@ -155,14 +155,14 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
         return  # a finished job is never rebuilt, whatever replays this handler
     try:
         job = _job(spec, meta)
+        children = build_children(  # a SpecError here too: function.resources that inline peers cannot scale
+            job, dict(body), memo.settings, redis_password=secrets.token_hex(24), signing_key=secrets.token_hex(32)
+        )
     except SpecError as exc:
         transition = Transition(Phase.FAILED, "InvalidSpec", str(exc))
         _write_status(patch, status, transition, meta.get("generation"))
         metrics.JOBS_FAILED_TOTAL.inc()
         raise kopf.PermanentError(str(exc)) from exc
-    children = build_children(
-        job, dict(body), memo.settings, redis_password=secrets.token_hex(24), signing_key=secrets.token_hex(32)
-    )
     created = [c for c in children if await memo.kube.create(c)]
     if job.run_policy.suspend:
         await _scale(memo.kube, job, 0)
@@ -177,6 +177,7 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
         patch.status["peersReady"] = 0
         patch.status["peersReadyText"] = f"0/{job.peers}"
         patch.status["rounds"] = 0
+        patch.status["mode"] = job.function.mode  # serverless (Knative Service) or inline (none)
         kopf.info(body, reason=transition.reason, message=f"created {len(created)} children")
         flags = knative_flags_needed(job)
         if flags:

@@ -27,6 +27,7 @@ from p2ptrain.peer.endpoint import PeerEndpoint
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.peer.functions import FunctionClient
 from p2ptrain.peer.inbox import Inbox
+from p2ptrain.peer.inline import InlineGradients
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate
@@ -71,7 +72,7 @@ class Peer:
         self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
         self.guard = DivergenceGuard(spec.training)
-        self._functions: FunctionClient | None = None
+        self._functions: FunctionClient | InlineGradients | None = None
         self._sender: GradientSender | None = None
 
     @property
@@ -98,7 +99,9 @@ class Peer:
             self.status.state = PeerState.TRAINING
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
             async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
-                self._functions = FunctionClient(self.ctx, self.store, http)
+                # function.mode: the gradient function, or this peer's own torch (same round either way).
+                self._functions = (InlineGradients(self.ctx, self.store, self.replica) if self.spec.function.inline
+                                   else FunctionClient(self.ctx, self.store, http))
                 self._sender = GradientSender(self.ctx, self.store, http)
                 try:
                     await self._wait_for_peers(http)

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},
     {"peer.receiver"},
     {"peer.sender", "peer.functions", "peer.endpoint"},
+    {"peer.inline"},
     {"peer.round"},
     {"peer.process"},
     {"peer"},

@@ -1,0 +1,91 @@
+"""Inline gradients (``function.mode: inline``): the peer computes its own micro-batches in-process —
+the traditional P2P baseline, with no gradient function, no activator and no Knative Service.
+
+``InlineGradients`` offers the round what ``FunctionClient`` offers (``publish``, ``fan_out``) and does
+what a function does for each micro-batch, with the function's own code: ``gradient.compute_gradient``
+in a worker thread, then the same weighted, idempotent ``P2P.ACCUM`` into the peer's Redis accumulator
+that the round reads its average from. Keeping the sum in Redis (rather than averaging in the peer)
+means both modes share one average, one Redis-outage path (the round re-runs; a micro-batch is never
+counted twice) and one checkpoint; it costs a few loopback round trips per round (``bench/round.py``
+prints them under ``fanout`` and ``average``). A non-finite gradient is refused before it is summed and
+handled as the function path handles the accumulator's refusal: ``Diverged``, or with
+``training.onDivergence: skipRound`` the micro-batch is left out and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+
+import numpy as np
+import torch
+
+from p2ptrain import metrics, wire
+from p2ptrain.data import Dataset, split_micro_batches
+from p2ptrain.gradient import compute_gradient
+from p2ptrain.peer.context import PeerContext, PeerPart
+from p2ptrain.peer.divergence import Diverged
+from p2ptrain.peer.functions import Receipt
+from p2ptrain.peer.replica import Replica
+from p2ptrain.store import PeerStore
+
+log = logging.getLogger(__name__)
+
+
+class InlineGradients(PeerPart):
+    """A peer's own gradient computation, in the shape of ``FunctionClient`` for ``Peer.run_round``."""
+
+    def __init__(self, ctx: PeerContext, store: PeerStore, replica: Replica) -> None:
+        super().__init__(ctx)
+        self.store = store
+        self.dataset: Dataset = replica.dataset
+        # compute_gradient swaps the parameters into the module it is given for the call; the replica's
+        # own model is read meanwhile (GET /model, evaluation), so the micro-batches get their own copy.
+        self._skeleton = copy.deepcopy(replica.model)
+        self._skeleton.train()
+        self._params: tuple[int, torch.Tensor] | None = None
+
+    async def publish(self, round_index: int, params: np.ndarray) -> str:
+        """Keep the round's parameters in memory: no function reads a model version from Redis here."""
+        self._params = (round_index, torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)))
+        return self.store.keys.model(round_index)
+
+    async def fan_out(
+        self, round_index: int, model_key: str, indices: np.ndarray, deadline: float, *, skip_non_finite: bool = False
+    ) -> list[Receipt]:
+        """Every micro-batch's gradient summed into the round's accumulator; their receipts.
+
+        ``model_key`` and ``deadline`` are the function path's: nothing is fetched and nothing waited for
+        here, so every micro-batch is computed. A non-finite gradient raises ``Diverged`` once all are
+        done, or with ``skip_non_finite`` is left out (counted).
+        """
+        if self._params is None or self._params[0] != round_index:
+            raise RuntimeError(f"fan_out of round {round_index + 1} before its parameters were published")
+        parts = split_micro_batches(indices, self.spec.functions_per_peer)
+        receipts, non_finite = await asyncio.to_thread(self._compute, round_index, self._params[1], parts)
+        if non_finite and not skip_non_finite:
+            raise Diverged("non-finite-gradient", round_index, non_finite[0])
+        if non_finite:
+            log.warning("round %d: %d micro-batch(es) had non-finite gradients and are left out: %s",
+                        round_index + 1, len(non_finite), non_finite[0], extra={"reason": "divergence"})
+            self.status.count_skipped_update("divergence")
+            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
+            metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause="non-finite-gradient").inc()
+        return receipts
+
+    def _compute(self, round_index: int, params: torch.Tensor, parts: list[np.ndarray]) -> tuple[list[Receipt], list[str]]:
+        """(receipts, non-finite micro-batches described) — blocking: torch and Redis, in a worker thread."""
+        receipts: list[Receipt] = []
+        non_finite: list[str] = []
+        x, y = self.dataset.x_train, self.dataset.y_train
+        for n, part in enumerate(parts):
+            name = f"{round_index}:{n}"
+            loss, _, gradient = compute_gradient(self._skeleton, params, x[part], y[part])
+            if not bool(torch.isfinite(gradient).all()):
+                non_finite.append(f"the gradient of micro-batch {name} has non-finite values")
+                continue
+            # The function's weighting: each micro-batch's mean gradient counts by its sample count.
+            self.store.add_gradient(round_index, name, float(part.size), wire.raw_float32(gradient))
+            receipts.append(Receipt(samples=int(part.size), loss=loss, cold=False))
+        return receipts, non_finite

@@ -31,6 +31,7 @@ from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
 from p2ptrain.peer.report import RoundReport, record_round
+from p2ptrain.peer.resync import Resync
 from p2ptrain.peer.sender import GradientSender
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import Keys, PeerStore, connect
@@ -69,6 +70,7 @@ class Peer:
         self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
         self.guard = DivergenceGuard(spec.training)
+        self.resync = Resync(self.ctx, self.store, self.others, self.replica)
         self._functions: FunctionClient | None = None
         self._sender: GradientSender | None = None
 
@@ -227,6 +229,8 @@ class Peer:
         t0 = time.perf_counter()
         if combined is not None:
             await asyncio.to_thread(self.replica.apply, combined)
+        if self.resync.due(round_index, self.rounds):  # replicas that drifted apart become identical again
+            await asyncio.to_thread(self.resync.run, round_index)
         evaluation = await asyncio.to_thread(self.replica.evaluate) if self._should_evaluate(round_index) else None
         if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
             digest = await asyncio.to_thread(self.replica.params_hash)
@@ -239,6 +243,7 @@ class Peer:
 
         report = RoundReport(
             round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients),
+            accumulated_samples=average[1] if average is not None else None,
             accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
         )
         record_round(self.status, self.labels, self.rounds, report, time.perf_counter() - round_started)

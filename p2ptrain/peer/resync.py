@@ -29,7 +29,7 @@ import redis
 
 from p2ptrain import metrics, retry
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
-from p2ptrain.checkpoint import CheckpointError, median_state
+from p2ptrain.checkpoint import CheckpointError, median_state, model_tensors
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.recovery import OtherPeers
 from p2ptrain.peer.replica import Replica
@@ -163,6 +163,10 @@ class Resync(PeerPart):
             if state is None:
                 log.warning("sync after round %d: peer %d's state is gone; comparing without it", round_index + 1, peer)
                 continue
+            if not self._fits(state):  # the same bytes fail on every peer: all leave it out alike
+                log.warning("sync after round %d: peer %d's state does not fit this model; comparing without it",
+                            round_index + 1, peer)
+                continue
             states.append(state)
         if not states:
             return False
@@ -174,6 +178,16 @@ class Resync(PeerPart):
                         round_index + 1, exc)
             return False
         return True
+
+    def _fits(self, state: bytes) -> bool:
+        try:
+            tensors = model_tensors(state)
+        except CheckpointError:
+            return False
+        own = self.replica.model.state_dict()
+        return tensors.keys() == own.keys() and all(
+            tensors[k].shape == own[k].shape and tensors[k].dtype == own[k].dtype for k in own
+        )
 
     def _field(self, peer: int, round_index: int, name: str) -> bytes | None:
         """One field of a peer's sync entry (this peer's own Redis or another's); None if absent or unreachable."""

@@ -8,6 +8,7 @@ accumulator, outside production code.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from p2ptrain.peer import Peer
 from p2ptrain.status import ReplicaCheck
+from p2ptrain.store import Keys
 
 from .harness import make_spec, running_job
 
@@ -96,3 +98,38 @@ async def test_no_sync_runs_with_the_full_quorum() -> None:
     async with running_job(spec) as job:
         await job.train()
         assert all(p.status.last_sync == {} and p.status.resyncs == 0 for p in job.peers)
+
+
+async def test_a_peer_that_publishes_after_the_deadline_adopts_what_the_others_agreed_on() -> None:
+    spec = make_spec(name="latesync", peers=3, rounds=4, exchange={"quorum": 2, "roundDeadlineSeconds": 1},
+                     training={"resyncEveryRounds": 4})
+    async with running_job(spec) as job:
+        with torch.no_grad():  # three different replicas
+            for shift, peer in enumerate(job.peers):
+                for p in peer.replica.model.parameters():
+                    p.add_(torch.randn_like(p) * 0.01 * (shift + 1))
+        first, second, late = job.peers
+        # Peers 0 and 1 sync after round 4 while peer 2 has not published: they wait out the deadline,
+        # compare each other, adopt the median of their two states and write down whom they compared.
+        outcomes = await asyncio.gather(*(asyncio.to_thread(p.resync.run, 3) for p in (first, second)))
+        assert [o.peers for o in outcomes] == [(0, 1), (0, 1)] and all(o.adopted for o in outcomes)
+        assert first.replica.params_hash() == second.replica.params_hash()
+        # Peer 2 comes later: it finds their list and adopts the same median, not one with its own state.
+        outcome = await asyncio.to_thread(late.resync.run, 3)
+        assert outcome.peers == (0, 1) and outcome.adopted and outcome.hash_before != outcome.hash_after
+        assert late.replica.params_hash() == first.replica.params_hash()
+        assert torch.equal(_flat(late).view(torch.int32), _flat(first).view(torch.int32))
+
+
+async def test_a_peer_publishing_a_state_that_is_not_a_checkpoint_is_left_out_of_the_median() -> None:
+    spec = make_spec(name="junksync", peers=3, rounds=4, exchange={"quorum": 2, "roundDeadlineSeconds": 5},
+                     training={"resyncEveryRounds": 4})
+    async with running_job(spec) as job:
+        with torch.no_grad():
+            for p in job.peers[1].replica.model.parameters():
+                p.add_(0.01)
+        liar = job.peers[2]
+        liar.redis.hset(Keys(spec.name, 2).sync(3), mapping={"hash": "0" * 16, "state": b"not safetensors"})
+        outcomes = await asyncio.gather(*(asyncio.to_thread(p.resync.run, 3) for p in job.peers[:2]))
+        assert [o.peers for o in outcomes] == [(0, 1, 2), (0, 1, 2)] and all(o.adopted for o in outcomes)
+        assert job.peers[0].replica.params_hash() == job.peers[1].replica.params_hash()

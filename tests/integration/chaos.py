@@ -170,19 +170,23 @@ def check_run(spec: JobSpec, run: LocalRun, summary: dict[str, Any]) -> dict[str
     rounds = summary["rounds"]
     batch = expected_samples(spec)
     per_peer = {p.index: round_lines(p.log_path) for p in run.peers}
-    # Exact: what the function replies counted is what the peer's Redis summed (a micro-batch summed
-    # twice, or summed without a reply the peer counted, shows here). Short: fewer samples than a
-    # minibatch, because calls still failed at the round deadline (a cold start under load, say):
-    # reported, not an error.
+    # Exact: every micro-batch whose reply the peer counted is in its Redis sum, and nothing is summed
+    # twice (the sum never exceeds one minibatch). Late: the sum holds micro-batches whose replies came
+    # after the peer stopped waiting at the round deadline (their gradients are in the round's average;
+    # only the loss misses them). Short: fewer samples than a minibatch summed (calls still failing at
+    # the deadline, a cold start under load, say). Late and short are reported, not errors.
     wrong_counts = [
         (peer, line.round, line.samples, line.accumulated)
         for peer, lines in per_peer.items() for line in lines
-        if float(line.samples) != (line.accumulated or 0.0) or line.samples > batch
+        if not line.samples <= (line.accumulated or 0.0) <= batch
     ]
-    short = [(peer, line.round) for peer, lines in per_peer.items() for line in lines if line.samples < batch]
-    lost, rerun = [], []
+    short = [(p, line.round) for p, lines in per_peer.items() for line in lines if (line.accumulated or 0) < batch]
+    late = [(p, line.round) for p, lines in per_peer.items() for line in lines if (line.accumulated or 0) > line.samples]
+    lost: list[tuple[int, int]] = []
+    rerun: list[tuple[int, int]] = []
+    statuses = {p.index: p.status for p in run.peers if p.status is not None}
     for peer, lines in per_peer.items():
-        caught = run.peers[peer].status.get("caughtUp", {}) if run.peers[peer].status else {}
+        caught = statuses[peer].get("caughtUp", {}) if peer in statuses else {}
         done = {line.round for line in lines}
         skipped = set(range(caught["from"] + 1, caught["to"] + 1)) if caught else set()
         lost += [(peer, r) for r in range(1, rounds + 1) if r not in done and r not in skipped]
@@ -197,10 +201,11 @@ def check_run(spec: JobSpec, run: LocalRun, summary: dict[str, Any]) -> dict[str
         "sample_counts_exact": not wrong_counts,
         "wrong_counts": wrong_counts[:10],
         "short_rounds": len(short),
+        "late_replies_rounds": len(late),
         "committed_rounds_lost": sorted(set(lost))[:10],
         "rounds_redone_wrongly": sorted(set(rerun))[:10],
         "replicas_identical_at_end": summary["replicas"].get("identical_at_end", summary["replicas"]["identical"]),
-        "resyncs": sum(int((p.status or {}).get("resyncs", 0)) for p in run.peers),
+        "resyncs": sum(status.get("resyncs", 0) for status in statuses.values()),
         "peer_restarts": summary["peer_restarts"],
     }
 

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
 
-.PHONY: setup run test lint typecheck unit bench clean tools image
+.PHONY: setup run test lint typecheck unit bench clean tools image chaos
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/aggregate.py
 	$(BIN)/python bench/update.py
+
+# Fault drills on a 5-peer local run (peer, Redis and operator kills, failing functions): docs/chaos.md
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

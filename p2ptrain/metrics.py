@@ -121,6 +121,11 @@ CATCH_UPS_TOTAL = Counter(
     "Times a (re)started peer adopted the other peers' state because it was behind.",
     PEER_LABELS,
 )
+RESYNCS_TOTAL = Counter(
+    "p2ptrain_resyncs_total",
+    "Sync rounds at which the peers' parameter hashes differed and this peer adopted the median of their states.",
+    PEER_LABELS,
+)
 
 # --- gradient function -----------------------------------------------------------------------------
 FUNCTION_INVOCATIONS_TOTAL = Counter(

@@ -92,7 +92,8 @@ class RedisServer:
             )
         self.port = self.port or free_port(self.host)
         remove_stale_dirs()
-        self.workdir = Path(tempfile.mkdtemp(prefix=_PREFIX))
+        if self.workdir is None or not self.workdir.is_dir():  # after ``crash``: the same data directory
+            self.workdir = Path(tempfile.mkdtemp(prefix=_PREFIX))
         args = [
             binary,
             "--bind", self.host,
@@ -145,6 +146,18 @@ class RedisServer:
 
     def client(self, **kwargs: object) -> redis.Redis:
         return redis.Redis(host=self.host, port=self.port, password=self.password, **kwargs)  # type: ignore[arg-type]
+
+    def crash(self) -> None:
+        """Kill the server (SIGKILL) but keep its data directory, as a pod whose volume outlives it:
+        ``start`` again serves on the same port from what it had persisted (``persistence``)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        if self.workdir is not None:
+            # no pid file: ``remove_stale_dirs`` leaves a directory without one alone
+            (self.workdir / _PID_FILE).unlink(missing_ok=True)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -86,6 +86,7 @@ class TrainingSpec:
     on_divergence: str = "fail"  # or "skipRound"
     explosion_factor: float = 10.0
     hash_every_rounds: int = 1
+    resync_every_rounds: int = crd_default("training.resyncEveryRounds")
 
 
 @dataclass(frozen=True)

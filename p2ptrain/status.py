@@ -62,6 +62,8 @@ class StatusDict(TypedDict):
     recovered: int
     failure: str  # "" or "divergence": why a failed peer failed, for the runner's exit code
     paramsHashes: dict[str, str]  # round (1-based, as a string) -> hash of the parameters after it
+    resyncs: int  # sync rounds at which this peer adopted the median of the peers' states
+    lastSync: dict[str, Any]  # round, peers compared, distinct hashes before, hash after, adopted or not
 
 
 class StatusError(ValueError):
@@ -121,6 +123,8 @@ class PeerStatus:
     reached: dict[str, Milestone] = field(default_factory=dict)  # "0.9" -> first round, seconds
     failure: str = ""
     params_hashes: dict[str, str] = field(default_factory=dict)  # the last PARAMS_HASHES_KEPT rounds hashed
+    resyncs: int = 0
+    last_sync: dict[str, Any] = field(default_factory=dict)
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
@@ -171,6 +175,8 @@ class PeerStatus:
             "recovered": self.recovered,
             "failure": self.failure,
             "paramsHashes": dict(self.params_hashes),
+            "resyncs": self.resyncs,
+            "lastSync": dict(self.last_sync),
         }
 
 

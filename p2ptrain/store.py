@@ -60,6 +60,10 @@ class Keys:
     def outbox(self, round_index: int) -> str:
         return f"{self.prefix}:out:{round_index}"
 
+    def sync(self, round_index: int) -> str:
+        """A sync round's hash, state and chosen peers (``peer/resync.py``), read by the other peers."""
+        return f"{self.prefix}:sync:{round_index}"
+
     def is_outbox(self, key: str) -> bool:
         """Whether ``key`` names one of this peer's outbox entries (a dataref must, nothing else)."""
         head, _, round_text = key.rpartition(":")

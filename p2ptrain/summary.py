@@ -174,7 +174,15 @@ def _in_order(fields: list[tuple[int, str]], kept: list[tuple[int, str]]) -> lis
 def checked_replicas(replicas: ReplicaCheck, display: ProgressDisplay) -> dict[str, Any]:
     """The replicas' parameter hashes compared round by round; drift is logged, shown and reported."""
     result = replicas.result()
-    if not result["identical"]:
+    compared = [r for r, h in replicas.hashes.items() if len(h) == replicas.peers]
+    last = max(compared, default=None)
+    # With a partial quorum replicas may differ between sync rounds (training.resyncEveryRounds): what
+    # matters is that the last round compared ended identical.
+    result["identical_at_end"] = last is not None and last not in result["drift_rounds"]
+    if not result["identical"] and result["identical_at_end"]:
+        display.say(f"replicas differed after rounds {result['drift_rounds']} and were re-synchronised: "
+                    f"identical after round {last}")
+    elif not result["identical"]:
         log.warning("replicas drifted apart: parameter hashes differ after rounds %s", result["drift_rounds"])
         display.say(f"warning: replicas drifted apart: parameter hashes differ after rounds {result['drift_rounds']}")
     return result

@@ -21,6 +21,9 @@ class RoundReport:
     peers_used: int
     accuracy: float | None = None
     test_loss: float | None = None
+    # the samples summed in this peer's Redis accumulator (equals ``samples`` unless a micro-batch's reply
+    # was lost after it was added, or one was added twice): what chaos runs check
+    accumulated_samples: float | None = None
 
 
 def record_round(
@@ -56,6 +59,8 @@ def record_round(
             "loss": report.loss,
             "accuracy": report.accuracy,
             "peers_used": report.peers_used,
+            "samples": report.samples,
+            "accumulated_samples": report.accumulated_samples,
             "seconds": round(total_seconds, 4),
             **{phase: round(seconds, 4) for phase, seconds in report.phases.items()},
         },

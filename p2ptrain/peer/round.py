@@ -32,6 +32,7 @@ from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate
 from p2ptrain.peer.report import RoundReport, record_round
+from p2ptrain.peer.resync import Resync
 from p2ptrain.peer.sender import GradientSender
 from p2ptrain.peer.update import RoundUpdate
 from p2ptrain.status import PeerState, PeerStatus
@@ -72,6 +73,7 @@ class Peer:
         self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
         self.guard = DivergenceGuard(spec.training)
+        self.resync = Resync(self.ctx, self.store, self.others, self.replica)
         self._functions: FunctionClient | InlineGradients | None = None
         self._sender: GradientSender | None = None
 
@@ -233,6 +235,10 @@ class Peer:
         t0 = time.perf_counter()
         if combined is not None:
             await self.update.apply(round_index, combined)
+        if self.resync.due(round_index, self.rounds):  # replicas that drifted apart become identical again
+            await self.update.synced()
+            if (await asyncio.to_thread(self.resync.run, round_index)).adopted:
+                self.update.replica_replaced()
         evaluation = None
         if self._should_evaluate(round_index):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
@@ -246,6 +252,7 @@ class Peer:
 
         report = RoundReport(
             round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients),
+            accumulated_samples=average[1] if average is not None else None,
             accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
         )
         record_round(self.status, self.labels, self.rounds, report, time.perf_counter() - round_started)

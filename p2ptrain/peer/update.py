@@ -120,6 +120,12 @@ class RoundUpdate:
         load_flat(self.replica, params, state)
         self._replica_behind = False
 
+    def replica_replaced(self) -> None:
+        """The replica's state was replaced (re-synchronisation): the next publish writes it to Redis
+        and seeds the in-database optimizer state from it, as after a catch-up."""
+        self._stepped_to = None
+        self._replica_behind = False
+
     async def synced(self) -> Replica:
         """The replica, level with the newest version (for evaluation and the parameter hash)."""
         await asyncio.to_thread(self.sync)

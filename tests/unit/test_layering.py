@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"gradient", "autoscale", "peer.errors", "peer.context"},
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},
-    {"peer.receiver"},
+    {"peer.receiver", "peer.resync"},
     {"peer.sender", "peer.functions", "peer.endpoint"},
     {"peer.inline"},
     {"peer.round"},

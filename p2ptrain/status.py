@@ -62,6 +62,7 @@ class StatusDict(TypedDict):
     recovered: int
     failure: str  # "" or "divergence": why a failed peer failed, for the runner's exit code
     paramsHashes: dict[str, str]  # round (1-based, as a string) -> hash of the parameters after it
+    attack: str  # "" or the attack kind this peer injects (spec.evaluation.attack: evaluation runs only)
 
 
 class StatusError(ValueError):
@@ -121,6 +122,7 @@ class PeerStatus:
     reached: dict[str, Milestone] = field(default_factory=dict)  # "0.9" -> first round, seconds
     failure: str = ""
     params_hashes: dict[str, str] = field(default_factory=dict)  # the last PARAMS_HASHES_KEPT rounds hashed
+    attack: str = ""  # the attack kind while this peer is an evaluation's Byzantine attacker
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
@@ -171,6 +173,7 @@ class PeerStatus:
             "recovered": self.recovered,
             "failure": self.failure,
             "paramsHashes": dict(self.params_hashes),
+            "attack": self.attack,
         }
 
 

@@ -61,6 +61,12 @@ PARAMS_HASH_ROUND = Gauge("p2ptrain_params_hash_round", "The round after which p
                           PEER_LABELS)
 TEST_LOSS = Gauge("p2ptrain_test_loss", "Loss on the held-out split at the last evaluation.", PEER_LABELS)
 ACCURACY = Gauge("p2ptrain_accuracy", "Accuracy on the held-out split at the last evaluation.", PEER_LABELS)
+# FOR EVALUATION ONLY (spec.evaluation.attack): 1 on a peer that attacks, so no one mistakes the run for a
+# real one; ``kind`` is one of p2ptrain.attack.KINDS (a small enum).
+PEER_ATTACKING = Gauge(
+    "p2ptrain_peer_attacking", "1 while this peer is a Byzantine attacker of an evaluation run, by attack kind.",
+    (*PEER_LABELS, "kind"),
+)
 PEERS_ACTIVE = Gauge(
     "p2ptrain_peers_active", "Peers whose gradient arrived in time in the last round (own included).", PEER_LABELS
 )

@@ -77,8 +77,30 @@ class ExchangeSpec:
 
 
 @dataclass(frozen=True)
+class AttackSpec:
+    """FOR EVALUATION ONLY: peers that turn Byzantine (``evaluation.attack``; see p2ptrain/attack.py)."""
+
+    kind: str
+    peers: tuple[int, ...]
+    acknowledge: str
+    factor: float = crd_default("evaluation.attack.factor")
+    sigma: float = crd_default("evaluation.attack.sigma")
+    z: float = crd_default("evaluation.attack.z")
+    epsilon: float = crd_default("evaluation.attack.epsilon")
+    stale_rounds: int = crd_default("evaluation.attack.staleRounds")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "peers", tuple(self.peers))  # JSON round trips hand back a list
+
+
+@dataclass(frozen=True)
 class EvaluationSpec:
     every_rounds: int = crd_default("evaluation.everyRounds")
+    attack: AttackSpec | None = None
+
+    def attacks(self, peer: int) -> bool:
+        """Whether ``peer`` is one of this evaluation's attackers."""
+        return self.attack is not None and peer in self.attack.peers
 
 
 @dataclass(frozen=True)
@@ -313,7 +335,10 @@ def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:
         optimizer=pick(OptimizerSpec, spec["optimizer"]),
         aggregation=pick(AggregationSpec, spec["aggregation"]),
         exchange=pick(ExchangeSpec, spec["exchange"]),
-        evaluation=pick(EvaluationSpec, spec["evaluation"]),
+        evaluation=EvaluationSpec(
+            every_rounds=spec["evaluation"]["everyRounds"],
+            attack=pick(AttackSpec, spec["evaluation"]["attack"]) if "attack" in spec["evaluation"] else None,
+        ),
         training=pick(TrainingSpec, spec["training"]),
         function=pick(FunctionSpec, spec["function"]),
         redis=pick(RedisSpec, spec["redis"]),
@@ -360,6 +385,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("JobSpec", "aggregation"): AggregationSpec,
     ("JobSpec", "exchange"): ExchangeSpec,
     ("JobSpec", "evaluation"): EvaluationSpec,
+    ("EvaluationSpec", "attack"): AttackSpec,
     ("JobSpec", "training"): TrainingSpec,
     ("JobSpec", "function"): FunctionSpec,
     ("JobSpec", "redis"): RedisSpec,

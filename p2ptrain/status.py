@@ -64,6 +64,7 @@ class StatusDict(TypedDict):
     paramsHashes: dict[str, str]  # round (1-based, as a string) -> hash of the parameters after it
     resyncs: int  # sync rounds at which this peer adopted the median of the peers' states
     lastSync: dict[str, Any]  # round, peers compared, distinct hashes before, hash after, adopted or not
+    attack: str  # "" or the attack kind this peer injects (spec.evaluation.attack: evaluation runs only)
 
 
 class StatusError(ValueError):
@@ -125,6 +126,7 @@ class PeerStatus:
     params_hashes: dict[str, str] = field(default_factory=dict)  # the last PARAMS_HASHES_KEPT rounds hashed
     resyncs: int = 0
     last_sync: dict[str, Any] = field(default_factory=dict)
+    attack: str = ""  # the attack kind while this peer is an evaluation's Byzantine attacker
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
@@ -177,6 +179,7 @@ class PeerStatus:
             "paramsHashes": dict(self.params_hashes),
             "resyncs": self.resyncs,
             "lastSync": dict(self.last_sync),
+            "attack": self.attack,
         }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Collection
 
 import numpy as np
 
@@ -44,6 +45,17 @@ class Inbox:
             for old in [r for r in self._gradients if r < round_index]:
                 del self._gradients[old]
         return gradients
+
+    async def wait_for(self, round_index: int, senders: Collection[int], deadline: float) -> dict[int, np.ndarray]:
+        """The round's gradients from ``senders`` once all are here or at ``deadline``; the round stays open."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: all(self.holds(round_index, s) for s in senders)),
+                    timeout=retry.remaining(deadline),
+                )
+            arrived = self._gradients.get(round_index, {})
+            return {s: arrived[s] for s in senders if s in arrived}
 
     def closed(self, round_index: int, quorum: int) -> bool:
         """A quorum arrived, or every peer still missing has already sent a later round's gradient.

@@ -21,6 +21,7 @@ import torch
 from p2ptrain import metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
+from p2ptrain.peer.attacker import PeerAttack
 from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.divergence import Diverged, DivergenceGuard
 from p2ptrain.peer.endpoint import PeerEndpoint
@@ -74,6 +75,7 @@ class Peer:
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
         self.guard = DivergenceGuard(spec.training)
         self.resync = Resync(self.ctx, self.store, self.others, self.replica)
+        self.attack = PeerAttack.for_peer(self.ctx, self.inbox, self.replica)  # evaluation runs only
         self._functions: FunctionClient | InlineGradients | None = None
         self._sender: GradientSender | None = None
 
@@ -217,10 +219,16 @@ class Peer:
 
         t0 = time.perf_counter()
         if average is not None and not diverged:
-            # Apply exactly what the other peers will receive: the gradient through the wire dtype.
-            own = as_sent(average[0], spec.exchange.dtype)
-            await self.inbox.file(round_index, self.index, own)
-            await self._sender.send(round_index, own)
+            # spec.evaluation.attack: an attacking peer sends (and applies) its attack instead, or nothing.
+            # (At the round's parameters: with update: database the replica is read back first.)
+            sent = average[0]
+            if self.attack:
+                await self.update.synced()
+                sent = await self.attack.outgoing(round_index, average[0], indices, deadline)
+            if sent is not None:  # apply exactly what the other peers will receive: through the wire dtype
+                own = as_sent(sent, spec.exchange.dtype)
+                await self.inbox.file(round_index, self.index, own)
+                await self._sender.send(round_index, own)
         gradients = await self.collect(round_index, deadline)
         phases["exchange"] = time.perf_counter() - t0
 

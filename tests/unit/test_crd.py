@@ -223,7 +223,9 @@ def _snake(camel: str) -> str:
 @pytest.mark.parametrize("path,default", SPEC_DEFAULTS, ids=[".".join(p) for p, _ in SPEC_DEFAULTS])
 def test_every_crd_default_is_the_parsed_and_the_dataclass_default(path: tuple[str, ...], default: Any) -> None:
     minimal = {"apiVersion": "p2ptrain.dev/v1alpha1", "kind": "P2PTrainingJob", "metadata": {"name": "job"},
-               "spec": {"model": {}, "dataset": {}, "output": {"claimName": "models"}}}
+               "spec": {"model": {}, "dataset": {}, "output": {"claimName": "models"},
+                        # optional objects are given with only their required fields, so their defaults show
+                        "evaluation": {"attack": {"acknowledge": "evaluation-only", "kind": "silent", "peers": [0]}}}}
     parsed: Any = parse_manifest(minimal)
     owner: Any = JobSpec
     for part in path:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status"},
+     "status", "attack"},
     {"spec", "dbupdate", "redis_server"},
     {"config", "data", "models", "summary"},
     {"store", "preflight"},
@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},
     {"peer.receiver", "peer.resync"},
-    {"peer.sender", "peer.functions", "peer.endpoint"},
+    {"peer.sender", "peer.functions", "peer.endpoint", "peer.attacker"},
     {"peer.inline"},
     {"peer.round"},
     {"peer.process"},

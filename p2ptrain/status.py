@@ -6,6 +6,7 @@ The peer writes it (``PeerStatus.as_dict``); the local runner and the operator r
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -62,6 +63,7 @@ class StatusDict(TypedDict):
     recovered: int
     failure: str  # "" or "divergence": why a failed peer failed, for the runner's exit code
     paramsHashes: dict[str, str]  # round (1-based, as a string) -> hash of the parameters after it
+    cost: dict[str, Any]  # what this peer used so far (``p2ptrain.cost.empty_cost`` is its shape)
 
 
 class StatusError(ValueError):
@@ -121,6 +123,7 @@ class PeerStatus:
     reached: dict[str, Milestone] = field(default_factory=dict)  # "0.9" -> first round, seconds
     failure: str = ""
     params_hashes: dict[str, str] = field(default_factory=dict)  # the last PARAMS_HASHES_KEPT rounds hashed
+    cost: dict[str, Any] = field(default_factory=dict)  # kept up to date by the peer's p2ptrain.cost.PeerCost
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
@@ -171,6 +174,7 @@ class PeerStatus:
             "recovered": self.recovered,
             "failure": self.failure,
             "paramsHashes": dict(self.params_hashes),
+            "cost": copy.deepcopy(self.cost),
         }
 
 

@@ -195,6 +195,7 @@ class Peer:
 
         t0 = time.perf_counter()
         average = await asyncio.to_thread(self.store.read_average, round_index)
+        self.ctx.cost.redis_bytes("meanRead", average[0].nbytes if average is not None else 0)
         await asyncio.to_thread(self.store.clear_round, round_index)
         phases["average"] = time.perf_counter() - t0
         samples = sum(r.samples for r in receipts)
@@ -235,6 +236,8 @@ class Peer:
             metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index, "loss": loss})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
+        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
+        await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)  # pod-seconds up to now
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

@@ -11,6 +11,7 @@ operator's ``status.cost``) and ``Prices`` turns the totals into money.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -77,7 +78,8 @@ class PeerCost:
         self.figures.update(empty_cost())
         self.figures["functionMemorySource"] = "spec" if spec_memory_bytes else "measured"
         self.spec_memory_bytes = spec_memory_bytes
-        self._started = time.monotonic()
+        # A pod is billed from its start: the peer's process started before the ledger (torch, data).
+        self._started = time.monotonic() - (process_age_seconds() or 0.0)
         self._redis_uptime: int | None = None
         self._lock = threading.Lock()  # parts record from the event loop and from worker threads
 
@@ -142,6 +144,16 @@ class PeerCost:
         with self._lock:
             self.figures["redisPodSeconds"] += step
         metrics.COST_POD_SECONDS_TOTAL.labels(**self.labels, component="redis").inc(step)
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started (Linux ``/proc``); None where that cannot be read."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(after_name[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: starttime
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def job_cost(blocks: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:

@@ -162,6 +162,11 @@ class FunctionClient(PeerPart):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if attempt:
+                # Counted when made, not when planned: a retry the deadline cut off never reached the
+                # function, so attempts (billed invocations) = micro-batches + retries.
+                metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
+                self.status.function_retries += 1
             event = wire.build_event(
                 wire.GRADIENT_REQUESTED,
                 wire.peer_source(self.spec.namespace, self.spec.name, self.index),
@@ -206,8 +211,6 @@ class FunctionClient(PeerPart):
                         self.cost.redis_bytes("modelPublished", tensor_blob_bytes(self._published[1].size))
             if attempt + 1 < attempts:
                 log.info("retrying micro-batch", extra={"part": request["part"], "attempt": attempt + 1, "error": last_error})
-                metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
-                self.status.function_retries += 1
                 await retry.sleep_before_retry(_CALL_BACKOFF, attempt, deadline)
         log.warning("micro-batch %s failed: %s", request["part"], last_error)
         return None

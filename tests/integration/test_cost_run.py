@@ -10,6 +10,8 @@ fetched from the sender's Redis) when they exceed ``exchange.inlineLimitBytes``.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,10 +21,15 @@ from typing import Any
 import pytest
 import yaml
 
+from p2ptrain import asgi
 from p2ptrain.cost import GB, load_prices, tensor_blob_bytes
 from p2ptrain.data import load_dataset
 from p2ptrain.models import build_model
+from p2ptrain.peer import Peer
+from p2ptrain.redis_server import free_port
 from p2ptrain.spec import load_manifest
+
+from .harness import make_spec, running_job
 
 ROOT = Path(__file__).resolve().parents[2]
 PRICES = ROOT / "examples" / "prices" / "serverless-example.yaml"
@@ -103,3 +110,44 @@ def test_cost_figures_match_what_the_run_did(tmp_path: Path, by_reference: bool)
     assert money["total"] == pytest.approx(prices.price(cost)["total"])
     printed = done.stdout + done.stderr  # the closing report goes where the progress display went
     assert "cost          function:" in printed and "USD at 2026-11 prices" in printed
+
+
+class Stalls:
+    """A gradient function that takes every request and never answers before ``stop`` (an instance
+    stuck in a cold start): each call times out at the round deadline."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+        self.requests = 0
+
+    async def __call__(self, scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+        if scope["type"] == "lifespan":
+            await asgi.lifespan(receive, send)
+            return
+        await asgi.read_body(receive, 1 << 20)
+        self.requests += 1
+        await self.stop.wait()
+        await asgi.respond(send, 503, b"stopping")
+
+
+async def test_invocations_are_the_requests_the_function_got_when_the_deadline_cuts_retries() -> None:
+    """Every call times out at the deadline, so the retries planned after it are never made: neither the
+    invocations nor the retries count them, and invocations = micro-batches + retries still holds."""
+    spec = make_spec(name="stalled", peers=1, functionsPerPeer=2, batchSize=16, rounds=1,
+                     exchange={"roundDeadlineSeconds": 1})
+    async with running_job(spec) as job:
+        stop = asyncio.Event()
+        front = Stalls(stop)
+        port = free_port()
+        server = asyncio.create_task(asgi.serve(front, [f"127.0.0.1:{port}"], stop, graceful_timeout=0.5))
+        try:
+            config = dataclasses.replace(job.config, function_url=f"http://127.0.0.1:{port}/")
+            peer = Peer(config, 0, job.secrets)
+            await asyncio.wait_for(peer.run(), 60)
+        finally:
+            stop.set()
+            await server
+    cost = peer.status.cost
+    assert cost["functionInvocations"] == front.requests >= 2
+    assert cost["functionInvocations"] == 1 * 2 * 1 + peer.status.function_retries  # rounds x functions x peers
+    assert cost["functionCpuSeconds"] == 0 and cost["functionColdStarts"] == 0  # no reply, nothing reported

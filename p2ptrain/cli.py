@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true", help="no progress display, only the summary")
     run.add_argument("--signing-key-file", type=Path, metavar="FILE", help="sign events with the key in "
                      "FILE (at least 16 characters) instead of a random one, so other clients can sign too")
+    run.add_argument("--prices", type=Path, metavar="FILE", help="price the summary's cost block with this price "
+                     "list (YAML; see examples/prices/)")
     run.set_defaults(func=_run)
 
     peer = sub.add_parser("peer", help="serve one peer of a job (what a peer pod runs)", formatter_class=_Formatter)
@@ -178,6 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("manifest", type=Path)
     validate.set_defaults(func=_validate)
+    cost = sub.add_parser(
+        "cost",
+        help="what a job used and, with --prices, what it cost",
+        description="Print a job's usage (function invocations, CPU-seconds, GB-seconds, cold starts, pod-seconds, "
+        "bytes moved) from a `p2ptrain run --summary` file or a job as `kubectl get p2pjob NAME -o json` prints it "
+        "('-' reads standard input), priced with --prices.",
+        epilog="exit codes: 0 printed, 2 unreadable file, no cost block or bad price list.",
+        formatter_class=_Formatter,
+    )
+    cost.add_argument("source", help="summary JSON, P2PTrainingJob JSON/YAML, or - for standard input")
+    cost.add_argument("--prices", type=Path, metavar="FILE", help="price list (YAML; see examples/prices/)")
+    cost.add_argument("--json", action="store_true", help="print the figures (and money) as JSON")
+    cost.set_defaults(func=_cost)
     return parser
 
 
@@ -221,6 +236,13 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from p2ptrain.cost import CostError, load_prices
+
+    try:
+        prices = load_prices(args.prices) if args.prices is not None else None
+    except CostError as exc:
+        print(f"error: --prices: {exc}", file=sys.stderr)
+        return 2
     checked = _checked_job(args.manifest, local=True)
     if checked is None:
         return 2
@@ -228,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
 
     options = RunOptions(
         output=args.output, summary=args.summary, workdir=args.workdir, quiet=args.quiet,
-        keep_logs=args.keep_logs, signing_key=key,
+        keep_logs=args.keep_logs, signing_key=key, prices=prices,
     )
     return run_job(checked[0], options)
 
@@ -242,6 +264,27 @@ def _validate(args: argparse.Namespace) -> int:
     spec, resolved = checked
     print(json.dumps(spec.to_dict(), indent=2))
     print(f"valid: {resolved}", file=sys.stderr)
+    return 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from p2ptrain.cost import CostError, cost_of, format_cost, load_prices
+
+    try:
+        text = sys.stdin.read() if args.source == "-" else Path(args.source).read_text(encoding="utf-8")
+        block = cost_of(yaml.safe_load(text), args.source)  # JSON is YAML
+        money = load_prices(args.prices).price(block) if args.prices is not None else None
+    except (OSError, yaml.YAMLError, CostError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**block, **({"money": money} if money else {})}, indent=2))
+    else:
+        print("\n".join(line.strip() for line in format_cost(block, money)))
     return 0
 
 

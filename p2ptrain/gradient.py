@@ -18,6 +18,7 @@ import copy
 import logging
 import os
 import queue
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -164,6 +165,7 @@ class GradientFunction:
             await _reply_error(send, 500, "error", f"gradient function failed: {type(exc).__name__}: {exc}")
             return
         result["timings"]["total"] = time.perf_counter() - started
+        result["cost"]["wallSeconds"] = result["timings"]["total"]
         metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome="ok").inc()
         metrics.FUNCTION_DURATION_SECONDS.labels(**self._labels).observe(result["timings"]["total"])
         assert self.secrets is not None
@@ -222,6 +224,7 @@ class GradientFunction:
         """Compute the micro-batch's gradient and add it into the peer's accumulator."""
         assert self._dataset is not None and self._model is not None
         timings: dict[str, float] = {}
+        cpu_started = cpu_clock()
         with self._lock:
             self._served += 1
             cold = self._served == 1
@@ -229,7 +232,7 @@ class GradientFunction:
             metrics.FUNCTION_COLD_STARTS_TOTAL.labels(**self._labels).inc()
         t0 = time.perf_counter()
         client, accumulator = self._client(request.redis)
-        flat = self._load_params(client, request)
+        flat, model_read_bytes = self._load_params(client, request)
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -237,15 +240,24 @@ class GradientFunction:
         timings["compute"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        blob = wire.raw_float32(gradient)
         added = accumulator.add(
             client,
             request.accumulator_key,
             request.accumulator_meta_key,
             request.part,
             float(request.indices.size),
-            wire.raw_float32(gradient),
+            blob,
         )
         timings["accumulate"] = time.perf_counter() - t0
+        # What this invocation used, so the peer can account without scraping (docs/wire.md, "cost");
+        # ``handle`` adds the wall time of the whole request.
+        usage = {
+            "cpuSeconds": cpu_clock() - cpu_started,
+            "memoryBytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB; peak RSS
+            "modelReadBytes": model_read_bytes,
+            "accumulatorWriteBytes": len(blob),
+        }
         return {
             "peer": request.peer,
             "round": request.round,
@@ -257,6 +269,7 @@ class GradientFunction:
             "cold": cold,
             "pid": os.getpid(),
             "timings": timings,
+            "cost": usage,
         }
 
     def gradient(self, flat_params: torch.Tensor, indices: np.ndarray) -> tuple[float, int, torch.Tensor]:
@@ -279,12 +292,13 @@ class GradientFunction:
                 self._clients[address] = (client, detect(client, self.config.spec.redis.accumulator))
             return self._clients[address]
 
-    def _load_params(self, client: redis.Redis, request: GradientRequest) -> torch.Tensor:
+    def _load_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
+        """The version's parameters and the bytes read from Redis for them (0 from the cache)."""
         key = (request.peer, request.version)
         with self._lock:
             if key in self._params:
                 self._params.move_to_end(key)
-                return self._params[key]
+                return self._params[key], 0
         blob = cast(bytes | None, client.get(request.model_key))
         if blob is None:
             raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
@@ -296,7 +310,14 @@ class GradientFunction:
             self._params[key] = flat
             while len(self._params) > _MODEL_CACHE_VERSIONS:
                 self._params.popitem(last=False)
-        return flat
+        return flat, len(blob)
+
+
+def cpu_clock() -> float:
+    """CPU seconds of the thread handling a request: with torch on one thread (the default,
+    ``P2PTRAIN_TORCH_THREADS=1``) that is all of its compute, and requests served at once are told
+    apart; with more torch threads the work spreads over torch's pool, so the whole process is counted."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
 
 def compute_gradient(

@@ -30,6 +30,7 @@ from p2ptrain import asgi, native, scrape_targets
 from p2ptrain.autoscale import LocalFunctionService, ScaleStats, child_env, terminate
 from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
+from p2ptrain.cost import Prices, job_cost
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
 from p2ptrain.spec import JobSpec
@@ -73,6 +74,7 @@ class RunOptions:
     workdir: Path | None = None
     quiet: bool = False
     keep_logs: bool = False
+    prices: Prices | None = None  # from --prices: the summary's cost block is also priced
     # from --signing-key-file (a fresh random key otherwise); kept out of repr so it is never logged
     signing_key: str | None = field(default=None, repr=False)
 
@@ -280,7 +282,10 @@ class LocalRun:
                 for s in statuses
             ],
             "logs": str(self.workdir),
+            "cost": job_cost(s.get("cost") for s in statuses),
         }
+        if self.options.prices is not None:
+            summary["cost"]["money"] = self.options.prices.price(summary["cost"])
         output = self.options.output or Path(f"{self.spec.name}-model.safetensors")
         summary["model"] = str(write_model(self.redis_servers[0], self.spec, output))
         if self.options.summary is not None:

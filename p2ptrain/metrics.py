@@ -161,6 +161,46 @@ FUNCTION_MODEL_LOADS_TOTAL = Counter(
     "p2ptrain_function_model_loads_total", "Model versions loaded from Redis (cache misses).", FUNCTION_LABELS
 )
 
+# --- cost (per peer: what the job uses, priced by ``p2ptrain.cost``) ------------------------------------
+# Paths bytes take between peers, and to and from a peer's Redis (``p2ptrain.cost`` names them).
+PEER_BYTE_PATHS = ("exchange-sent", "exchange-received", "dataref-fetched", "outbox-fetched")
+REDIS_BYTE_PATHS = ("model-published", "model-read", "accumulator-written", "mean-read", "outbox-written",
+                    "checkpoint-written")
+COST_FUNCTION_INVOCATIONS_TOTAL = Counter(
+    "p2ptrain_cost_function_invocations_total",
+    "Gradient function invocations this peer made (every attempt: platforms bill failed ones too).",
+    PEER_LABELS,
+)
+COST_FUNCTION_CPU_SECONDS_TOTAL = Counter(
+    "p2ptrain_cost_function_cpu_seconds_total", "CPU seconds the gradient function reported for this peer's calls.",
+    PEER_LABELS,
+)
+COST_FUNCTION_WALL_SECONDS_TOTAL = Counter(
+    "p2ptrain_cost_function_wall_seconds_total",
+    "Wall seconds the gradient function reported handling this peer's calls (billed duration).",
+    PEER_LABELS,
+)
+COST_FUNCTION_MEMORY_BYTE_SECONDS_TOTAL = Counter(
+    "p2ptrain_cost_function_memory_byte_seconds_total",
+    "Function memory x wall time of this peer's calls (divide by 2^30 for GB-seconds).",
+    PEER_LABELS,
+)
+COST_FUNCTION_COLD_STARTS_TOTAL = Counter(
+    "p2ptrain_cost_function_cold_starts_total", "Replies to this peer that came from a freshly started instance.",
+    PEER_LABELS,
+)
+COST_POD_SECONDS_TOTAL = Counter(
+    "p2ptrain_cost_pod_seconds_total", "Seconds the peer's pod and its Redis pod have been up, by component.",
+    (*PEER_LABELS, "component"),
+)
+COST_PEER_BYTES_TOTAL = Counter(
+    "p2ptrain_cost_peer_bytes_total", "Bytes moved between this peer and the others, by path.", (*PEER_LABELS, "path")
+)
+COST_REDIS_BYTES_TOTAL = Counter(
+    "p2ptrain_cost_redis_bytes_total", "Bytes moved to and from Redis for this peer, by path.", (*PEER_LABELS, "path")
+)
+
+
 def peer_labels(job: str, namespace: str, peer: int) -> dict[str, str]:
     return {"job": job, "namespace": namespace, "peer": str(peer)}
 

@@ -6,6 +6,7 @@ The peer writes it (``PeerStatus.as_dict``); the local runner and the operator r
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -65,6 +66,7 @@ class StatusDict(TypedDict):
     resyncs: int  # sync rounds at which this peer adopted the median of the peers' states
     lastSync: dict[str, Any]  # round, peers compared, distinct hashes before, hash after, adopted or not
     attack: str  # "" or the attack kind this peer injects (spec.evaluation.attack: evaluation runs only)
+    cost: dict[str, Any]  # what this peer used so far (``p2ptrain.cost.empty_cost`` is its shape)
 
 
 class StatusError(ValueError):
@@ -127,6 +129,7 @@ class PeerStatus:
     resyncs: int = 0
     last_sync: dict[str, Any] = field(default_factory=dict)
     attack: str = ""  # the attack kind while this peer is an evaluation's Byzantine attacker
+    cost: dict[str, Any] = field(default_factory=dict)  # kept up to date by the peer's p2ptrain.cost.PeerCost
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.
@@ -180,6 +183,7 @@ class PeerStatus:
             "resyncs": self.resyncs,
             "lastSync": dict(self.last_sync),
             "attack": self.attack,
+            "cost": copy.deepcopy(self.cost),
         }
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
+from p2ptrain.cost import format_cost
 from p2ptrain.metrics import ROUND_PHASES
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import ReplicaCheck, StatusDict
@@ -77,6 +78,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  failures      function calls {summary.get('function_failures', {})}, "
             f"unsent gradients {summary.get('send_failures', 0)}, skipped updates {summary.get('skipped_updates', {})}"
         )
+    if summary.get("cost"):
+        lines.extend(format_cost(summary["cost"], summary["cost"].get("money")))
     return "\n".join(lines)
 
 

@@ -41,6 +41,7 @@ DATAREF_ATTRIBUTE = "dataref"
 _MAGIC = b"P2PT"
 _FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sBBBxQ")  # magic, format version, dtype, compression, pad, element count
+TENSOR_HEADER_BYTES = _HEADER.size
 _DTYPES: dict[str, tuple[int, torch.dtype]] = {
     "float32": (1, torch.float32),
     "float16": (2, torch.float16),

@@ -28,6 +28,7 @@ import httpx
 import kopf
 
 from p2ptrain.config import ChildNames
+from p2ptrain.cost import job_cost
 from p2ptrain.spec import API_GROUP, API_VERSION, PLURAL, JobSpec, SpecError, parse_spec
 from p2ptrain.status import PeerState, StatusDict, parse_status
 from p2ptrain_operator import metrics
@@ -293,6 +294,9 @@ def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[StatusDict | 
             patch.status["loss"] = round(sum(losses) / len(losses), 5)
         if accuracies:
             patch.status["accuracy"] = round(sum(accuracies) / len(accuracies), 5)
+    if len(live) == job.peers:
+        # Only a complete poll is summed: a peer that did not answer would make the totals dip.
+        patch.status["cost"] = job_cost(r.get("cost") for r in live)
 
 
 async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[StatusDict | None]:

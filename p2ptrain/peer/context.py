@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from p2ptrain import metrics
 from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.cost import PeerCost, memory_bytes
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerStatus
 
@@ -20,10 +21,13 @@ class PeerContext:
     secrets: Secrets
     status: PeerStatus
     labels: dict[str, str] = field(init=False)
+    cost: PeerCost = field(init=False)  # the peer's ledger, kept in status.cost
 
     def __post_init__(self) -> None:
         spec = self.config.spec
         object.__setattr__(self, "labels", metrics.peer_labels(spec.name, spec.namespace, self.index))
+        ledger = PeerCost(self.labels, self.status.cost, memory_bytes(spec.function.resources))
+        object.__setattr__(self, "cost", ledger)
 
     @property
     def spec(self) -> JobSpec:
@@ -41,3 +45,4 @@ class PeerPart:
         self.secrets = ctx.secrets
         self.status = ctx.status
         self.labels = ctx.labels
+        self.cost = ctx.cost

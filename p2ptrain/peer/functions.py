@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
+from p2ptrain.cost import tensor_blob_bytes
 from p2ptrain.data import split_micro_batches
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
@@ -40,6 +42,7 @@ class Receipt:
     samples: int
     loss: float
     cold: bool
+    cost: Mapping[str, float] = field(default_factory=dict)  # the reply's optional ``cost`` (docs/wire.md)
 
 
 class _NonFinite(Exception):
@@ -71,7 +74,12 @@ def read_receipt(headers: dict[str, str], body: bytes, key: bytes) -> Receipt:
         raise BadReply(f"reply field 'samples' must be a non-negative integer, got {samples!r}")
     if not isinstance(loss, int | float) or isinstance(loss, bool):
         raise BadReply(f"reply field 'loss' must be a number, got {loss!r}")
-    return Receipt(samples=samples, loss=float(loss), cold=bool(data.get("cold")))
+    cost = data.get("cost", {})
+    if not isinstance(cost, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in cost.values()
+    ):
+        raise BadReply(f"reply field 'cost' must be an object of non-negative numbers, got {cost!r}")
+    return Receipt(samples=samples, loss=float(loss), cold=bool(data.get("cold")), cost=cost)
 
 
 class FunctionClient(PeerPart):
@@ -84,6 +92,7 @@ class FunctionClient(PeerPart):
 
     async def publish(self, round_index: int, params: np.ndarray) -> str:
         key = await asyncio.to_thread(self.store.publish_model, round_index, params)
+        self.cost.redis_bytes("modelPublished", tensor_blob_bytes(params.size))
         self._published = (round_index, params)
         return key
 
@@ -153,6 +162,11 @@ class FunctionClient(PeerPart):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if attempt:
+                # Counted when made, not when planned: a retry the deadline cut off never reached the
+                # function, so attempts (billed invocations) = micro-batches + retries.
+                metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
+                self.status.function_retries += 1
             event = wire.build_event(
                 wire.GRADIENT_REQUESTED,
                 wire.peer_source(self.spec.namespace, self.spec.name, self.index),
@@ -162,6 +176,7 @@ class FunctionClient(PeerPart):
                 key=self.secrets.signing_key,
             )
             headers, body = wire.to_http(event)
+            self.cost.invoked()
             try:
                 response = await self.http.post(
                     self.config.function_url,
@@ -180,6 +195,7 @@ class FunctionClient(PeerPart):
                     else:
                         if receipt.cold:
                             self.status.function_cold_starts += 1
+                        self.cost.computed(receipt.cost, receipt.cold)
                         return receipt
                 else:
                     if is_non_finite_answer(
@@ -192,10 +208,9 @@ class FunctionClient(PeerPart):
                     if response.headers.get("x-p2ptrain-reason") == "version" and self._published is not None:
                         # Our Redis lost the model version (it restarted empty): publish it again.
                         await asyncio.to_thread(self.store.publish_model, *self._published)
+                        self.cost.redis_bytes("modelPublished", tensor_blob_bytes(self._published[1].size))
             if attempt + 1 < attempts:
                 log.info("retrying micro-batch", extra={"part": request["part"], "attempt": attempt + 1, "error": last_error})
-                metrics.FUNCTION_RETRIES_TOTAL.labels(**self.labels).inc()
-                self.status.function_retries += 1
                 await retry.sleep_before_retry(_CALL_BACKOFF, attempt, deadline)
         log.warning("micro-batch %s failed: %s", request["part"], last_error)
         return None

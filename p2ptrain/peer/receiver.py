@@ -34,6 +34,7 @@ class EventReceiver(PeerPart):
         try:
             if body is None:
                 raise wire.WireError("oversize", f"event body exceeds {self.max_body_bytes} bytes")
+            self.cost.peer_bytes("exchangeReceived", len(body))
             event = await asyncio.to_thread(self._verified_event, headers, body)
             sender, round_index = self._sender_and_round(event)
             self._check_window(sender, round_index)

@@ -67,6 +67,7 @@ class OtherPeers(PeerPart):
             raise wire.WireError("dataref", f"cannot read dataref from peer {sender}'s Redis: {exc}") from exc
         if blob is None:
             raise wire.WireError("dataref", f"dataref {key} has expired or was never written")
+        self.cost.peer_bytes("datarefFetched", len(blob))
         return bytes(blob)
 
     def fetch_outbox(self, peer: int, round_index: int) -> np.ndarray | None:
@@ -82,6 +83,7 @@ class OtherPeers(PeerPart):
             return None
         if blob is None:
             return None
+        self.cost.peer_bytes("outboxFetched", len(blob))
         try:
             return self.decode_gradient(bytes(blob))
         except wire.WireError as exc:

@@ -67,9 +67,9 @@ class Peer:
             self.redis, Keys(spec.name, index),
             accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
         )
-        self.update = RoundUpdate(spec, self.replica, self.store)
         self.inbox = Inbox(spec.peers, index)
         self.ctx = PeerContext(config, index, secrets, self.status)
+        self.update = RoundUpdate(spec, self.replica, self.store, self.ctx.cost)
         self.others = OtherPeers(self.ctx, self.replica.numel)
         self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
@@ -205,6 +205,7 @@ class Peer:
 
         t0 = time.perf_counter()
         average = await asyncio.to_thread(self.store.read_average, round_index)
+        self.ctx.cost.redis_bytes("meanRead", average[0].nbytes if average is not None else 0)
         await asyncio.to_thread(self.store.clear_round, round_index)
         phases["average"] = time.perf_counter() - t0
         samples = sum(r.samples for r in receipts)
@@ -221,7 +222,7 @@ class Peer:
         if average is not None and not diverged:
             # spec.evaluation.attack: an attacking peer sends (and applies) its attack instead, or nothing.
             # (At the round's parameters: with update: database the replica is read back first.)
-            sent = average[0]
+            sent: np.ndarray | None = average[0]
             if self.attack:
                 await self.update.synced()
                 sent = await self.attack.outgoing(round_index, average[0], indices, deadline)
@@ -256,6 +257,7 @@ class Peer:
             metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
             metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
         await self.update.checkpoint(round_index, loss)  # written in the background, off the critical path
+        await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)  # pod-seconds up to now
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

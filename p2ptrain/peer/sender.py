@@ -39,6 +39,7 @@ class GradientSender(PeerPart):
         # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
         # reached) fetches it from there instead of closing the round without us.
         key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
+        self.cost.redis_bytes("outboxWritten", len(blob))
         if len(blob) > exchange.inline_limit_bytes:
             address = self.config.redis[self.index]
             extensions[wire.DATAREF_ATTRIBUTE] = f"redis://{address.host}:{address.port}/{key}"
@@ -66,6 +67,7 @@ class GradientSender(PeerPart):
         attempt = 0
         last_error = ""
         while time.monotonic() < deadline:
+            self.cost.peer_bytes("exchangeSent", len(body))  # every attempt puts the body on the wire
             try:
                 response = await self.http.post(
                     self.config.peer_urls[peer] + "/", headers=headers, content=body, timeout=_POST_TIMEOUT_SECONDS

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
+from p2ptrain.cost import PeerCost
 from p2ptrain.dbupdate import (
     AdamSettings,
     ModelUpdater,
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 class RoundUpdate:
     """Publish, step, read back and checkpoint for one peer (``spec.update`` picks where the step runs)."""
 
-    def __init__(self, spec: JobSpec, replica: Replica, store: PeerStore) -> None:
+    def __init__(self, spec: JobSpec, replica: Replica, store: PeerStore, cost: PeerCost) -> None:
         self.spec = spec
+        self.cost = cost
         self.replica = replica
         self.store = store
         self.in_database = spec.update == "database"
@@ -141,6 +143,7 @@ class RoundUpdate:
         self.sync()
         state = self.replica.pack({"round": round_index, "loss": loss})
         self.store.save_checkpoint(round_index, state, {"loss": loss})
+        self.cost.redis_bytes("checkpointWritten", len(state))
 
     async def wait_for_checkpoint(self) -> None:
         """Wait for the write in flight, if any; its error (Redis gone) is raised here, once."""

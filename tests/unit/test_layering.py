@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
      "status", "attack"},
-    {"spec", "dbupdate", "redis_server"},
+    {"spec", "dbupdate", "redis_server", "cost"},
     {"config", "data", "models", "summary"},
     {"store", "preflight"},
     {"gradient", "autoscale", "peer.errors", "peer.context"},

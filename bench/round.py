@@ -36,11 +36,12 @@ from p2ptrain.status import Milestone, record_milestones
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_p2ptrain(spec: JobSpec) -> dict:
+def run_p2ptrain(spec: JobSpec, workdir: Path | None = None) -> dict:
+    """The local runner's summary of one run; ``workdir`` keeps the processes' logs (removed otherwise)."""
     import asyncio
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True)
+        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True, workdir=workdir)
         runner = LocalRun(spec, options, out=io.StringIO())
         return asyncio.run(runner.run())
 

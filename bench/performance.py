@@ -71,8 +71,8 @@ class Plan:
     lua_repeat: int
 
 
-QUICK = Plan(peers=(2, 4, 8), rounds=15, sizes=(10_000, 100_000, 1_000_000), size_peers=2, size_rounds=8,
-             cnn_peers=1, cnn_functions=(1, 2, 4), cnn_rounds=6, accumulate_d=1_000_000, accumulate_repeat=3,
+QUICK = Plan(peers=(2, 4, 8), rounds=12, sizes=(10_000, 100_000, 1_000_000), size_peers=2, size_rounds=6,
+             cnn_peers=1, cnn_functions=(1, 2, 4), cnn_rounds=5, accumulate_d=1_000_000, accumulate_repeat=2,
              lua_repeat=1)
 FULL = Plan(peers=(2, 4, 8), rounds=100, sizes=(10_000, 100_000, 1_000_000, 10_000_000), size_peers=2,
             size_rounds=40, cnn_peers=1, cnn_functions=(1, 2, 4), cnn_rounds=30, accumulate_d=1_000_000,
@@ -286,19 +286,19 @@ def main() -> int:
                             "commit": commit(), "machine": machine(), "quick": args.quick}}
         if inline_note:
             results["inline_skipped"] = inline_note
-        if "accumulate" in parts:
-            results["accumulate"] = measure_accumulate(plan)
-        if "scaling" in parts:
-            results["scaling"] = measure_scaling(plan, modes)
-        if "sizes" in parts:
-            results["sizes"] = measure_sizes(plan)
-        if "functions" in parts:
-            results["functions"] = measure_functions(plan, modes, inline_note)
-        results["meta"]["minutes"] = (time.monotonic() - started) / 60
-        results["meta"]["load_end"] = os.getloadavg()[0]
-        if args.save:
-            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.save).write_text(json.dumps(results, indent=2), encoding="utf-8")
+        # Each section is saved and rendered as soon as it is measured: an interrupted run keeps its figures.
+        sections = {"accumulate": lambda: measure_accumulate(plan), "scaling": lambda: measure_scaling(plan, modes),
+                    "functions": lambda: measure_functions(plan, modes, inline_note), "sizes": lambda: measure_sizes(plan)}
+        for name, section in sections.items():
+            if name not in parts:
+                continue
+            results[name] = section()
+            results["meta"]["minutes"] = (time.monotonic() - started) / 60
+            results["meta"]["load_end"] = os.getloadavg()[0]
+            if args.save:
+                Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.save).write_text(json.dumps(results, indent=2), encoding="utf-8")
+            render(results, Path(args.doc), Path(args.images))
     for path in render(results, Path(args.doc), Path(args.images)):
         print(f"wrote {path}")
     return 0

@@ -203,10 +203,11 @@ def _accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _largest_phase(run: dict[str, Any]) -> str:
-    phase = max(ROUND_PHASES, key=lambda p: run["phases"].get(p, 0.0))
-    share = run["phases"].get(phase, 0.0) / run["round_seconds"] if run["round_seconds"] else 0.0
-    return f"{phase} ({share:.0%} of the round)"
+def _largest_phases(run: dict[str, Any], count: int = 2) -> str:
+    ranked = sorted(ROUND_PHASES, key=lambda p: run["phases"].get(p, 0.0), reverse=True)[:count]
+    total = run["round_seconds"] or 1.0
+    return " and ".join(
+        f"{p} ({run['phases'].get(p, 0.0) * 1000:.1f} ms, {run['phases'].get(p, 0.0) / total:.0%})" for p in ranked)
 
 
 def _scaling_label(run: dict[str, Any]) -> str:
@@ -244,8 +245,8 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
     ]
     missed = [t for t in targets(results) if t.verdict == "**missed**"]
     if missed:
-        lines += ["Where a target is missed, the per-phase tables below say where the time goes: " + "; ".join(
-            _where(t, results) for t in missed) + ".", ""]
+        lines += ["Where the time goes for each missed target (the per-phase tables below have every figure):", "",
+                  *[f"- {_where(t, results)}." for t in missed], ""]
 
     scaling = [r for r in results.get("scaling", []) if r.get("ddp_step_seconds")]
     if scaling:
@@ -328,6 +329,8 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             f"TCP, which no in-database method avoids. Module arithmetic vs memcpy, best of the repetitions: "
             f"**{accumulate['module_vs_memcpy']:.2f}**.",
             "",
+            "Medians of the repetitions:",
+            "",
             "| method | arithmetic s | end to end s | memcpy / arithmetic |",
             "|---|---|---|---|",
         ]
@@ -351,17 +354,19 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
 
 
 def _where(target: Target, results: dict[str, Any]) -> str:
-    """One sentence per missed target naming the phase that dominates the measured configuration."""
-    if target.name.startswith("digits") and "inline" not in target.name:
-        run = _find(results.get("scaling", []), peers=4, mode="serverless")
-    elif "inline" in target.name and target.name.startswith("digits"):
-        run = _find(results.get("scaling", []), peers=4, mode="inline")
+    """Where the time of a missed target goes: the measured configuration's largest phases, in ms."""
+    scaling, sizes = results.get("scaling", []), results.get("sizes", [])
+    if target.name.startswith("digits"):
+        run = _find(scaling, peers=4, mode="inline" if "inline" in target.name else "serverless")
     elif target.name.startswith("MLP"):
-        run = _find(results.get("sizes", []), target=True)
+        run = _find(sizes, target=True)
     else:
         run = None
+    if run is not None and "aggregate + update" in target.name:
+        return (f"{target.name}: aggregate {run['phases']['aggregate'] * 1000:.1f} ms + update "
+                f"{run['phases']['update'] * 1000:.1f} ms per round")
     if run is not None:
-        return f"{target.name}: largest phase {_largest_phase(run)}"
+        return f"{target.name}: the round is mostly {_largest_phases(run)}"
     if target.name.startswith("CNN"):
-        return f"{target.name}: see the function table (cores shared by the peer and its functions)"
+        return f"{target.name}: see the function table (the peer and its functions share this machine's cores)"
     return f"{target.name}: see its section"

@@ -99,9 +99,10 @@ def test_missed_targets_name_the_phase_where_the_time_goes(results: dict[str, An
     doc = tmp_path / "performance.md"
     perfreport.render(results, doc, tmp_path / "img")
     page = doc.read_text(encoding="utf-8")
-    assert "digits 4x2 inline: round / DDP step: largest phase fanout (50% of the round)" in page
-    assert "MLP 1.13M: round / DDP step: largest phase fanout" in page
-    assert "digits 4x2: round / DDP step: largest" not in page  # met: no explanation owed
+    assert "- digits 4x2 inline: round / DDP step: the round is mostly fanout (15.0 ms, 50%) and exchange (9.0 ms, 30%)." in page
+    assert "- MLP 1.13M: aggregate + update: aggregate 2.0 ms + update 10.0 ms per round." in page
+    assert "- MLP 1.13M: round / DDP step: the round is mostly fanout (50.0 ms, 50%)" in page
+    assert "- digits 4x2: round / DDP step:" not in page  # met: no explanation owed
 
 
 def test_report_without_inline_says_why_instead_of_a_verdict(results: dict[str, Any], tmp_path: Path) -> None:

@@ -70,11 +70,12 @@ def targets(results: dict[str, Any]) -> list[Target]:
     cnn_inline = _find(functions.get("runs", []), mode="inline")
     cnn_two = _find(functions.get("runs", []), mode="serverless", functions_per_peer=2)
     inline_note = "" if inline else (results.get("inline_skipped") or "inline not in this run")
+    digits_note = "" if digits else "not in this run"
     cnn_ratio = (cnn_two["gradient_seconds"] / cnn_inline["gradient_seconds"]) if cnn_two and cnn_inline else None
     big_name = f"MLP {big['params'] / 1e6:.2f}M" if big else "MLP 1.13M"
     return [
         Target(f"digits {digits['peers'] if digits else 4}x{digits['functions_per_peer'] if digits else 2}: "
-               "round / DDP step", _ratio(digits), 3.0, True, "x"),
+               "round / DDP step", _ratio(digits), 3.0, True, "x", digits_note),
         Target("digits 4x2 inline: round / DDP step", _ratio(inline), 2.0, True, "x", inline_note),
         Target(f"{big_name}: aggregate + update", big["aggregate_update_seconds"] * 1000 if big else None,
                10.0, True, " ms", "" if big else "model size not in this run"),
@@ -234,7 +235,8 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
         "**one run** per configuration, with p2ptrain and its baseline side by side on the same machine: read "
         "the **ratios**; the absolute times move with the machine's load (it is shared with other work)."
         + (f" The run took {meta['minutes']:.1f} minutes; load average {meta['load_end']:.1f} at the end."
-           if "minutes" in meta and "load_end" in meta else ""),
+           if "minutes" in meta and "load_end" in meta else "")
+        + (f" {meta['note']}" if meta.get("note") else ""),
         "",
         "## Issue 10 targets",
         "",
@@ -345,8 +347,9 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
         "## How to reproduce",
         "",
         "`make bench` (the full run, about 40 minutes on 2 cores) or `.venv/bin/python bench/performance.py --quick` "
-        "(fewer rounds, models up to 10^6 parameters, under 10 minutes). `--save results.json` keeps the raw "
-        "figures; `--render results.json` rewrites this page from them without measuring.",
+        "(fewer rounds, models up to 10^6 parameters, under 10 minutes on an unloaded machine). `--parts` measures "
+        "some sections only, `--modes serverless` leaves inline out, `--save results.json` keeps the raw figures "
+        "and `--render results.json` rewrites this page from them without measuring.",
     ]
     doc.write_text("\n".join(lines) + "\n", encoding="utf-8")
     written.append(doc)
@@ -367,6 +370,17 @@ def _where(target: Target, results: dict[str, Any]) -> str:
                 f"{run['phases']['update'] * 1000:.1f} ms per round")
     if run is not None:
         return f"{target.name}: the round is mostly {_largest_phases(run)}"
-    if target.name.startswith("CNN"):
-        return f"{target.name}: see the function table (the peer and its functions share this machine's cores)"
+    functions = results.get("functions") or {}
+    inline = _find(functions.get("runs", []), mode="inline")
+    two = _find(functions.get("runs", []), mode="serverless", functions_per_peer=2)
+    if target.name.startswith("CNN") and inline and two:
+        return (f"{target.name}: gradient {two['gradient_seconds'] * 1000:.0f} ms with 2 functions (CPU "
+                f"{two.get('function_cpu_seconds_per_round', 0.0):.2f} s/round in functions) vs "
+                f"{inline['gradient_seconds'] * 1000:.0f} ms inline (CPU {inline.get('peer_cpu_seconds_per_round', 0.0):.2f} "
+                "s/round in the peer): the functions run in parallel only as far as free cores allow")
+    accumulate = results.get("accumulate") or {}
+    if target.name.startswith("in-database") and accumulate:
+        return (f"{target.name}: best of the repetitions {accumulate['module_vs_memcpy']:.2f}, median of the "
+                f"per-repetition ratios {accumulate.get('module_vs_memcpy_median', float('nan')):.2f}; both the "
+                "module's add and the numpy copy are memory-bound and share the machine with its other load")
     return f"{target.name}: see its section"

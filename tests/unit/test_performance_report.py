@@ -105,6 +105,17 @@ def test_missed_targets_name_the_phase_where_the_time_goes(results: dict[str, An
     assert "- digits 4x2: round / DDP step:" not in page  # met: no explanation owed
 
 
+def test_missed_average_and_cnn_targets_give_their_figures(results: dict[str, Any], tmp_path: Path) -> None:
+    results["accumulate"] |= {"module_vs_memcpy": 0.4, "module_vs_memcpy_median": 0.45}
+    results["functions"]["runs"][2]["gradient_seconds"] = 0.15  # 0.75x inline: missed
+    doc = tmp_path / "performance.md"
+    perfreport.render(results, doc, tmp_path / "img")
+    page = doc.read_text(encoding="utf-8")
+    assert "- in-database average: module speed / memcpy speed: best of the repetitions 0.40, median of the per-repetition ratios 0.45;" in page
+    assert "- CNN: gradient time, 2 functions / inline: gradient 150 ms with 2 functions" in page
+    assert "vs 200 ms inline" in page
+
+
 def test_report_without_inline_says_why_instead_of_a_verdict(results: dict[str, Any], tmp_path: Path) -> None:
     note = "the installed spec has no `function.mode` field"
     results["scaling"] = [r for r in results["scaling"] if r["mode"] != "inline"]

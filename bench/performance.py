@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -263,6 +264,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, models up to 10^6 parameters")
     parser.add_argument("--modes", default="serverless,inline", help="gradient modes to measure (comma-separated)")
     parser.add_argument("--parts", default="scaling,sizes,functions,accumulate", help="sections to measure")
+    parser.add_argument("--sizes", help="parameter counts of the MLP sweep, comma-separated (default: the plan's)")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument("--images", default=str(ROOT / "docs" / "img" / "performance"))
     parser.add_argument("--save", help="also write the raw results to this JSON file")
@@ -281,6 +283,8 @@ def main() -> int:
             print(f"note: skipping inline: {inline_note}", flush=True)
             modes.remove("inline")
         plan = QUICK if args.quick else FULL
+        if args.sizes:
+            plan = dataclasses.replace(plan, sizes=tuple(int(n) for n in args.sizes.split(",") if n.strip()))
         started = time.monotonic()
         results = {"meta": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                             "commit": commit(), "machine": machine(), "quick": args.quick}}

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
 
-.PHONY: setup run test lint typecheck unit bench clean tools image chaos robustness
+.PHONY: setup run test lint typecheck unit bench bench-reports clean tools image chaos robustness
 
 setup: $(STAMP)
 
@@ -49,7 +49,12 @@ test: $(STAMP) tools lint typecheck
 image:
 	bash hack/build-image.sh
 
+# docs/performance.md and its plots (about 40 minutes on 2 cores; `BENCH_ARGS=--quick`: under 10).
 bench: $(STAMP)
+	$(BIN)/python bench/performance.py $(BENCH_ARGS)
+
+# The older one-topic reports (docs/bench-*.md), each with more detail than docs/performance.md.
+bench-reports: $(STAMP)
 	$(BIN)/python bench/accumulate.py
 	$(BIN)/python bench/round.py
 	$(BIN)/python bench/aggregate.py

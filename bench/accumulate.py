@@ -118,6 +118,32 @@ def client_side(client: redis.Redis, grads: list[bytes], arrays: list[np.ndarray
     return transfer
 
 
+def compare_averaging(
+    with_module: RedisServer, plain: RedisServer, k: int, d: int, repeat: int, lua_repeat: int = 3
+) -> tuple[list[Row], list[float]]:
+    """Module, Lua and client-side averaging of the same k random gradients of d float32, each beside a
+    memcpy of the same bytes: the rows (in that order) and the loopback SET-only times."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(d).astype("<f4") for _ in range(k)]
+    grads = [a.tobytes() for a in arrays]
+    rows = [Row("module: P2P.ACCUM x k + P2P.MEAN"), Row("Lua function (SPIRT-style)"),
+            Row("client: SET x k + MGET + numpy mean")]
+    module_client, plain_client = with_module.client(), plain.client()
+    averaging(module_client, detect(module_client, "module"), grads, arrays, 3 * repeat, rows[0])
+    averaging(plain_client, detect(plain_client, "lua"), grads, arrays, max(1, min(repeat, lua_repeat)), rows[1])
+    transfer = client_side(plain_client, grads, arrays, repeat, rows[2])
+    return rows, transfer
+
+
+def module_vs_memcpy(module_row: Row) -> tuple[float, float]:
+    """The module's arithmetic speed against memcpy (1.0 = memcpy speed): best of the repetitions, and
+    the median of per-repetition ratios. Best for both sides because on a shared machine the minimum is
+    the measure least disturbed by other load."""
+    best = min(module_row.reference) / min(module_row.server)
+    median = statistics.median(r / s for r, s in zip(module_row.reference, module_row.server, strict=True))
+    return best, median
+
+
 def ping_during(server: RedisServer, operation: Callable[[], object]) -> tuple[float, float, int]:
     """(operation seconds, worst PING round trip while it ran, PINGs answered while it ran)."""
     pinger = subprocess.Popen(
@@ -254,33 +280,20 @@ def main() -> int:
     parser.add_argument("--report", default=str(ROOT / "docs" / "bench-accumulate.md"))
     args = parser.parse_args()
 
-    rng = np.random.default_rng(0)
-    arrays = [rng.standard_normal(args.d).astype("<f4") for _ in range(args.k)]
-    grads = [a.tobytes() for a in arrays]
     module = module_path()
     if module is None:
         print("the p2ptrain Redis module could not be built (needs gcc)", file=sys.stderr)
         return 1
     password = secrets.token_hex(16)
-    rows = [Row("module: P2P.ACCUM x k + P2P.MEAN"), Row("Lua function (SPIRT-style)"),
-            Row("client: SET x k + MGET + numpy mean")]
     with RedisServer(password=password, module=module) as with_module, RedisServer(password=password) as plain:
-        module_client, plain_client = with_module.client(), plain.client()
-        averaging(module_client, detect(module_client, "module"), grads, arrays, 3 * args.repeat, rows[0])
-        averaging(plain_client, detect(plain_client, "lua"), grads, arrays, max(1, min(args.repeat, 3)), rows[1])
-        transfer = client_side(plain_client, grads, arrays, args.repeat, rows[2])
+        rows, transfer = compare_averaging(with_module, plain, args.k, args.d, args.repeat)
         ping_lines = responsiveness(with_module, args.large)
         sizes = [int(s) for s in args.sizes.split(",") if s]
         update_lines = model_update(with_module, plain, sizes, args.repeat)
 
     module_row = rows[0]
     reference = module_row.median(module_row.reference)
-    # Best of the repetitions for both sides: on a shared machine the minimum is the measure least
-    # disturbed by other load; the median of per-repetition ratios is printed beside it.
-    server_ratio = min(module_row.reference) / min(module_row.server)
-    server_ratio_median = statistics.median(
-        r / s for r, s in zip(module_row.reference, module_row.server, strict=True)
-    )
+    server_ratio, server_ratio_median = module_vs_memcpy(module_row)
     e2e_ratio = min(module_row.reference) / min(module_row.end_to_end)
     megabytes = args.k * args.d * 4 / 1e6
     lines = [

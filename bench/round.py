@@ -38,12 +38,15 @@ from p2ptrain.status import Milestone, record_milestones
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_p2ptrain(spec: JobSpec, mode: str) -> dict:
+def run_p2ptrain(spec: JobSpec, mode: str | None = None, workdir: Path | None = None) -> dict:
+    """The local runner's summary of one run (``mode`` overrides function.mode); ``workdir`` keeps the
+    processes' logs (removed otherwise)."""
     import asyncio
 
-    spec = dataclasses.replace(spec, function=dataclasses.replace(spec.function, mode=mode))
+    if mode is not None:
+        spec = dataclasses.replace(spec, function=dataclasses.replace(spec.function, mode=mode))
     with tempfile.TemporaryDirectory() as tmp:
-        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True)
+        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True, workdir=workdir)
         runner = LocalRun(spec, options, out=io.StringIO())
         return asyncio.run(runner.run())
 

@@ -27,6 +27,7 @@ from p2ptrain.peer.endpoint import PeerEndpoint
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.peer.functions import FunctionClient
 from p2ptrain.peer.inbox import Inbox
+from p2ptrain.peer.ps_round import AggregatorLink, AggregatorSender
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
@@ -71,6 +72,7 @@ class Peer:
         self.guard = DivergenceGuard(spec.training)
         self._functions: FunctionClient | None = None
         self._sender: GradientSender | None = None
+        self._ps = AggregatorLink(self.ctx) if spec.topology == "ps" else None  # topology ps: see ps_round
 
     @property
     def numel(self) -> int:
@@ -84,8 +86,8 @@ class Peer:
         return await asyncio.to_thread(resume, self.store, self.replica, self.config.redis[self.index])
 
     async def catch_up(self, start: int) -> int:
-        """Adopt the other peers' state if they are ahead; the round to continue at."""
-        return await asyncio.to_thread(self.others.catch_up, self.replica, start)
+        """Adopt the other peers' (ps: the aggregator's) state if they are ahead; the round to continue at."""
+        return await asyncio.to_thread((self._ps or self.others).catch_up, self.replica, start)
 
     # --- the run -------------------------------------------------------------------------------------
     async def run(self) -> list[RoundReport]:
@@ -97,13 +99,14 @@ class Peer:
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
             async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
                 self._functions = FunctionClient(self.ctx, self.store, http)
-                self._sender = GradientSender(self.ctx, self.store, http)
+                self._sender = (AggregatorSender if self._ps else GradientSender)(self.ctx, self.store, http)
                 try:
                     await self._wait_for_peers(http)
                     start = await self.catch_up(start)
-                    for round_index in range(start, self.rounds):
+                    while start < self.rounds:
                         try:
-                            reports.append(await self._run_round_through_redis_outages(round_index))
+                            reports.append(await self._run_round_through_redis_outages(start))
+                            start = reports[-1].round + 1  # ps: a peer behind adopts a later round
                         except Diverged as exc:
                             self.status.failure = "divergence"
                             metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause=exc.cause).inc()
@@ -208,16 +211,18 @@ class Peer:
             diverged = True
 
         t0 = time.perf_counter()
-        if average is not None and not diverged:
-            # Apply exactly what the other peers will receive: the gradient through the wire dtype.
-            own = as_sent(average[0], spec.exchange.dtype)
+        # Apply exactly what the other peers will receive: the gradient through the wire dtype.
+        own = as_sent(average[0], spec.exchange.dtype) if average is not None and not diverged else None
+        if self._ps is not None:  # topology ps: send to the aggregator, adopt its model (peer/ps_round.py)
+            round_index, peers_used = await self._ps.exchange(round_index, own, self._sender, self.replica)
+        elif own is not None:
             await self.inbox.file(round_index, self.index, own)
             await self._sender.send(round_index, own)
-        gradients = await self.collect(round_index, deadline)
+        gradients = await self.collect(round_index, deadline) if self._ps is None else {}
         phases["exchange"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        combined = await asyncio.to_thread(self._aggregate, gradients)
+        combined = await asyncio.to_thread(self._aggregate, gradients) if self._ps is None else None
         if combined is not None and not bool(torch.isfinite(combined).all()):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
@@ -238,7 +243,7 @@ class Peer:
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(
-            round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients),
+            round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients) if self._ps is None else peers_used,
             accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
         )
         record_round(self.status, self.labels, self.rounds, report, time.perf_counter() - round_started)

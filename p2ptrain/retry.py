@@ -11,6 +11,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 
+_MAX_EXPONENT = 64
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Delay before attempt ``n+1``: ``first * factor**n``, at most ``cap``; jitter spreads retries
@@ -22,7 +25,9 @@ class Backoff:
     jitter: bool = False
 
     def delay(self, attempt: int) -> float:
-        base = min(self.first * self.factor**attempt, self.cap)
+        # The exponent is bounded: a long poll (a peer waiting minutes for the ps aggregator) makes
+        # thousands of attempts, and factor**attempt would overflow a float.
+        base = min(self.first * self.factor ** min(attempt, _MAX_EXPONENT), self.cap)
         return base * (1 + random.random()) if self.jitter else base
 
 

@@ -34,6 +34,7 @@ what it starts (all on 127.0.0.1, all stopped at the end, on failure and on Ctrl
   - one redis-server per peer on a free port, password-protected, with the p2ptrain module loaded (built with gcc on first use; falls back to a Lua function when it cannot be built)
   - the gradient function as a local stand-in for its Knative Service: instances start on the first request (cold start, timed), at most function.maxScale of them, each serving function.containerConcurrency requests, and stop after function.idleSeconds without work
   - one process per peer (spec.peers); a peer killed by a signal is restarted, like a pod, up to runPolicy.backoffLimit times in all, and catches up from its checkpoint and the other peers
+  - with spec.topology: ps, the aggregator and one more redis-server for it; killed by a signal it is restarted too (the same runPolicy.backoffLimit budget) and resumes from its checkpoint, while the peers wait for it (docs/topology.md)
 
 before starting anything it checks what `p2ptrain validate` checks: the manifest against the CRD, the data set (exists, readable, well-formed) and the model (built once on the CPU and given two samples).
 
@@ -46,6 +47,7 @@ signing: events are signed with a fresh random key unless --signing-key-file nam
 examples:
   p2ptrain run examples/digits.yaml
   p2ptrain run examples/digits.yaml --summary out/summary.json --output out/model.safetensors
+  p2ptrain run examples/digits-ps.yaml       # topology: ps, with a parameter server
 """
 
 

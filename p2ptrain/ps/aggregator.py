@@ -38,9 +38,9 @@ from p2ptrain.store import PeerStore, connect
 
 log = logging.getLogger(__name__)
 
-# While no gradient of the round has arrived, how often the peers' outboxes are checked once the
-# round deadline has passed (gradients sent while this aggregator was down, beyond the senders' retries).
-_OUTBOX_POLL_SECONDS = 0.5
+# How often the wait for a round's gradients looks whether the first one has arrived (the deadline
+# runs from then); the round itself closes as soon as the inbox says so.
+_WAIT_SLICE_SECONDS = 0.5
 
 
 class AggregatorContext(PeerContext):
@@ -141,24 +141,23 @@ class Aggregator:
 
     async def collect(self, round_index: int) -> dict[int, np.ndarray]:
         """The round's gradients once it closes, or ``roundDeadlineSeconds`` after its first gradient
-        arrived (from the round's start when none did: then the peers' outboxes are read, and read
-        again until one has it — the peers sent while this aggregator was down)."""
+        arrived (after the round opened, when none did), with what the missing peers' outboxes hold
+        then (they sent while this aggregator was down). Possibly none: every peer's fan-out failed,
+        and the round has no update — the peers must not wait for a model that would never come."""
         spec = self.spec
         window = spec.exchange.round_deadline_seconds
         opened = time.monotonic()
         first: float | None = None
         while True:
             due = (first if first is not None else opened) + window
-            left = due - time.monotonic()
-            slice_seconds = min(_OUTBOX_POLL_SECONDS, left) if left > 0 else _OUTBOX_POLL_SECONDS
-            if await self.inbox.wait_closed(round_index, spec.quorum, slice_seconds):
+            wait = max(0.0, min(_WAIT_SLICE_SECONDS, due - time.monotonic()))
+            if await self.inbox.wait_closed(round_index, spec.quorum, wait):
                 break
             if first is None and self._arrived(round_index):
                 first = time.monotonic()
-            if time.monotonic() >= due:
+            elif time.monotonic() >= due:
                 await self._from_outboxes(round_index)
-                if self._arrived(round_index):
-                    break
+                break
         gradients = await self.inbox.collect(round_index, spec.quorum, time.monotonic())
         missing = spec.peers - len(gradients)
         if missing:

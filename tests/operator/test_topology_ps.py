@@ -9,7 +9,15 @@ import asyncio
 import kmock
 
 from p2ptrain_operator.rbac import OPERATOR_RULES, grants
-from tests.operator.harness import AGGREGATOR, CHILDREN, OPERATOR_AGENTS, Cluster, eventually, job_manifest, phase
+from tests.operator.harness import (
+    AGGREGATOR,
+    CHILDREN,
+    OPERATOR_AGENTS,
+    Cluster,
+    eventually,
+    job_manifest,
+    phase,
+)
 
 PS_CHILDREN = [
     ("v1/services", "digits-aggregator-redis"),

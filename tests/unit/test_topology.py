@@ -3,6 +3,8 @@ for ``ps``, the ``p2ptrain aggregator`` entry and a peer's bounded wait for the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 import pytest
@@ -11,10 +13,12 @@ from p2ptrain.cli import main
 from p2ptrain.config import ConfigError, RedisAddress, RuntimeConfig, Secrets, cluster_config
 from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.errors import PeerError
-from p2ptrain.peer.ps_round import AggregatorLink
+from p2ptrain.peer.ps_round import AggregatorLink, aggregator_keys
+from p2ptrain.ps import Aggregator
 from p2ptrain.redis_server import RedisServer
 from p2ptrain.spec import SpecError, parse_manifest
 from p2ptrain.status import PeerStatus
+from p2ptrain.store import checkpoint_round
 from p2ptrain_operator.builders import build_children, labels, selector
 from p2ptrain_operator.settings import Settings
 
@@ -107,3 +111,17 @@ async def test_a_peer_waits_for_the_aggregator_only_up_to_its_bound(redis_server
     with pytest.raises(PeerError, match=r"the aggregator published no model for round 1 within 0s .*answered, with an older round"):
         await link._wait_for_round(0)
     assert time.monotonic() - started < 30  # a guard against a hang, not a timing claim
+
+
+async def test_the_aggregator_closes_a_round_without_any_gradient_at_its_deadline(redis_server: RedisServer) -> None:
+    # Every peer's fan-out failed (functions still cold): the round has no update, but its checkpoint is
+    # written, or the peers would wait for a model that never comes. The peers' Redis addresses in this
+    # config answer nothing: their outboxes cannot be read either.
+    spec = _spec(topology="ps", exchange={"roundDeadlineSeconds": 1})
+    config = _local_config(spec, RedisAddress(redis_server.host, redis_server.port))
+    aggregator = Aggregator(config, Secrets(redis_server.password, b"k" * 32))
+    report = await asyncio.wait_for(aggregator.run_round(0), timeout=60)  # a guard against a hang
+    assert report.peers_used == 0
+    assert aggregator.status.skipped_updates == {"too-few-gradients": 1}
+    with contextlib.closing(redis_server.client()) as client:
+        assert checkpoint_round(client, aggregator_keys("digits", spec.peers)) == 0

@@ -51,7 +51,9 @@ def _aggregator_round(workdir: Path) -> int:
         return -1
 
 
-def _wait_aggregator(workdir: Path, rounds: int, timeout: float = 120) -> bool:
+def _wait_aggregator(workdir: Path, rounds: int, timeout: float = 300) -> bool:
+    # Generous: on a loaded 2-core machine starting Redis, peers, the aggregator and cold functions
+    # has taken minutes. A bound against a hang, not a timing claim.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _aggregator_round(workdir) >= rounds:
@@ -67,7 +69,7 @@ def _aggregator_pid(workdir: Path) -> int:
     raise AssertionError("no aggregator process")
 
 
-def _finish(process: subprocess.Popen[str], timeout: float = 300) -> str:
+def _finish(process: subprocess.Popen[str], timeout: float = 600) -> str:
     try:
         _, stderr = process.communicate(timeout=timeout)
     finally:
@@ -95,7 +97,7 @@ def test_digits_with_a_parameter_server_trains_to_095(tmp_path: Path) -> None:
 
 
 def test_a_killed_aggregator_is_restarted_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
-    job = _write_job(tmp_path, "killagg", rounds=60, exchange={"roundDeadlineSeconds": 20})
+    job = _write_job(tmp_path, "killagg", rounds=60)
     process, workdir, summary_path = _start(tmp_path, job)
     try:
         assert _wait_aggregator(workdir, rounds=5), "training did not start"
@@ -123,7 +125,7 @@ def test_a_killed_aggregator_past_the_backoff_limit_fails_the_run(tmp_path: Path
         assert _wait_aggregator(workdir, rounds=3), "training did not start"
         os.kill(_aggregator_pid(workdir), signal.SIGKILL)
     finally:
-        stderr = _finish(process, timeout=120)
+        stderr = _finish(process, timeout=300)
     assert process.returncode == 1, stderr[-3000:]
     assert "the aggregator was killed by SIGKILL before the job finished after 0 restarts (backoffLimit=0)" in stderr
     assert _wait_gone(_processes_of(workdir)) == []
@@ -131,7 +133,7 @@ def test_a_killed_aggregator_past_the_backoff_limit_fails_the_run(tmp_path: Path
 
 
 def test_a_killed_peer_adopts_the_aggregators_model_and_the_job_succeeds(tmp_path: Path) -> None:
-    job = _write_job(tmp_path, "killpeerps", rounds=60, exchange={"roundDeadlineSeconds": 10})
+    job = _write_job(tmp_path, "killpeerps", rounds=60)
     process, workdir, summary_path = _start(tmp_path, job)
     try:
         assert _wait_aggregator(workdir, rounds=5), "training did not start"

@@ -34,6 +34,7 @@ what it starts (all on 127.0.0.1, all stopped at the end, on failure and on Ctrl
   - one redis-server per peer on a free port, password-protected, with the p2ptrain module loaded (built with gcc on first use; falls back to a Lua function when it cannot be built)
   - the gradient function as a local stand-in for its Knative Service: instances start on the first request (cold start, timed), at most function.maxScale of them, each serving function.containerConcurrency requests, and stop after function.idleSeconds without work
   - one process per peer (spec.peers); a peer killed by a signal is restarted, like a pod, up to runPolicy.backoffLimit times in all, and catches up from its checkpoint and the other peers
+  - with spec.topology: ps, the aggregator and one more redis-server for it; killed by a signal it is restarted too (the same runPolicy.backoffLimit budget) and resumes from its checkpoint, while the peers wait for it (docs/topology.md)
 
 before starting anything it checks what `p2ptrain validate` checks: the manifest against the CRD, the data set (exists, readable, well-formed) and the model (built once on the CPU and given two samples).
 
@@ -46,6 +47,7 @@ signing: events are signed with a fresh random key unless --signing-key-file nam
 examples:
   p2ptrain run examples/digits.yaml
   p2ptrain run examples/digits.yaml --summary out/summary.json --output out/model.safetensors
+  p2ptrain run examples/digits-ps.yaml       # topology: ps, with a parameter server
 """
 
 
@@ -145,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (pods: spec.metrics.port)")
     peer.add_argument("--exit-when-done", action="store_true", help="exit after training instead of lingering")
     peer.set_defaults(func=_peer)
+
+    aggregator = sub.add_parser(
+        "aggregator",
+        help="serve the aggregator of a topology: ps job (what the aggregator pod runs)",
+        description="Serve the parameter server of a job with spec.topology: ps: take every peer's averaged "
+        "gradient (signed gradient.averaged CloudEvents), aggregate with the job's rule, update the model and "
+        "checkpoint it to the aggregator's Redis, from where the peers read it. See docs/topology.md.",
+        epilog="exit codes: 0 served every round, 1 failed, 2 bad config, 143 stopped.",
+        formatter_class=_Formatter,
+    )
+    aggregator.add_argument("--config", type=Path, required=True, help="runtime config (job.json)")
+    aggregator.add_argument("--listen", default="0.0.0.0", help="address for the aggregator's HTTP endpoint")
+    aggregator.add_argument("--port", type=int, default=PEER_PORT, help="port for events, /status, /healthz, /metrics")
+    aggregator.add_argument("--metrics-port", type=int, help="also serve /metrics on this port (pods: spec.metrics.port)")
+    aggregator.add_argument("--exit-when-done", action="store_true", help="exit after the last round instead of lingering")
+    aggregator.set_defaults(func=_aggregator)
 
     export = sub.add_parser("export", help="write a peer's trained model from its Redis to a safetensors file "
                             "(what the export Job runs when a job with spec.output succeeds)",
@@ -313,6 +331,29 @@ def _peer(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             linger=not args.exit_when_done,
         )
+    )
+
+
+def _aggregator(args: argparse.Namespace) -> int:
+    from p2ptrain.peer import serve_peer
+    from p2ptrain.ps import Aggregator
+
+    try:
+        config = RuntimeConfig.from_file(args.config)
+        secrets = Secrets.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logs.set_context(job=config.spec.name, peer="aggregator")
+    try:
+        aggregator = Aggregator(config, secrets)
+    except Exception as exc:  # the process edge: one clear line instead of a traceback
+        logging.getLogger("p2ptrain.ps").error("the aggregator cannot start: %s", exc)
+        print(f"error: the aggregator cannot start: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(
+        serve_peer(aggregator, host=args.listen, port=args.port, metrics_port=args.metrics_port,
+                   linger=not args.exit_when_done)
     )
 
 

@@ -64,6 +64,16 @@ class ChildNames:
         return f"{self.job}-peers"
 
     @property
+    def aggregator(self) -> str:
+        """``topology: ps``: the aggregator's StatefulSet (pod ``<job>-aggregator-0``) and headless Service."""
+        return f"{self.job}-aggregator"
+
+    @property
+    def aggregator_redis(self) -> str:
+        """``topology: ps``: the aggregator's Redis StatefulSet and its headless Service."""
+        return f"{self.job}-aggregator-redis"
+
+    @property
     def gradient(self) -> str:
         """The Knative Service of the gradient function."""
         return f"{self.job}-gradient"
@@ -84,6 +94,10 @@ class RuntimeConfig:
     peer_urls: tuple[str, ...]
     redis: tuple[RedisAddress, ...]
     function_url: str
+    # topology: ps only: the aggregator's endpoint (peers post their gradients there) and its Redis
+    # (the aggregator's model and checkpoint, which the peers read)
+    aggregator_url: str | None = None
+    aggregator_redis: RedisAddress | None = None
 
     def __post_init__(self) -> None:
         if len(self.peer_urls) != self.spec.peers or len(self.redis) != self.spec.peers:
@@ -91,6 +105,9 @@ class RuntimeConfig:
                 f"config lists {len(self.peer_urls)} peer URLs and {len(self.redis)} Redis addresses "
                 f"for a job of {self.spec.peers} peers"
             )
+        if self.spec.topology == "ps" and (self.aggregator_url is None or self.aggregator_redis is None):
+            raise ConfigError("topology ps needs the aggregator's URL and Redis address in the runtime config "
+                              "(aggregatorUrl, aggregatorRedis)")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -99,6 +116,9 @@ class RuntimeConfig:
                 "peerUrls": list(self.peer_urls),
                 "redis": [{"host": r.host, "port": r.port} for r in self.redis],
                 "functionUrl": self.function_url,
+                **({"aggregatorUrl": self.aggregator_url} if self.aggregator_url else {}),
+                **({"aggregatorRedis": {"host": self.aggregator_redis.host, "port": self.aggregator_redis.port}}
+                   if self.aggregator_redis else {}),
             },
             indent=2,
             sort_keys=True,
@@ -108,11 +128,15 @@ class RuntimeConfig:
     def from_json(cls, text: str) -> RuntimeConfig:
         try:
             data: dict[str, Any] = json.loads(text)
+            aggregator_redis = data.get("aggregatorRedis")
             return cls(
                 spec=spec_from_dict(data["spec"]),
                 peer_urls=tuple(data["peerUrls"]),
                 redis=tuple(RedisAddress(r["host"], int(r["port"])) for r in data["redis"]),
                 function_url=data["functionUrl"],
+                aggregator_url=data.get("aggregatorUrl"),
+                aggregator_redis=(RedisAddress(aggregator_redis["host"], int(aggregator_redis["port"]))
+                                  if aggregator_redis is not None else None),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"malformed runtime config: {exc!r}") from exc
@@ -136,7 +160,18 @@ def cluster_config(spec: JobSpec, cluster_domain: str = "cluster.local") -> Runt
         ),
         redis=tuple(RedisAddress(f"{names.redis}-{i}.{names.redis}.{suffix}", REDIS_PORT) for i in range(spec.peers)),
         function_url=f"http://{names.gradient}.{suffix}",
+        **_cluster_aggregator(spec, names, suffix),
     )
+
+
+def _cluster_aggregator(spec: JobSpec, names: ChildNames, suffix: str) -> dict[str, Any]:
+    """``topology: ps``: the aggregator pod and its Redis, by their StatefulSets' stable names."""
+    if spec.topology != "ps":
+        return {}
+    return {
+        "aggregator_url": f"http://{names.aggregator}-0.{names.aggregator}.{suffix}:{PEER_PORT}",
+        "aggregator_redis": RedisAddress(f"{names.aggregator_redis}-0.{names.aggregator_redis}.{suffix}", REDIS_PORT),
+    }
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import logging
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +31,17 @@ from p2ptrain.checkpoint import CheckpointError
 from p2ptrain.config import CONFIG_ENV, REDIS_PASSWORD_ENV, SIGNING_KEY_ENV, RedisAddress, RuntimeConfig
 from p2ptrain.cost import Prices, job_cost
 from p2ptrain.metrics import ROUND_PHASES
-from p2ptrain.redis_server import RedisServer, die_with_parent, free_port
+from p2ptrain.ps.local import (
+    LOG_NAME,
+    PeerProcess,
+    aggregator_addresses,
+    aggregator_command,
+    aggregator_summary,
+    write_model,
+)
+from p2ptrain.redis_server import RedisServer, free_port
 from p2ptrain.spec import JobSpec
-from p2ptrain.status import PeerState, ReplicaCheck, StatusDict, StatusError, parse_status
-from p2ptrain.store import Keys, export_model
+from p2ptrain.status import PeerState, ReplicaCheck, StatusError, parse_status
 from p2ptrain.summary import (
     ProgressDisplay,
     checked_replicas,
@@ -79,15 +85,6 @@ class RunOptions:
     signing_key: str | None = field(default=None, repr=False)
 
 
-@dataclass
-class PeerProcess:
-    index: int
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    status: StatusDict | None = None
-
-
 class LocalRun:
     def __init__(self, spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> None:
         self.spec = spec
@@ -100,13 +97,13 @@ class LocalRun:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.password = secrets.token_hex(24)
         self.signing_key = options.signing_key or secrets.token_hex(32)
-        self.replicas = ReplicaCheck(spec.peers)
+        self.replicas = ReplicaCheck(spec.peers + (spec.topology == "ps"))  # ps: the aggregator's hash too
         self.display = ProgressDisplay(out, quiet=options.quiet, inline=spec.function.inline)
         self._stop_servers: asyncio.Event | None = None
         self._function_server: asyncio.Task[None] | None = None
-        self._peer_command: list[str] = []
-        self._peer_env: dict[str, str] = {}
-        self.peer_restarts = 0
+        self.restarts = {"peer": 0, "aggregator": 0}  # by role; the aggregator's: topology ps
+        self.aggregator: PeerProcess | None = None  # topology ps; its Redis is the last of redis_servers
+        self.processes: list[PeerProcess] = []  # the peers and the aggregator
         self._targets: scrape_targets.TargetsFile | None = None
         self._stopped = False
 
@@ -134,7 +131,7 @@ class LocalRun:
             if module is None and spec.redis.accumulator == "module":
                 raise RunError("redis.accumulator=module but the p2ptrain Redis module could not be built (is gcc installed?)")
         self.display.say(starting_line(spec, module is not None))
-        for _ in range(spec.peers):
+        for _ in range(spec.peers + (spec.topology == "ps")):  # ps: the last one is the aggregator's
             server = RedisServer(password=self.password, module=module, persistence=spec.redis.persistence)
             self.redis_servers.append(server)
             await _finish_even_if_cancelled(asyncio.to_thread(server.start))
@@ -142,11 +139,13 @@ class LocalRun:
         secrets_env = {REDIS_PASSWORD_ENV: self.password, SIGNING_KEY_ENV: self.signing_key}
         function_port = free_port()
         peer_ports = [free_port() for _ in range(spec.peers)]
+        aggregator_port = free_port()
         config = RuntimeConfig(
             spec=spec,
             peer_urls=tuple(f"http://127.0.0.1:{p}" for p in peer_ports),
-            redis=tuple(RedisAddress(s.host, s.port) for s in self.redis_servers),
+            redis=tuple(RedisAddress(s.host, s.port) for s in self.redis_servers[: spec.peers]),
             function_url=f"http://127.0.0.1:{function_port}/",
+            **aggregator_addresses(spec, self.redis_servers, aggregator_port),
         )
         config_path = self.workdir / "job.json"
         config_path.write_text(config.to_json(), encoding="utf-8")
@@ -155,11 +154,14 @@ class LocalRun:
         if not spec.function.inline:  # inline peers compute their own gradients: no instances, no activator
             await self._start_functions(env, function_port)
 
-        self._peer_command = [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path)]
-        self._peer_env = env
+        peer_command = [sys.executable, "-m", "p2ptrain", "--log-level", "INFO", "peer", "--config", str(config_path)]
+        if spec.topology == "ps":
+            command = aggregator_command(config_path, aggregator_port)
+            self.aggregator = PeerProcess.start(spec.peers, aggregator_port, command, self.workdir / LOG_NAME, env, "aggregator")
         for index, port in enumerate(peer_ports):
-            log_path = self.workdir / f"peer-{index}.log"
-            self.peers.append(PeerProcess(index, port, self._start_peer(index, port, log_path), log_path))
+            command = [*peer_command, "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"]
+            self.peers.append(PeerProcess.start(index, port, command, self.workdir / f"peer-{index}.log", env))
+        self.processes = self.peers + ([self.aggregator] if self.aggregator else [])
         self._targets = scrape_targets.for_local_run(self.workdir, spec.name, spec.namespace, peer_ports, self.functions)
         self._targets.start()
         return config
@@ -178,18 +180,6 @@ class LocalRun:
             asgi.serve(self.functions.app, [f"127.0.0.1:{port}"], self._stop_servers, graceful_timeout=1)
         )
 
-    def _start_peer(self, index: int, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-        with open(log_path, "ab") as log_file:
-            return subprocess.Popen(
-                [*self._peer_command, "--index", str(index), "--port", str(port), "--listen", "127.0.0.1"],
-                env=self._peer_env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-                start_new_session=True,
-            )
-
     def _restart_or_fail(self, peer: PeerProcess, code: int) -> None:
         """A peer process ended before the job did: restart it like a pod, or fail the run.
 
@@ -198,25 +188,26 @@ class LocalRun:
         ``runPolicy.backoffLimit`` restarts in all; an exit code is the peer's own verdict and final.
         """
         limit = self.spec.run_policy.backoff_limit
-        if code < 0 and self.peer_restarts < limit:
-            self.peer_restarts += 1
+        restarts = sum(self.restarts.values())  # the aggregator (topology ps) resumes from its Redis too
+        if code < 0 and restarts < limit:
+            self.restarts[peer.role] += 1
             self.display.say(
-                f"peer {peer.index} was killed ({signal.Signals(-code).name}); restarting it "
-                f"({self.peer_restarts} of backoffLimit={limit} restarts)"
+                f"{peer.name} was killed ({signal.Signals(-code).name}); restarting it "
+                f"({restarts + 1} of backoffLimit={limit} restarts)"
             )
-            peer.process = self._start_peer(peer.index, peer.port, peer.log_path)
+            peer.restart()
             return
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        spent = f" after {self.peer_restarts} restarts (backoffLimit={limit})" if code < 0 else ""
+        spent = f" after {restarts} restarts (backoffLimit={limit})" if code < 0 else ""
         raise RunError(
-            f"peer {peer.index} {how} before the job finished{spent}:\n"
+            f"{peer.name} {how} before the job finished{spent}:\n"
             + log_tail(peer.log_path) + f"\n(full log: {peer.log_path})"
         )
 
     async def _train(self) -> None:
         async with httpx.AsyncClient(timeout=2) as http:
             while True:
-                for peer in self.peers:
+                for peer in self.processes:
                     code = peer.process.poll()
                     if code is not None:
                         self._restart_or_fail(peer, code)
@@ -226,12 +217,12 @@ class LocalRun:
                         if response.status_code == 200:
                             peer.status = parse_status(response.json())
                             self.replicas.note(peer.status)
-                states = [PeerState(p.status["state"]) if p.status else PeerState.STARTING for p in self.peers]
+                states = [PeerState(p.status["state"]) if p.status else PeerState.STARTING for p in self.processes]
                 self._show_progress()
                 if PeerState.FAILED in states:
-                    failed = next(p for p, state in zip(self.peers, states, strict=True) if state is PeerState.FAILED)
+                    failed = next(p for p, state in zip(self.processes, states, strict=True) if state is PeerState.FAILED)
                     assert failed.status is not None
-                    raise RunError(f"peer {failed.index} failed: {failed.status['message']}\n" + log_tail(failed.log_path),
+                    raise RunError(f"{failed.name} failed: {failed.status['message']}\n" + log_tail(failed.log_path),
                                    exit_code=3 if failed.status.get("failure") == "divergence" else 1)
                 if all(s is PeerState.SUCCEEDED for s in states):
                     self._show_progress(final=True)
@@ -274,7 +265,9 @@ class LocalRun:
             "function_failures": sum_counts(s.get("functionFailures", {}) for s in statuses),
             "send_failures": sum(s.get("sendFailures", 0) for s in statuses),
             "skipped_updates": sum_counts(s.get("skippedUpdates", {}) for s in statuses),
-            "peer_restarts": self.peer_restarts,
+            "peer_restarts": self.restarts["peer"],
+            "topology": self.spec.topology,
+            **aggregator_summary(self.aggregator, self.restarts["aggregator"]),
             "recovered_gradients": sum(s.get("recovered", 0) for s in statuses),  # taken from outboxes
             "per_peer": [
                 {"peer": s["peer"], "accuracy": s["accuracy"], "loss": s["loss"], "rounds": s["round"],
@@ -287,7 +280,7 @@ class LocalRun:
         if self.options.prices is not None:
             summary["cost"]["money"] = self.options.prices.price(summary["cost"])
         output = self.options.output or Path(f"{self.spec.name}-model.safetensors")
-        summary["model"] = str(write_model(self.redis_servers[0], self.spec, output))
+        summary["model"] = str(_write_model(self.redis_servers[-1 if self.aggregator else 0], self.spec, output))
         if self.options.summary is not None:
             self.options.summary.parent.mkdir(parents=True, exist_ok=True)
             self.options.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -303,10 +296,10 @@ class LocalRun:
         if self._targets is not None:
             await self._targets.close()
             self._targets = None
-        for peer in self.peers:
+        for peer in self.processes:
             if peer.process.poll() is None:
                 peer.process.terminate()
-        peers = asyncio.gather(*(asyncio.to_thread(terminate, p.process, grace) for p in self.peers))
+        peers = asyncio.gather(*(asyncio.to_thread(terminate, p.process, grace) for p in self.processes))
         await asyncio.gather(peers, self._stop_functions(grace))
         for server in self.redis_servers:
             await asyncio.to_thread(server.stop)
@@ -328,24 +321,21 @@ class LocalRun:
         self.display.show(statuses, running, cold, final=final)
 
     def _succeeded(self) -> bool:
-        return bool(self.peers) and all(p.status and p.status["state"] == PeerState.SUCCEEDED for p in self.peers)
+        return bool(self.peers) and all(p.status and p.status["state"] == PeerState.SUCCEEDED for p in self.processes)
 
     def process_count(self) -> dict[str, int]:
         return {
-            "peers": sum(1 for p in self.peers if p.process.poll() is None),
+            "peers": sum(1 for p in self.processes if p.process.poll() is None),  # ps: the aggregator too
             "functions": self.functions.running if self.functions else 0,
             "redis": sum(1 for s in self.redis_servers if s.process is not None and s.process.poll() is None),
         }
 
 
-def write_model(server: RedisServer, spec: JobSpec, output: Path) -> Path:
-    """Peer 0's final model (from its checkpoint in Redis) as a safetensors file."""
-    with contextlib.closing(server.client()) as client:
-        try:
-            export_model(client, Keys(spec.name, 0), output, {"p2ptrain.job": json.dumps(spec.to_dict())})
-        except CheckpointError as exc:
-            raise RunError(f"cannot write the model: {exc}") from exc
-    return output
+def _write_model(server: RedisServer, spec: JobSpec, output: Path) -> Path:
+    try:
+        return write_model(server, spec, output)
+    except CheckpointError as exc:
+        raise RunError(f"cannot write the model: {exc}") from exc
 
 
 async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
@@ -361,7 +351,6 @@ async def _finish_even_if_cancelled(work: Awaitable[object]) -> None:
         with contextlib.suppress(Exception):
             await future
         raise
-
 
 
 def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+_MAX_EXPONENT = 64
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -22,7 +24,9 @@ class Backoff:
     jitter: bool = False
 
     def delay(self, attempt: int) -> float:
-        base = min(self.first * self.factor**attempt, self.cap)
+        # The exponent is bounded: a long poll (a peer waiting minutes for the ps aggregator) makes
+        # thousands of attempts, and factor**attempt would overflow a float.
+        base = min(self.first * self.factor ** min(attempt, _MAX_EXPONENT), self.cap)
         return base * (1 + random.random()) if self.jitter else base
 
 

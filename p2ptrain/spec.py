@@ -188,6 +188,8 @@ class JobSpec:
     image: str | None = None
     run_policy: RunPolicy = field(default_factory=RunPolicy)
     output: OutputSpec | None = None
+    # p2p (peers exchange and aggregate) or ps (one aggregator does; p2ptrain.ps)
+    topology: str = crd_default("topology")
 
     @property
     def quorum(self) -> int:
@@ -346,6 +348,7 @@ def _build(spec: Mapping[str, Any], *, name: str, namespace: str) -> JobSpec:
         image=spec.get("image"),
         run_policy=pick(RunPolicy, spec["runPolicy"]),
         output=pick(OutputSpec, spec["output"]) if "output" in spec else None,
+        topology=spec["topology"],
     )
 
 

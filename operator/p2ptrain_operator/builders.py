@@ -32,7 +32,7 @@ Object = dict[str, Any]
 CONFIG_DIR = "/etc/p2ptrain"
 DATA_DIR = "/data"
 RUN_AS = 10001
-COMPONENTS = ("config", "redis", "peer", "gradient-function", "export")
+COMPONENTS = ("config", "redis", "peer", "gradient-function", "export", "aggregator", "aggregator-redis")
 
 
 def labels(job: str, component: str) -> dict[str, str]:
@@ -539,4 +539,42 @@ def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_pa
                                       {"name": "metrics", "port": spec.metrics.port, "targetPort": "metrics"}]),
         build_peer_statefulset(spec, owner, settings),
         *function,
+        *(build_aggregator_children(spec, owner, settings) if spec.topology == "ps" else []),
+    ]
+
+
+# --- topology ps: the aggregator ---------------------------------------------------------------------------
+
+def _as_component(obj: Object, spec: JobSpec, *, name: str, component: str) -> Object:
+    """A peer's or Redis' StatefulSet made into the aggregator's (or its Redis'): one replica, its own
+    name, labels and selector, the same pod otherwise (image, probes, security, secrets, data)."""
+    obj["metadata"]["name"] = name
+    obj["metadata"]["labels"] = labels(spec.name, component)
+    body = obj["spec"]
+    body.update(serviceName=name, replicas=1, selector={"matchLabels": selector(spec.name, component)})
+    body["template"]["metadata"]["labels"] = labels(spec.name, component)
+    for claim in body.get("volumeClaimTemplates", []):
+        claim["metadata"]["labels"] = labels(spec.name, component)
+    return obj
+
+
+def build_aggregator_children(spec: JobSpec, owner: Object, settings: Settings) -> list[Object]:
+    """The aggregator (StatefulSet of one pod, ``p2ptrain aggregator``) and its own Redis, each with a
+    headless Service: the stable names ``cluster_config`` gives the peers."""
+    names = ChildNames(spec.name)
+    redis = _as_component(build_redis_statefulset(spec, owner, settings), spec, name=names.aggregator_redis,
+                          component="aggregator-redis")
+    aggregator = _as_component(build_peer_statefulset(spec, owner, settings), spec, name=names.aggregator,
+                               component="aggregator")
+    container = aggregator["spec"]["template"]["spec"]["containers"][0]
+    container["name"] = "aggregator"
+    container["args"] = ["aggregator", "--config", f"{CONFIG_DIR}/job.json", "--metrics-port", str(spec.metrics.port)]
+    return [
+        build_headless_service(spec, owner, name=names.aggregator_redis, component="aggregator-redis",
+                               ports=[{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]),
+        redis,
+        build_headless_service(spec, owner, name=names.aggregator, component="aggregator",
+                               ports=[{"name": "http", "port": PEER_PORT, "targetPort": "http"},
+                                      {"name": "metrics", "port": spec.metrics.port, "targetPort": "metrics"}]),
+        aggregator,
     ]

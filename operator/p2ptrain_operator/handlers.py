@@ -31,7 +31,7 @@ from p2ptrain.config import ChildNames
 from p2ptrain.cost import job_cost
 from p2ptrain.spec import API_GROUP, API_VERSION, PLURAL, JobSpec, SpecError, parse_spec
 from p2ptrain.status import PeerState, StatusDict, parse_status
-from p2ptrain_operator import metrics
+from p2ptrain_operator import metrics, ps
 from p2ptrain_operator.builders import (
     build_children,
     build_export_job,
@@ -214,16 +214,23 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
     reports = await _poll_peers(memo, job)
     restarts = await _restarts(memo.kube, job)
     start = _parse_time(status.get("startTime"))
+    states = [PeerState(r["state"]) if r else None for r in reports]
+    failure = next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r["state"] == PeerState.FAILED), "")
+    if job.topology == "ps":  # the aggregator is one more part that must succeed, and may fail the job
+        aggregator = await ps.poll_aggregator(memo.http, memo.settings, job)
+        patch.status["aggregator"] = ps.aggregator_status(aggregator)
+        states.append(PeerState(aggregator["state"]) if aggregator else None)
+        failure = failure or ps.failure_message(aggregator)
     observed = Observed(
-        peers=job.peers,
-        peer_states=[PeerState(r["state"]) if r else None for r in reports],
+        peers=len(states),
+        peer_states=states,
         restarts=restarts,
         previous_restarts=int(status.get("restarts") or 0),
         suspended=job.run_policy.suspend,
         backoff_limit=job.run_policy.backoff_limit,
         elapsed_seconds=time.time() - start if start else None,
         active_deadline_seconds=job.run_policy.active_deadline_seconds,
-        failure_message=next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r["state"] == PeerState.FAILED), ""),
+        failure_message=failure,
     )
     transition = next_phase(phase, observed)
     _write_progress(patch, job, reports, restarts)
@@ -318,14 +325,15 @@ async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[StatusDict | Non
 
 
 async def _restarts(kube: Kube, job: JobSpec) -> int:
-    wanted = selector(job.name, "peer")
-    pods = await kube.list_pods(job.namespace, ",".join(f"{k}={v}" for k, v in wanted.items()))
     total = 0
-    for pod in pods:
-        labels = pod.get("metadata", {}).get("labels") or {}
-        if all(labels.get(k) == v for k, v in wanted.items()):  # emulators may ignore labelSelector
-            statuses = (pod.get("status") or {}).get("containerStatuses") or []
-            total += sum(int(c.get("restartCount", 0)) for c in statuses)
+    for component in ps.RESTARTING_COMPONENTS[job.topology]:  # ps: the aggregator's restarts count too
+        wanted = selector(job.name, component)
+        pods = await kube.list_pods(job.namespace, ",".join(f"{k}={v}" for k, v in wanted.items()))
+        for pod in pods:
+            labels = pod.get("metadata", {}).get("labels") or {}
+            if all(labels.get(k) == v for k, v in wanted.items()):  # emulators may ignore labelSelector
+                statuses = (pod.get("status") or {}).get("containerStatuses") or []
+                total += sum(int(c.get("restartCount", 0)) for c in statuses)
     return total
 
 
@@ -363,8 +371,8 @@ async def _follow_export(memo: OperatorMemo, body: kopf.Body, job: JobSpec, curr
 
 async def _scale(kube: Kube, job: JobSpec, replicas: int) -> None:
     names = ChildNames(job.name)
-    for name in (names.peer, names.redis):
-        await kube.scale_stateful_set(job.namespace, name, replicas)
+    for name, count in [(names.peer, replicas), (names.redis, replicas), *ps.stateful_sets(job, replicas)]:
+        await kube.scale_stateful_set(job.namespace, name, count)
 
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:

@@ -38,6 +38,10 @@ class Settings:
     poll_seconds: float = 10.0
     # Where the operator reads a peer's progress; tests point it at local fake peers.
     peer_status_url: str = "http://{job}-peer-{index}.{job}-peers.{namespace}.svc.{domain}:" + f"{PEER_PORT}/status"
+    # topology ps: where the operator reads the aggregator's progress (tests: a local fake).
+    aggregator_status_url: str = (
+        "http://{job}-aggregator-0.{job}-aggregator.{namespace}.svc.{domain}:" + f"{PEER_PORT}/status"
+    )
     image_pull_policy: str = "IfNotPresent"
     # Secrets in each job's namespace that every child pod pulls its image with.
     image_pull_secrets: tuple[str, ...] = ()
@@ -55,6 +59,7 @@ class Settings:
             cluster_domain=get("CLUSTER_DOMAIN", "cluster.local"),
             poll_seconds=float(get("POLL_SECONDS", "10")),
             peer_status_url=get("PEER_STATUS_URL", cls.peer_status_url),
+            aggregator_status_url=get("AGGREGATOR_STATUS_URL", cls.aggregator_status_url),
             image_pull_policy=get("IMAGE_PULL_POLICY", "IfNotPresent"),
             image_pull_secrets=parse_pull_secrets(get("IMAGE_PULL_SECRETS", "")),
         )

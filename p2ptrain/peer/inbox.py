@@ -57,6 +57,14 @@ class Inbox:
             arrived = self._gradients.get(round_index, {})
             return {s: arrived[s] for s in senders if s in arrived}
 
+    async def wait_closed(self, round_index: int, quorum: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the round to close, without collecting it (the aggregator
+        checks the peers' outboxes between waits)."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.closed(round_index, quorum)), timeout=timeout)
+            return self.closed(round_index, quorum)
+
     def closed(self, round_index: int, quorum: int) -> bool:
         """A quorum arrived, or every peer still missing has already sent a later round's gradient.
 

@@ -7,15 +7,30 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any, Protocol
 
 from p2ptrain import asgi
-from p2ptrain.peer.round import Peer
-from p2ptrain.status import PeerState
+from p2ptrain.status import PeerState, PeerStatus
 
 log = logging.getLogger(__name__)
 
 
-async def serve_peer(peer: Peer, *, host: str, port: int, metrics_port: int | None, linger: bool) -> int:
+class Served(Protocol):
+    """A peer, or the ps aggregator (``p2ptrain.ps``): an ASGI app served while ``run`` trains."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def status(self) -> PeerStatus: ...
+
+    @property
+    def app(self) -> asgi.App: ...
+
+    async def run(self) -> Any: ...
+
+
+async def serve_peer(peer: Served, *, host: str, port: int, metrics_port: int | None, linger: bool) -> int:
     """Run a peer with its HTTP endpoint until training ends (and, with ``linger``, until signalled).
 
     In a cluster the peer lingers so its status stays readable and a late peer can still fetch state;

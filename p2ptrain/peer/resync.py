@@ -46,10 +46,11 @@ _BACKOFF = retry.Backoff(first=0.02, cap=0.25)
 def sync_due(spec: JobSpec, rounds: int, round_index: int) -> bool:
     """Whether the replicas are compared after ``round_index`` (0-based) in a job of ``rounds`` rounds.
 
-    Only when drift is possible: with the full quorum every peer aggregates the same gradients.
+    Only when drift is possible: with the full quorum every peer aggregates the same gradients, and
+    with topology ps every peer adopts the aggregator's model.
     """
     every = spec.training.resync_every_rounds
-    if every == 0 or spec.quorum >= spec.peers:
+    if every == 0 or spec.quorum >= spec.peers or spec.topology == "ps":
         return False
     return (round_index + 1) % every == 0 or round_index + 1 == rounds
 

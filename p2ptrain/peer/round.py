@@ -29,6 +29,7 @@ from p2ptrain.peer.errors import PeerError
 from p2ptrain.peer.functions import FunctionClient
 from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.inline import InlineGradients
+from p2ptrain.peer.ps_round import AggregatorLink, AggregatorSender
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate
@@ -78,6 +79,7 @@ class Peer:
         self.attack = PeerAttack.for_peer(self.ctx, self.inbox, self.replica)  # evaluation runs only
         self._functions: FunctionClient | InlineGradients | None = None
         self._sender: GradientSender | None = None
+        self._ps = AggregatorLink(self.ctx) if spec.topology == "ps" else None  # topology ps: see ps_round
 
     @property
     def numel(self) -> int:
@@ -91,8 +93,8 @@ class Peer:
         return await asyncio.to_thread(resume, self.store, self.replica, self.config.redis[self.index])
 
     async def catch_up(self, start: int) -> int:
-        """Adopt the other peers' state if they are ahead; the round to continue at."""
-        return await asyncio.to_thread(self.others.catch_up, self.replica, start)
+        """Adopt the other peers' (ps: the aggregator's) state if they are ahead; the round to continue at."""
+        return await asyncio.to_thread((self._ps or self.others).catch_up, self.replica, start)
 
     # --- the run -------------------------------------------------------------------------------------
     async def run(self) -> list[RoundReport]:
@@ -106,13 +108,14 @@ class Peer:
                 # function.mode: the gradient function, or this peer's own torch (same round either way).
                 self._functions = (InlineGradients(self.ctx, self.store, self.replica) if self.spec.function.inline
                                    else FunctionClient(self.ctx, self.store, http))
-                self._sender = GradientSender(self.ctx, self.store, http)
+                self._sender = (AggregatorSender if self._ps else GradientSender)(self.ctx, self.store, http)
                 try:
                     await self._wait_for_peers(http)
                     start = await self.catch_up(start)
-                    for round_index in range(start, self.rounds):
+                    while start < self.rounds:
                         try:
-                            reports.append(await self._run_round_through_redis_outages(round_index))
+                            reports.append(await self._run_round_through_redis_outages(start))
+                            start = reports[-1].round + 1  # ps: a peer behind adopts a later round
                         except Diverged as exc:
                             self.status.failure = "divergence"
                             metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause=exc.cause).inc()
@@ -219,6 +222,7 @@ class Peer:
             diverged = True
 
         t0 = time.perf_counter()
+        own = None  # what this peer sends and applies: through the wire dtype, as the others receive it
         if average is not None and not diverged:
             # spec.evaluation.attack: an attacking peer sends (and applies) its attack instead, or nothing.
             # (At the round's parameters: with update: database the replica is read back first.)
@@ -226,15 +230,19 @@ class Peer:
             if self.attack:
                 await self.update.synced()
                 sent = await self.attack.outgoing(round_index, average[0], indices, deadline)
-            if sent is not None:  # apply exactly what the other peers will receive: through the wire dtype
-                own = as_sent(sent, spec.exchange.dtype)
-                await self.inbox.file(round_index, self.index, own)
-                await self._sender.send(round_index, own)
-        gradients = await self.collect(round_index, deadline)
+            own = as_sent(sent, spec.exchange.dtype) if sent is not None else None
+        peers_used = 0
+        if self._ps is not None:  # topology ps: send to the aggregator, adopt its model (peer/ps_round.py)
+            round_index, peers_used = await self._ps.exchange(round_index, own, self._sender, self.replica)
+            self.update.replica_replaced()
+        elif own is not None:
+            await self.inbox.file(round_index, self.index, own)
+            await self._sender.send(round_index, own)
+        gradients = await self.collect(round_index, deadline) if self._ps is None else {}
         phases["exchange"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        combined = await asyncio.to_thread(self._aggregate, gradients)
+        combined = await asyncio.to_thread(self._aggregate, gradients) if self._ps is None else None
         if combined is not None and not bool(torch.isfinite(combined).all()):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
@@ -261,7 +269,7 @@ class Peer:
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(
-            round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients),
+            round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients) if self._ps is None else peers_used,
             accumulated_samples=average[1] if average is not None else None,
             accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
         )

@@ -53,7 +53,7 @@ class GradientSender(PeerPart):
             key=self.secrets.signing_key,
         )
         headers, body = await asyncio.to_thread(wire.to_http, event)
-        others = [i for i in range(self.spec.peers) if i != self.index]
+        others = self.destinations()
         # Delivered in the background (retried until the deadline): an unreachable peer must not hold
         # up our round, which only needs a quorum.
         for peer in others:
@@ -61,6 +61,13 @@ class GradientSender(PeerPart):
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
         metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
+
+    def destinations(self) -> list[int]:
+        """Who takes our gradient: every other peer (``p2ptrain.peer.ps_round`` sends to the aggregator)."""
+        return [i for i in range(self.spec.peers) if i != self.index]
+
+    def url_of(self, peer: int) -> str:
+        return self.config.peer_urls[peer]
 
     async def _post(self, peer: int, round_index: int, headers: dict[str, str], body: bytes) -> None:
         deadline = time.monotonic() + self.spec.exchange.round_deadline_seconds
@@ -70,7 +77,7 @@ class GradientSender(PeerPart):
             self.cost.peer_bytes("exchangeSent", len(body))  # every attempt puts the body on the wire
             try:
                 response = await self.http.post(
-                    self.config.peer_urls[peer] + "/", headers=headers, content=body, timeout=_POST_TIMEOUT_SECONDS
+                    self.url_of(peer) + "/", headers=headers, content=body, timeout=_POST_TIMEOUT_SECONDS
                 )
             except httpx.HTTPError as exc:
                 last_error = f"{type(exc).__name__}: {exc}"

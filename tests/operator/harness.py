@@ -61,6 +61,7 @@ CHILDREN = [
 FINALIZER = "p2ptrain.dev/finalizer"
 OPERATOR_AGENTS = ("kopf/", "p2ptrain-operator")
 CLEANUP_AGENTS = ("p2ptrain-cleanup",)
+AGGREGATOR = -1  # FakePeers.reports key of a topology-ps job's aggregator
 VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}
 
 
@@ -87,7 +88,8 @@ class FakePeers:
 
             def do_GET(self) -> None:
                 _, job, index = self.path.split("/")
-                report = fake.reports.get((job, int(index)))
+                # topology ps: the aggregator answers at /<job>/aggregator (AGGREGATOR: its key here)
+                report = fake.reports.get((job, int(index) if index.isdigit() else AGGREGATOR))
                 body = json.dumps(report).encode()
                 fake.polls += 1
                 self.send_response(200 if report else 503)
@@ -102,6 +104,10 @@ class FakePeers:
     @property
     def url_template(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}/{{job}}/{{index}}"
+
+    @property
+    def aggregator_url_template(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/{{job}}/aggregator"
 
     def report(self, state: str, peers: int = 2, job: str = "digits", **fields: Any) -> None:
         for index in range(peers):
@@ -132,7 +138,7 @@ class Cluster:
 
     def settings(self, namespace: str = "") -> Settings:
         return Settings(poll_seconds=0.3, peer_status_url=self.peers.url_template, image="p2ptrain:test",
-                        namespace=namespace)
+                        namespace=namespace, aggregator_status_url=self.peers.aggregator_url_template)
 
     @property
     def connection(self) -> Connection:

@@ -1,0 +1,204 @@
+"""The aggregator of ``topology: ps``: a parameter server with its own Redis.
+
+Each round it takes every peer's averaged gradient (the same signed ``gradient.averaged`` events the
+peers swap in ``p2p``, through the same receiver and inbox), closes the round on a quorum, when every
+missing peer has moved past it, or ``exchange.roundDeadlineSeconds`` after the round's first gradient,
+aggregates with the configured rule, takes the optimizer step and checkpoints model and optimizer to
+its Redis. The peers read that checkpoint as the next round's model (``p2ptrain.peer.ps_round``).
+
+A restarted aggregator resumes from its checkpoint; one whose Redis came back empty adopts the
+peers' checkpoints (they hold its last model). Gradients sent while it was down reach it on the
+senders' retries, or from the peers' outboxes. See docs/topology.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import torch
+
+from p2ptrain import metrics
+from p2ptrain.config import RuntimeConfig, Secrets
+from p2ptrain.data import shard_indices
+from p2ptrain.peer.context import PeerContext
+from p2ptrain.peer.divergence import Diverged
+from p2ptrain.peer.endpoint import PeerEndpoint
+from p2ptrain.peer.errors import PeerError
+from p2ptrain.peer.inbox import Inbox
+from p2ptrain.peer.ps_round import aggregator_keys, aggregator_labels
+from p2ptrain.peer.receiver import EventReceiver
+from p2ptrain.peer.recovery import OtherPeers, resume
+from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
+from p2ptrain.peer.report import RoundReport, record_round
+from p2ptrain.status import PeerState, PeerStatus
+from p2ptrain.store import PeerStore, connect
+
+log = logging.getLogger(__name__)
+
+# How often the wait for a round's gradients looks whether the first one has arrived (the deadline
+# runs from then); the round itself closes as soon as the inbox says so.
+_WAIT_SLICE_SECONDS = 0.5
+
+
+class AggregatorContext(PeerContext):
+    """A ``PeerContext`` whose metric labels say ``peer="aggregator"``: the peers' metric names."""
+
+    def __post_init__(self) -> None:
+        spec = self.config.spec
+        object.__setattr__(self, "labels", aggregator_labels(spec.name, spec.namespace))
+
+
+class Aggregator:
+    def __init__(self, config: RuntimeConfig, secrets: Secrets) -> None:
+        spec = config.spec
+        if spec.topology != "ps" or config.aggregator_redis is None:
+            raise PeerError(f"job {spec.name!r} has topology {spec.topology!r}: only topology ps has an aggregator")
+        self.config = config
+        self.spec = spec
+        self.index = spec.peers  # after the peers': its inbox waits for all of them, its keys are its own
+        self.status = PeerStatus(peer=self.index)
+        self.ctx = AggregatorContext(config, self.index, secrets, self.status)
+        self.labels = self.ctx.labels
+        self.replica = Replica(spec)
+        samples = len(self.replica.dataset.y_train)
+        # The longest peer's run (shards differ by at most one sample): no peer waits for a round never served.
+        self.rounds = max(
+            spec.total_rounds(len(shard_indices(samples, spec.peers, i, spec.dataset.split_seed)))
+            for i in range(spec.peers)
+        )
+        self.status.rounds = self.rounds
+        self.address = config.aggregator_redis
+        self.redis = connect(self.address, secrets.redis_password, socket_timeout=60)
+        self.store = PeerStore(
+            self.redis, aggregator_keys(spec.name, spec.peers),
+            accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
+        )
+        self.inbox = Inbox(spec.peers, self.index)
+        self.others = OtherPeers(self.ctx, self.replica.numel)
+        self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
+        self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
+
+    async def run(self) -> list[RoundReport]:
+        """Serve every round; resumes from its checkpoint, or from the peers' when its Redis is empty."""
+        reports: list[RoundReport] = []
+        try:
+            start = await asyncio.to_thread(resume, self.store, self.replica, self.address)
+            if start == 0:
+                start = await asyncio.to_thread(self.others.catch_up, self.replica, start)
+            self.status.state = PeerState.TRAINING
+            for round_index in range(start, self.rounds):
+                reports.append(await self.run_round(round_index))
+            await asyncio.to_thread(self.store.expire_job_keys, self.spec.redis.key_ttl_seconds)
+        finally:
+            await asyncio.to_thread(self._close_clients)
+        self.status.state = PeerState.SUCCEEDED
+        self.status.message = f"served {self.rounds} rounds"
+        return reports
+
+    def _close_clients(self) -> None:
+        self.others.close()
+        self.redis.close()
+
+    async def run_round(self, round_index: int) -> RoundReport:
+        self.inbox.current_round = round_index
+        self.status.round = round_index
+        metrics.ROUND.labels(**self.labels).set(round_index)
+        phases: dict[str, float] = {}
+        started = time.perf_counter()
+
+        t0 = time.perf_counter()
+        gradients = await self.collect(round_index)
+        phases["exchange"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        combined = await asyncio.to_thread(self._aggregate, round_index, gradients)
+        phases["aggregate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        if combined is not None:
+            await asyncio.to_thread(self.replica.apply, combined)
+        last = round_index + 1 == self.rounds
+        every = self.spec.evaluation.every_rounds
+        evaluation = await asyncio.to_thread(self.replica.evaluate) if (round_index + 1) % every == 0 or last else None
+        digest = await asyncio.to_thread(self.replica.params_hash)
+        self.status.record_params_hash(round_index + 1, digest)
+        metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
+        metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
+        # Saved every round, also without an update: the peers wait for this round's checkpoint.
+        state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
+        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
+        phases["update"] = time.perf_counter() - t0
+
+        report = RoundReport(
+            round=round_index, loss=None, samples=0, phases=phases, peers_used=len(gradients),
+            accuracy=evaluation[0] if evaluation else None, test_loss=evaluation[1] if evaluation else None,
+        )
+        record_round(self.status, self.labels, self.rounds, report, time.perf_counter() - started)
+        return report
+
+    async def collect(self, round_index: int) -> dict[int, np.ndarray]:
+        """The round's gradients once it closes, or ``roundDeadlineSeconds`` after its first gradient
+        arrived (after the round opened, when none did), with what the missing peers' outboxes hold
+        then (they sent while this aggregator was down). Possibly none: every peer's fan-out failed,
+        and the round has no update — the peers must not wait for a model that would never come."""
+        spec = self.spec
+        window = spec.exchange.round_deadline_seconds
+        opened = time.monotonic()
+        first: float | None = None
+        while True:
+            due = (first if first is not None else opened) + window
+            wait = max(0.0, min(_WAIT_SLICE_SECONDS, due - time.monotonic()))
+            if await self.inbox.wait_closed(round_index, spec.quorum, wait):
+                break
+            if first is None and self._arrived(round_index):
+                first = time.monotonic()
+            elif time.monotonic() >= due:
+                await self._from_outboxes(round_index)
+                break
+        gradients = await self.inbox.collect(round_index, spec.quorum, time.monotonic())
+        missing = spec.peers - len(gradients)
+        if missing:
+            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)
+            self.status.count_excluded("deadline", missing)
+        metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
+        metrics.record_excluded_rounds(self.labels, spec.peers, gradients)
+        return gradients
+
+    def _arrived(self, round_index: int) -> bool:
+        return any(self.inbox.holds(round_index, p) for p in range(self.spec.peers))
+
+    async def _from_outboxes(self, round_index: int) -> None:
+        absent = [p for p in range(self.spec.peers) if not self.inbox.holds(round_index, p)]
+        found = await asyncio.gather(*(asyncio.to_thread(self.others.fetch_outbox, p, round_index) for p in absent))
+        for peer, gradient in zip(absent, found, strict=True):
+            if gradient is not None and await self.inbox.file(round_index, peer, gradient):
+                self.status.recovered += 1
+                metrics.GRADIENTS_RECOVERED_TOTAL.labels(**self.labels).inc()
+                log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
+
+    def _aggregate(self, round_index: int, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
+        """The rule's combination, or None (counted, logged) when this round has no update."""
+        rule = self.spec.aggregation
+        try:
+            combined = aggregate_gradients(rule, gradients)
+        except SkipUpdate as exc:
+            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
+            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="rule").inc(len(gradients))
+            self.status.count_skipped_update(exc.reason)
+            log.warning("%s; skipping this round's update", exc, extra={"reason": exc.reason})
+            return None
+        if bool(torch.isfinite(combined).all()):
+            return combined
+        diverged = Diverged("non-finite-aggregate", round_index,
+                       f"the {rule.rule} of {len(gradients)} gradients has non-finite values")
+        metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause=diverged.cause).inc()
+        if self.spec.training.on_divergence != "skipRound":
+            self.status.failure = "divergence"
+            raise diverged
+        metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
+        self.status.count_skipped_update("divergence")
+        log.warning("%s; skipping this round's update (training.onDivergence=skipRound)", diverged)
+        return None

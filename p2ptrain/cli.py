@@ -307,52 +307,36 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 def _peer(args: argparse.Namespace) -> int:
-    from p2ptrain.peer import Peer, serve_peer
-
-    try:
-        config = RuntimeConfig.from_file(args.config)
-        index = int(args.index) if args.index is not None else peer_index_from_hostname(socket.gethostname())
-        secrets = Secrets.from_env()
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logs.set_context(job=config.spec.name, peer=index)
-    try:
-        peer_process = Peer(config, index, secrets)
-    except Exception as exc:  # the process edge: one clear line instead of a traceback
-        logging.getLogger("p2ptrain.peer").error("peer %d cannot start: %s", index, exc)
-        print(f"error: peer {index} cannot start: {exc}", file=sys.stderr)
-        return 1
-    return asyncio.run(
-        serve_peer(
-            peer_process,
-            host=args.listen,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            linger=not args.exit_when_done,
-        )
-    )
+    return _serve_trainer(args, aggregator=False)
 
 
 def _aggregator(args: argparse.Namespace) -> int:
-    from p2ptrain.peer import serve_peer
+    return _serve_trainer(args, aggregator=True)
+
+
+def _serve_trainer(args: argparse.Namespace, *, aggregator: bool) -> int:
+    """A peer, or the aggregator of a topology ps job: the same configuration, secrets and serving."""
+    from p2ptrain.peer import Peer, serve_peer
     from p2ptrain.ps import Aggregator
 
     try:
         config = RuntimeConfig.from_file(args.config)
+        index = None if aggregator else (
+            int(args.index) if args.index is not None else peer_index_from_hostname(socket.gethostname()))
         secrets = Secrets.from_env()
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logs.set_context(job=config.spec.name, peer="aggregator")
+    name = "the aggregator" if index is None else f"peer {index}"
+    logs.set_context(job=config.spec.name, peer="aggregator" if index is None else index)
     try:
-        aggregator = Aggregator(config, secrets)
+        process: Peer | Aggregator = Aggregator(config, secrets) if index is None else Peer(config, index, secrets)
     except Exception as exc:  # the process edge: one clear line instead of a traceback
-        logging.getLogger("p2ptrain.ps").error("the aggregator cannot start: %s", exc)
-        print(f"error: the aggregator cannot start: {exc}", file=sys.stderr)
+        logging.getLogger("p2ptrain.ps" if index is None else "p2ptrain.peer").error("%s cannot start: %s", name, exc)
+        print(f"error: {name} cannot start: {exc}", file=sys.stderr)
         return 1
     return asyncio.run(
-        serve_peer(aggregator, host=args.listen, port=args.port, metrics_port=args.metrics_port,
+        serve_peer(process, host=args.listen, port=args.port, metrics_port=args.metrics_port,
                    linger=not args.exit_when_done)
     )
 

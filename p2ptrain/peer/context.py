@@ -25,9 +25,12 @@ class PeerContext:
 
     def __post_init__(self) -> None:
         spec = self.config.spec
-        object.__setattr__(self, "labels", metrics.peer_labels(spec.name, spec.namespace, self.index))
+        object.__setattr__(self, "labels", self.metric_labels())
         ledger = PeerCost(self.labels, self.status.cost, memory_bytes(spec.function.resources))
         object.__setattr__(self, "cost", ledger)
+
+    def metric_labels(self) -> dict[str, str]:
+        return metrics.peer_labels(self.spec.name, self.spec.namespace, self.index)
 
     @property
     def spec(self) -> JobSpec:

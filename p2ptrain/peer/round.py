@@ -21,6 +21,7 @@ import torch
 from p2ptrain import metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
+from p2ptrain.peer import closing
 from p2ptrain.peer.attacker import PeerAttack
 from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.divergence import Diverged, DivergenceGuard
@@ -32,7 +33,7 @@ from p2ptrain.peer.inline import InlineGradients
 from p2ptrain.peer.ps_round import AggregatorLink, AggregatorSender
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
-from p2ptrain.peer.replica import Replica, SkipUpdate
+from p2ptrain.peer.replica import Replica
 from p2ptrain.peer.report import RoundReport, record_round
 from p2ptrain.peer.resync import Resync
 from p2ptrain.peer.sender import GradientSender
@@ -110,7 +111,7 @@ class Peer:
                                    else FunctionClient(self.ctx, self.store, http))
                 self._sender = (AggregatorSender if self._ps else GradientSender)(self.ctx, self.store, http)
                 try:
-                    await self._wait_for_peers(http)
+                    await closing.wait_for_peers(http, self.config, self.index)
                     start = await self.catch_up(start)
                     while start < self.rounds:
                         try:
@@ -134,23 +135,6 @@ class Peer:
     def _close_clients(self) -> None:
         self.others.close()
         self.redis.close()
-
-    async def _wait_for_peers(self, http: httpx.AsyncClient) -> None:
-        """Start together: wait (up to one round deadline) until every peer's endpoint answers."""
-        pending = {i for i in range(self.spec.peers) if i != self.index}
-
-        async def all_answer() -> bool:
-            for i in list(pending):
-                try:
-                    if (await http.get(self.config.peer_urls[i] + "/healthz", timeout=1)).status_code == 200:
-                        pending.discard(i)
-                except httpx.HTTPError:
-                    continue
-            return not pending
-
-        deadline = time.monotonic() + self.spec.exchange.round_deadline_seconds
-        if not await retry.poll(all_answer, deadline=deadline, backoff=_PEERS_BACKOFF):
-            log.warning("starting without peers %s: they did not answer in time", sorted(pending))
 
     async def _run_round_through_redis_outages(self, round_index: int) -> RoundReport:
         """Run a round; if this peer's Redis goes away (pod restarted, network blip), wait for it and
@@ -242,7 +226,7 @@ class Peer:
         phases["exchange"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        combined = await asyncio.to_thread(self._aggregate, gradients) if self._ps is None else None
+        combined = await asyncio.to_thread(closing.combine, self.ctx, self.replica, gradients) if self._ps is None else None
         if combined is not None and not bool(torch.isfinite(combined).all()):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
@@ -257,13 +241,10 @@ class Peer:
             if (await asyncio.to_thread(self.resync.run, round_index)).adopted:
                 self.update.replica_replaced()
         evaluation = None
-        if self._should_evaluate(round_index):
+        if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
         if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
-            digest = await asyncio.to_thread((await self.update.synced()).params_hash)
-            self.status.record_params_hash(round_index + 1, digest)
-            metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
-            metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
+            await closing.record_hash(self.ctx, await self.update.synced(), round_index)
         await self.update.checkpoint(round_index, loss)  # written in the background, off the critical path
         await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)  # pod-seconds up to now
         phases["update"] = time.perf_counter() - t0
@@ -281,20 +262,8 @@ class Peer:
         left in their outboxes (they sent while we were down, or could not reach us)."""
         gradients = await self.inbox.collect(round_index, self.spec.quorum, deadline)
         if len(gradients) < self.spec.quorum:
-            absent = self.inbox.missing(gradients)
-            found = await asyncio.gather(*(asyncio.to_thread(self.others.fetch_outbox, p, round_index) for p in absent))
-            for peer, gradient in zip(absent, found, strict=True):
-                if gradient is not None:
-                    gradients[peer] = gradient
-                    self.status.recovered += 1
-                    metrics.GRADIENTS_RECOVERED_TOTAL.labels(**self.labels).inc()
-                    log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
-        missing = self.spec.peers - len(gradients)
-        if missing:
-            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)
-            self.status.count_excluded("deadline", missing)
-        metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
-        metrics.record_excluded_rounds(self.labels, self.spec.peers, gradients)
+            gradients |= await closing.from_outboxes(self.ctx, self.others, self.inbox.missing(gradients), round_index)
+        closing.count_attendance(self.ctx, gradients)
         return gradients
 
     def _diverged(self, exc: Diverged) -> None:
@@ -306,21 +275,6 @@ class Peer:
         self.status.count_skipped_update("divergence")
         log.warning("%s; leaving it out of the round (training.onDivergence=skipRound)", exc,
                     extra={"reason": "divergence", "cause": exc.cause})
-
-    def _aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
-        """The rule's combination of the gradients, or None (counted, logged) when the update is skipped."""
-        try:
-            return self.replica.aggregate(gradients)
-        except SkipUpdate as exc:
-            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
-            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="rule").inc(len(gradients))
-            self.status.count_skipped_update(exc.reason)
-            log.warning("%s; skipping this round's update", exc, extra={"reason": exc.reason})
-            return None
-
-    def _should_evaluate(self, round_index: int) -> bool:
-        every = self.spec.evaluation.every_rounds
-        return (round_index + 1) % every == 0 or round_index + 1 == self.rounds
 
 
 def as_sent(gradient: np.ndarray, dtype: str) -> np.ndarray:

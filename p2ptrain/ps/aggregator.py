@@ -23,6 +23,7 @@ import torch
 from p2ptrain import metrics
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import shard_indices
+from p2ptrain.peer import closing
 from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.endpoint import PeerEndpoint
@@ -31,7 +32,7 @@ from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.ps_round import aggregator_keys, aggregator_labels
 from p2ptrain.peer.receiver import EventReceiver
 from p2ptrain.peer.recovery import OtherPeers, resume
-from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
+from p2ptrain.peer.replica import Replica
 from p2ptrain.peer.report import RoundReport, record_round
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import PeerStore, connect
@@ -46,9 +47,8 @@ _WAIT_SLICE_SECONDS = 0.5
 class AggregatorContext(PeerContext):
     """A ``PeerContext`` whose metric labels say ``peer="aggregator"``: the peers' metric names."""
 
-    def __post_init__(self) -> None:
-        spec = self.config.spec
-        object.__setattr__(self, "labels", aggregator_labels(spec.name, spec.namespace))
+    def metric_labels(self) -> dict[str, str]:
+        return aggregator_labels(self.spec.name, self.spec.namespace)
 
 
 class Aggregator:
@@ -114,19 +114,16 @@ class Aggregator:
         phases["exchange"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        combined = await asyncio.to_thread(self._aggregate, round_index, gradients)
+        combined = await asyncio.to_thread(self._combine, round_index, gradients)
         phases["aggregate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         if combined is not None:
             await asyncio.to_thread(self.replica.apply, combined)
-        last = round_index + 1 == self.rounds
-        every = self.spec.evaluation.every_rounds
-        evaluation = await asyncio.to_thread(self.replica.evaluate) if (round_index + 1) % every == 0 or last else None
-        digest = await asyncio.to_thread(self.replica.params_hash)
-        self.status.record_params_hash(round_index + 1, digest)
-        metrics.PARAMS_HASH.labels(**self.labels).set(int(digest[:12], 16))
-        metrics.PARAMS_HASH_ROUND.labels(**self.labels).set(round_index + 1)
+        evaluation = None
+        if closing.evaluation_due(self.ctx, round_index, self.rounds):
+            evaluation = await asyncio.to_thread(self.replica.evaluate)
+        await closing.record_hash(self.ctx, self.replica, round_index)
         # Saved every round, also without an update: the peers wait for this round's checkpoint.
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
@@ -159,12 +156,7 @@ class Aggregator:
                 await self._from_outboxes(round_index)
                 break
         gradients = await self.inbox.collect(round_index, spec.quorum, time.monotonic())
-        missing = spec.peers - len(gradients)
-        if missing:
-            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="deadline").inc(missing)
-            self.status.count_excluded("deadline", missing)
-        metrics.PEERS_ACTIVE.labels(**self.labels).set(len(gradients))
-        metrics.record_excluded_rounds(self.labels, spec.peers, gradients)
+        closing.count_attendance(self.ctx, gradients)
         return gradients
 
     def _arrived(self, round_index: int) -> bool:
@@ -172,25 +164,15 @@ class Aggregator:
 
     async def _from_outboxes(self, round_index: int) -> None:
         absent = [p for p in range(self.spec.peers) if not self.inbox.holds(round_index, p)]
-        found = await asyncio.gather(*(asyncio.to_thread(self.others.fetch_outbox, p, round_index) for p in absent))
-        for peer, gradient in zip(absent, found, strict=True):
-            if gradient is not None and await self.inbox.file(round_index, peer, gradient):
-                self.status.recovered += 1
-                metrics.GRADIENTS_RECOVERED_TOTAL.labels(**self.labels).inc()
-                log.info("took peer %d's round %d gradient from its outbox", peer, round_index + 1)
+        for peer, gradient in (await closing.from_outboxes(self.ctx, self.others, absent, round_index)).items():
+            await self.inbox.file(round_index, peer, gradient)
 
-    def _aggregate(self, round_index: int, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
-        """The rule's combination, or None (counted, logged) when this round has no update."""
+    def _combine(self, round_index: int, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
+        """The rule's combination (the replica's, with its centered-clipping state), or None (counted,
+        logged) when this round has no update."""
         rule = self.spec.aggregation
-        try:
-            combined = aggregate_gradients(rule, gradients)
-        except SkipUpdate as exc:
-            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason=exc.reason).inc()
-            metrics.PEERS_EXCLUDED_TOTAL.labels(**self.labels, reason="rule").inc(len(gradients))
-            self.status.count_skipped_update(exc.reason)
-            log.warning("%s; skipping this round's update", exc, extra={"reason": exc.reason})
-            return None
-        if bool(torch.isfinite(combined).all()):
+        combined = closing.combine(self.ctx, self.replica, gradients)
+        if combined is None or bool(torch.isfinite(combined).all()):
             return combined
         diverged = Diverged("non-finite-aggregate", round_index,
                        f"the {rule.rule} of {len(gradients)} gradients has non-finite values")

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"gradient", "autoscale", "peer.errors", "peer.context"},
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},
-    {"peer.receiver", "peer.resync"},
+    {"peer.receiver", "peer.resync", "peer.closing"},
     {"peer.sender", "peer.functions", "peer.endpoint", "peer.attacker"},
     {"peer.inline", "peer.ps_round"},
     {"peer.round", "ps.aggregator", "ps.local"},
@@ -49,10 +49,11 @@ def _imports(tree: ast.AST) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(tree):  # function-level (lazy) imports count too
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "p2ptrain":
-            if node.module == "p2ptrain":
-                found |= {alias.name for alias in node.names if _is_module(alias.name)}
-            else:
-                found.add(node.module.removeprefix("p2ptrain."))
+            package = "" if node.module == "p2ptrain" else node.module.removeprefix("p2ptrain.") + "."
+            submodules = {package + a.name for a in node.names if _is_module((package + a.name).replace(".", "/"))}
+            if node.module != "p2ptrain" and len(submodules) < len(node.names):
+                found.add(node.module.removeprefix("p2ptrain."))  # names defined in the module itself
+            found |= submodules
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("p2ptrain.") for a in node.names if a.name.split(".")[0] == "p2ptrain"}
     return found

@@ -32,6 +32,7 @@ from p2ptrain.peer.recovery import OtherPeers, resume
 from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
 from p2ptrain.peer.report import RoundReport, record_round
 from p2ptrain.peer.sender import GradientSender
+from p2ptrain.poster import Poster
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import Keys, PeerStore, connect
 
@@ -95,9 +96,10 @@ class Peer:
             start = await self.resume()
             self.status.state = PeerState.TRAINING
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-            async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
-                self._functions = FunctionClient(self.ctx, self.store, http)
-                self._sender = GradientSender(self.ctx, self.store, http)
+            async with (httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http,
+                        Poster(max_connections=64, timeout_seconds=self.spec.function.timeout_seconds) as poster):
+                self._functions = FunctionClient(self.ctx, self.store, poster)
+                self._sender = GradientSender(self.ctx, self.store, poster)
                 try:
                     await self._wait_for_peers(http)
                     start = await self.catch_up(start)

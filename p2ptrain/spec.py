@@ -98,6 +98,7 @@ class FunctionSpec:
     retries: int = crd_default("function.retries")
     image: str | None = None
     resources: Mapping[str, Any] | None = None
+    device: str = crd_default("function.device")  # auto | cpu | cuda (cuda needs an nvidia.com/gpu limit)
 
 
 @dataclass(frozen=True)

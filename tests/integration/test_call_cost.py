@@ -15,7 +15,7 @@ import redis
 
 from p2ptrain import asgi
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS, detect
-from p2ptrain.poster import PostError, Poster
+from p2ptrain.poster import Poster, PostError
 from p2ptrain.redis_server import RedisServer, free_port
 
 from .test_autoscale import _post, service_factory  # noqa: F401  (the fixture, with its stand-in function)

@@ -47,15 +47,23 @@ class Accumulator:
         Both keys get ``ttl_seconds`` on every add: a function call that arrives after the peer cleared
         the round recreates them, and they must expire rather than stay forever.
         """
+        # One round trip: the add and both TTLs in one pipeline (a function call pays for each trip).
+        pipe = client.pipeline(transaction=False)
+        if self.kind == "module":
+            pipe.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
+        else:
+            pipe.fcall("p2p_accum", 2, acc_key, meta_key, part, repr(float(weight)), blob)
+        pipe.expire(acc_key, ttl_seconds)
+        pipe.expire(meta_key, ttl_seconds)
+        reply = pipe.execute(raise_on_error=False)[0]
         try:
-            if self.kind == "module":
-                reply = client.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
-            else:
+            if isinstance(reply, redis.ResponseError) and self.kind == "lua" and _missing_function(reply):
+                # Redis restarted empty: load the library, add again, and set the TTLs on the new keys.
                 reply = _fcall(client, "p2p_accum", acc_key, meta_key, part, repr(float(weight)), blob)
-            pipe = client.pipeline(transaction=False)
-            pipe.expire(acc_key, ttl_seconds)
-            pipe.expire(meta_key, ttl_seconds)
-            pipe.execute()
+                client.expire(acc_key, ttl_seconds)
+                client.expire(meta_key, ttl_seconds)
+            elif isinstance(reply, redis.ResponseError):
+                raise reply
         except redis.ResponseError as exc:
             raise AccumulatorError(f"accumulating into {acc_key} failed: {exc}") from exc
         return bool(reply)
@@ -80,10 +88,14 @@ def _fcall(client: redis.Redis, function: str, acc_key: str, meta_key: str, *arg
     try:
         return client.fcall(function, 2, acc_key, meta_key, *args)
     except redis.ResponseError as exc:
-        if "function not found" not in str(exc).lower():
+        if not _missing_function(exc):
             raise
     client.function_load(lua_library(), replace=True)
     return client.fcall(function, 2, acc_key, meta_key, *args)
+
+
+def _missing_function(error: redis.ResponseError) -> bool:
+    return "function not found" in str(error).lower()
 
 
 def detect(client: redis.Redis, mode: str = "auto") -> Accumulator:

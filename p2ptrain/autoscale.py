@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import statistics
 import subprocess
 import time
 from collections.abc import Sequence
@@ -19,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from p2ptrain import asgi
+from p2ptrain.poster import Poster, PostError
 from p2ptrain.redis_server import die_with_parent, free_port
 from p2ptrain.spec import FunctionSpec
 
@@ -80,8 +80,17 @@ class ScaleStats:
             "max_instances": self.max_instances,
             "requests": self.requests,
             "warm_request_seconds_mean": mean(self.warm_request_seconds),
+            **{f"warm_request_seconds_{name}": value for name, value in spread(self.warm_request_seconds).items()},
             "cold_request_seconds_mean": mean(self.cold_request_seconds),
         }
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """Median, 10th and 90th percentile (None without values): a warm request's typical cost and its tails."""
+    if not values:
+        return {"median": None, "p10": None, "p90": None}
+    deciles = statistics.quantiles(values, n=10, method="inclusive") if len(values) > 1 else [values[0]] * 9
+    return {"median": statistics.median(values), "p10": deciles[0], "p90": deciles[-1]}
 
 
 class LocalFunctionService:
@@ -102,7 +111,7 @@ class LocalFunctionService:
         self.stats = ScaleStats()
         self._changed = asyncio.Condition()
         self._numbers = 0
-        self._client = httpx.AsyncClient(timeout=scale.timeout_seconds, limits=httpx.Limits(max_connections=256))
+        self._client = Poster(max_connections=256, timeout_seconds=scale.timeout_seconds)
         self._reaper: asyncio.Task[None] | None = None
         self._waiters = 0
         self._warming: set[asyncio.Task[None]] = set()
@@ -165,9 +174,9 @@ class LocalFunctionService:
             return 503, [(b"content-type", b"text/plain")], b"no function instance became available in time"
         try:
             response = await self._client.request(method, instance.url + path, headers=headers, content=body)
-        except httpx.HTTPError as exc:
-            instance.failed = instance.process.poll() is not None or isinstance(exc, httpx.ConnectError)
-            return 503, [(b"content-type", b"text/plain")], f"function instance failed: {type(exc).__name__}".encode()
+        except PostError as exc:
+            instance.failed = instance.process.poll() is not None or exc.connect
+            return 503, [(b"content-type", b"text/plain")], f"function instance failed: {exc}".encode()
         finally:
             await self._release(instance)
         elapsed = time.monotonic() - started
@@ -178,7 +187,7 @@ class LocalFunctionService:
             if k.lower() not in _HOP_HEADERS and k.lower() != "content-encoding"
         ]
         out.append((b"content-length", str(len(response.content)).encode()))
-        return response.status_code, out, response.content
+        return response.status, out, response.content
 
     # --- scaling ------------------------------------------------------------------------------------
     def _capacity(self) -> int:
@@ -197,6 +206,8 @@ class LocalFunctionService:
                     instance.last_used = time.monotonic()
                     return instance, cold
                 starting = [i for i in self.instances if not i.ready.is_set()]
+                # Waiting for an instance that is starting makes this request pay for a cold start too.
+                cold = cold or bool(starting)
                 waiting_capacity = len(starting) * self._capacity()
                 if len(self.instances) < self.scale.max_scale and waiting_capacity <= self._waiters:
                     cold = True
@@ -261,9 +272,9 @@ class LocalFunctionService:
     async def _wait_ready(self, instance: Instance) -> bool:
         deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
         while time.monotonic() < deadline and instance.process.poll() is None:
-            with contextlib.suppress(httpx.HTTPError):
+            with contextlib.suppress(PostError):
                 response = await self._client.get(instance.url + "/health/readiness", timeout=1)
-                if response.status_code == 200:
+                if response.status == 200:
                     return True
             await asyncio.sleep(0.05)
         return False

@@ -35,6 +35,7 @@ from p2ptrain import asgi, metrics, wire
 from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
 from p2ptrain.config import CONFIG_ENV, ConfigError, RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, load_dataset
+from p2ptrain.device import pick_device
 from p2ptrain.models import build_model
 from p2ptrain.store import Keys, connect
 
@@ -91,6 +92,8 @@ class GradientFunction:
         # so two requests computing at once need two modules: idle skeletons wait here for reuse.
         self._skeletons: queue.SimpleQueue[torch.nn.Module] = queue.SimpleQueue()
         self._labels: dict[str, str] = {}
+        self._device = torch.device("cpu")
+        self._failure: str | None = None  # why start failed: what readiness reports
 
     # --- lifecycle (func-python calls these) ----------------------------------------------------
     def configure(self, env: dict[str, str]) -> None:
@@ -113,13 +116,19 @@ class GradientFunction:
         assert self.config is not None
         torch.set_num_threads(int(env.get("P2PTRAIN_TORCH_THREADS", "1")))
         spec = self.config.spec
+        try:
+            self._device = pick_device(spec.function.device)
+        except ConfigError as exc:
+            self._failure = str(exc)
+            raise
         self._dataset = load_dataset(spec.dataset)
         torch.manual_seed(spec.seed)
-        self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes)
+        self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes).to(self._device)
         self._model.train()
         self._ready = True
         metrics.FUNCTION_INSTANCE_START_TIME_SECONDS.labels(**self._labels).set_to_current_time()
-        log.info("gradient function ready", extra={"job": spec.name, "namespace": spec.namespace})
+        log.info("gradient function ready on %s", self._device,
+                 extra={"job": spec.name, "namespace": spec.namespace, "device": str(self._device)})
 
     @property
     def model(self) -> torch.nn.Module | None:
@@ -139,6 +148,8 @@ class GradientFunction:
         return True, "OK"
 
     def ready(self) -> tuple[bool, str]:
+        if self._failure is not None:
+            return False, self._failure
         return (True, "OK") if self._ready else (False, "loading data and model")
 
     # --- the event boundary -----------------------------------------------------------------------
@@ -177,7 +188,10 @@ class GradientFunction:
             extensions={"round": request.round, "peer": request.peer},
             key=self.secrets.signing_key,
         )
-        await send.binary(reply)  # type: ignore[attr-defined]
+        # Encoded here, not by func-python's sender: one dict of headers, no second event model.
+        headers, body = wire.to_http(reply)
+        out = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        await asgi.respond(getattr(send, "http", send), 200, body, headers=out)
 
     def count_rejected(self, exc: RequestError | wire.WireError) -> None:
         metrics.FUNCTION_INVOCATIONS_TOTAL.labels(**self._labels, outcome=exc.reason).inc()
@@ -268,6 +282,7 @@ class GradientFunction:
             "added": added,
             "cold": cold,
             "pid": os.getpid(),
+            "device": self._device.type,
             "timings": timings,
             "cost": usage,
         }
@@ -280,7 +295,10 @@ class GradientFunction:
         except queue.Empty:
             skeleton = copy.deepcopy(self._model)  # one more request computing at once than ever before
         try:
-            return compute_gradient(skeleton, flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices])
+            loss, correct, gradient = compute_gradient(
+                skeleton, flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices]
+            )
+            return loss, correct, gradient.cpu()
         finally:
             self._skeletons.put(skeleton)
 
@@ -304,7 +322,8 @@ class GradientFunction:
             raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
         assert self._model is not None
         numel = sum(p.numel() for p in self._model.parameters())
-        flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel))
+        # Cached on the compute device: a version crosses to the GPU once, not once per micro-batch.
+        flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel)).to(self._device)
         metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()
         with self._lock:
             self._params[key] = flat
@@ -323,7 +342,8 @@ def cpu_clock() -> float:
 def compute_gradient(
     model: torch.nn.Module, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray
 ) -> tuple[float, int, torch.Tensor]:
-    """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params``.
+    """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params``, computed on
+    ``flat_params``'s device (``model`` must be there too; the gradient stays there).
 
     ``torch.func.functional_call`` swaps ``flat_params`` into ``model`` for the call and back: the result
     depends only on the arguments, but one ``model`` must not serve two calls at the same time
@@ -333,8 +353,8 @@ def compute_gradient(
     shapes = [p.shape for _, p in model.named_parameters()]
     pieces = torch.split(flat_params, [s.numel() for s in shapes])
     params = {n: piece.view(s).detach().requires_grad_(True) for n, piece, s in zip(names, pieces, shapes, strict=True)}
-    inputs = torch.from_numpy(np.ascontiguousarray(x))
-    targets = torch.from_numpy(np.ascontiguousarray(y))
+    inputs = torch.from_numpy(np.ascontiguousarray(x)).to(flat_params.device)
+    targets = torch.from_numpy(np.ascontiguousarray(y)).to(flat_params.device)
     logits = torch.func.functional_call(model, params, (inputs,))
     loss = torch.nn.functional.cross_entropy(logits, targets)
     grads = torch.autograd.grad(loss, list(params.values()))

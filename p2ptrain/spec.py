@@ -124,6 +124,7 @@ class FunctionSpec:
     retries: int = crd_default("function.retries")
     image: str | None = None
     resources: Mapping[str, Any] | None = None
+    device: str = crd_default("function.device")  # auto | cpu | cuda (cuda needs an nvidia.com/gpu limit)
 
     @property
     def inline(self) -> bool:

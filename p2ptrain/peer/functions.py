@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
@@ -26,6 +25,7 @@ from p2ptrain.data import split_micro_batches
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.errors import PeerError
+from p2ptrain.poster import Poster, PostError
 from p2ptrain.store import PeerStore
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def read_receipt(headers: dict[str, str], body: bytes, key: bytes) -> Receipt:
 
 
 class FunctionClient(PeerPart):
-    def __init__(self, ctx: PeerContext, store: PeerStore, http: httpx.AsyncClient) -> None:
+    def __init__(self, ctx: PeerContext, store: PeerStore, http: Poster) -> None:
         super().__init__(ctx)
         self.store = store
         self.http = http
@@ -184,12 +184,12 @@ class FunctionClient(PeerPart):
                     content=body,
                     timeout=min(self.spec.function.timeout_seconds, remaining),
                 )
-            except httpx.HTTPError as exc:
-                last_error = self._failed("http", f"{type(exc).__name__}: {exc}")
+            except PostError as exc:
+                last_error = self._failed("http", str(exc))
             else:
-                if response.status_code == 200:
+                if response.status == 200:
                     try:
-                        receipt = read_receipt(dict(response.headers), response.content, self.secrets.signing_key)
+                        receipt = read_receipt(response.headers, response.content, self.secrets.signing_key)
                     except BadReply as exc:
                         last_error = self._failed("reply", f"bad reply: {exc}")
                     else:
@@ -199,11 +199,11 @@ class FunctionClient(PeerPart):
                         return receipt
                 else:
                     if is_non_finite_answer(
-                        response.status_code, response.headers.get("x-p2ptrain-reason"), response.text[:1000]
+                        response.status, response.headers.get("x-p2ptrain-reason"), response.text[:1000]
                     ):
                         raise _NonFinite(f"micro-batch {request['part']}: {response.text[:200]}")
-                    last_error = self._failed("status", f"HTTP {response.status_code}: {response.text[:200]}")
-                    if 400 <= response.status_code < 500 and response.status_code not in (408, 409, 429):
+                    last_error = self._failed("status", f"HTTP {response.status}: {response.text[:200]}")
+                    if 400 <= response.status < 500 and response.status not in (408, 409, 429):
                         break  # the request itself is wrong; retrying cannot help
                     if response.headers.get("x-p2ptrain-reason") == "version" and self._published is not None:
                         # Our Redis lost the model version (it restarted empty): publish it again.

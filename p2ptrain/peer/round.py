@@ -38,6 +38,7 @@ from p2ptrain.peer.report import RoundReport, record_round
 from p2ptrain.peer.resync import Resync
 from p2ptrain.peer.sender import GradientSender
 from p2ptrain.peer.update import RoundUpdate
+from p2ptrain.poster import Poster
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import Keys, PeerStore, connect
 
@@ -105,11 +106,12 @@ class Peer:
             start = await self.resume()
             self.status.state = PeerState.TRAINING
             limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-            async with httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http:
+            async with (httpx.AsyncClient(limits=limits, timeout=self.spec.function.timeout_seconds) as http,
+                        Poster(max_connections=64, timeout_seconds=self.spec.function.timeout_seconds) as poster):
                 # function.mode: the gradient function, or this peer's own torch (same round either way).
                 self._functions = (InlineGradients(self.ctx, self.store, self.replica) if self.spec.function.inline
-                                   else FunctionClient(self.ctx, self.store, http))
-                self._sender = (AggregatorSender if self._ps else GradientSender)(self.ctx, self.store, http)
+                                   else FunctionClient(self.ctx, self.store, poster))
+                self._sender = (AggregatorSender if self._ps else GradientSender)(self.ctx, self.store, poster)
                 try:
                     await closing.wait_for_peers(http, self.config, self.index)
                     start = await self.catch_up(start)

@@ -8,27 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
+from collections import deque
 
-import httpx
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
 from p2ptrain.peer.context import PeerContext, PeerPart
+from p2ptrain.poster import Poster, PostError
 from p2ptrain.store import PeerStore
 
 log = logging.getLogger(__name__)
 
 _SEND_BACKOFF = retry.Backoff(first=0.05, cap=1.0)
 _POST_TIMEOUT_SECONDS = 10
+# Post times kept for the end-of-run summary line (bench/call.py reads it): the latest ones suffice.
+_POST_SECONDS_KEPT = 10_000
 
 
 class GradientSender(PeerPart):
-    def __init__(self, ctx: PeerContext, store: PeerStore, http: httpx.AsyncClient) -> None:
+    def __init__(self, ctx: PeerContext, store: PeerStore, http: Poster) -> None:
         super().__init__(ctx)
         self.store = store
         self.http = http
         self._sending: set[asyncio.Task[None]] = set()
+        self.post_seconds: deque[float] = deque(maxlen=_POST_SECONDS_KEPT)  # answered posts, request to reply
 
     async def send(self, round_index: int, gradient: np.ndarray) -> None:
         """Park the gradient in our outbox and start posting it to every other peer."""
@@ -76,16 +81,18 @@ class GradientSender(PeerPart):
         while time.monotonic() < deadline:
             self.cost.peer_bytes("exchangeSent", len(body))  # every attempt puts the body on the wire
             try:
+                started = time.perf_counter()
                 response = await self.http.post(
                     self.url_of(peer) + "/", headers=headers, content=body, timeout=_POST_TIMEOUT_SECONDS
                 )
-            except httpx.HTTPError as exc:
-                last_error = f"{type(exc).__name__}: {exc}"
+                self.post_seconds.append(time.perf_counter() - started)
+            except PostError as exc:
+                last_error = str(exc)
                 await retry.sleep_before_retry(_SEND_BACKOFF, attempt, deadline)
                 attempt += 1
                 continue
-            if response.status_code >= 400 and response.status_code != 409:  # 409: it has it, or moved on
-                self._failed(peer, round_index, "refused", f"HTTP {response.status_code}: {response.text[:200]}")
+            if response.status >= 400 and response.status != 409:  # 409: it has it, or moved on
+                self._failed(peer, round_index, "refused", f"HTTP {response.status}: {response.text[:200]}")
             return
         self._failed(peer, round_index, "unreachable", last_error or "no attempt before the deadline")
 
@@ -99,6 +106,11 @@ class GradientSender(PeerPart):
         """Wait for the gradients still on their way (each bounded by the round deadline)."""
         if self._sending:
             await asyncio.wait(set(self._sending))
+        if len(self.post_seconds) > 1:
+            ms = sorted(1000 * s for s in self.post_seconds)
+            deciles = statistics.quantiles(ms, n=10, method="inclusive")
+            log.info("exchange posts: %d answered, median %.3f ms, p10 %.3f ms, p90 %.3f ms",
+                     len(ms), statistics.median(ms), deciles[0], deciles[-1])
 
     async def close(self) -> None:
         """Cancel every send still running (the round failed or the peer is stopping)."""

@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status", "attack"},
+     "status", "attack", "poster"},
     {"spec", "dbupdate", "redis_server", "cost"},
     {"config", "data", "models", "summary"},
-    {"store", "preflight"},
+    {"store", "preflight", "device"},
     {"gradient", "autoscale", "peer.errors", "peer.context"},
     {"peer.replica", "peer.divergence", "scrape_targets", "function_server"},
     {"peer.recovery", "peer.inbox", "peer.report", "peer.update"},

@@ -58,6 +58,16 @@ def is_non_finite_answer(status: int, reason: str | None, text: str) -> bool:
     return reason == "non-finite" or (status >= 400 and "non-finite" in text)
 
 
+def left_out_non_finite(ctx: PeerContext, round_index: int, non_finite: list[str]) -> None:
+    """``training.onDivergence=skipRound``: micro-batches with non-finite gradients leave the round
+    (logged, counted); the rest of it goes on."""
+    log.warning("round %d: %d micro-batch(es) had non-finite gradients and are left out: %s",
+                round_index + 1, len(non_finite), non_finite[0], extra={"reason": "divergence"})
+    ctx.status.count_skipped_update("divergence")
+    metrics.UPDATES_SKIPPED_TOTAL.labels(**ctx.labels, reason="divergence").inc()
+    metrics.DIVERGENCES_TOTAL.labels(**ctx.labels, cause="non-finite-gradient").inc()
+
+
 class BadReply(ValueError):
     """A 200 from the function whose event cannot be trusted or read."""
 
@@ -134,11 +144,7 @@ class FunctionClient(PeerPart):
         if non_finite:
             # training.onDivergence=skipRound: those micro-batches are left out (the accumulator refused
             # them), the rest of the round goes on; a diverged model is not an outage of the function.
-            log.warning("round %d: %d micro-batch(es) had non-finite gradients and are left out: %s",
-                        round_index + 1, len(non_finite), non_finite[0], extra={"reason": "divergence"})
-            self.status.count_skipped_update("divergence")
-            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
-            metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause="non-finite-gradient").inc()
+            left_out_non_finite(self.ctx, round_index, [str(a) for a in non_finite])
             return receipts
         if receipts:
             self._rounds_without_gradient = 0

@@ -21,12 +21,12 @@ import logging
 import numpy as np
 import torch
 
-from p2ptrain import metrics, wire
+from p2ptrain import wire
 from p2ptrain.data import Dataset, split_micro_batches
 from p2ptrain.gradient import compute_gradient
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
-from p2ptrain.peer.functions import Receipt
+from p2ptrain.peer.functions import Receipt, left_out_non_finite
 from p2ptrain.peer.replica import Replica
 from p2ptrain.store import PeerStore
 
@@ -67,11 +67,7 @@ class InlineGradients(PeerPart):
         if non_finite and not skip_non_finite:
             raise Diverged("non-finite-gradient", round_index, non_finite[0])
         if non_finite:
-            log.warning("round %d: %d micro-batch(es) had non-finite gradients and are left out: %s",
-                        round_index + 1, len(non_finite), non_finite[0], extra={"reason": "divergence"})
-            self.status.count_skipped_update("divergence")
-            metrics.UPDATES_SKIPPED_TOTAL.labels(**self.labels, reason="divergence").inc()
-            metrics.DIVERGENCES_TOTAL.labels(**self.labels, cause="non-finite-gradient").inc()
+            left_out_non_finite(self.ctx, round_index, non_finite)
         return receipts
 
     def _compute(self, round_index: int, params: torch.Tensor, parts: list[np.ndarray]) -> tuple[list[Receipt], list[str]]:

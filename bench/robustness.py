@@ -7,7 +7,7 @@ plots) and a rule x attack table of final accuracy. Writes docs/robustness.md an
 The peers are simulated in one process with the peer's own code: each peer's minibatch of its own
 shard (``shard_indices``, ``batch_indices``), its real torch gradient (``compute_gradient``, what the
 gradient function runs), the attackers' ``p2ptrain.attack.Attacker`` (label-flip: the same
-``flip_labels``), the rule through ``aggregate_gradients`` and the step and evaluation of a
+``flip_labels``), the rule through ``Replica.aggregate`` (with its centered-clipping state) and the step and evaluation of a
 ``Replica`` (same model, optimizer, seed). One replica stands for all honest peers: in the real
 system every peer aggregates the same gradients and the replicas stay bit-identical (checked by
 parameter hashes). Not simulated: the network, the Redis averaging and the function calls, whose
@@ -34,7 +34,7 @@ from p2ptrain.aggregate import MINIMUM, RULES
 from p2ptrain.attack import KINDS, Attacker, flip_labels
 from p2ptrain.data import batch_indices, shard_indices
 from p2ptrain.gradient import compute_gradient
-from p2ptrain.peer.replica import Replica, SkipUpdate, aggregate_gradients
+from p2ptrain.peer.replica import Replica, SkipUpdate
 from p2ptrain.spec import JobSpec, parse_manifest
 
 matplotlib.use("Agg")  # files only, no display
@@ -123,7 +123,7 @@ def train(spec: JobSpec, label: str) -> Run:
             if sent is not None:
                 gradients[p] = sent
         try:
-            combined = aggregate_gradients(spec.aggregation, gradients)
+            combined = replica.aggregate(gradients)  # as the peer: centered clipping keeps its center
         except SkipUpdate:
             combined = None
         if combined is not None and bool(torch.isfinite(combined).all()):
@@ -267,7 +267,7 @@ def _header(rounds: int, every: int, seeds: int, elapsed: float) -> list[str]:
         "",
         "**How.** The peers are simulated in one process with the peer's own code (see the docstring of",
         "`bench/robustness.py`): real torch gradients of each peer's shard, the real rules of",
-        "`p2ptrain/aggregate.py` through the peer's `aggregate_gradients`, the real attacks of",
+        "`p2ptrain/aggregate.py` through the peer's `Replica.aggregate` (centered clipping keeps its center across rounds), the real attacks of",
         "`p2ptrain/attack.py`, the replica's optimizer step and evaluation. The network, the Redis",
         "averaging and the functions are not simulated (they change the numbers by float rounding only);",
         "`tests/integration/test_attack_run.py` runs the real path (5 peers, real Redis and HTTP, one attacker).",

@@ -294,6 +294,11 @@ def _notes() -> list[str]:
         "  the honest majority still points downhill, so they slow it rather than break it. IPM with a",
         "  small epsilon is aimed at Krum-like rules, which pick the attackers' identical vectors.",
         "- Verdicts compare single runs; a gap within a point or two of the threshold is not significant.",
+        "",
+        "## Chaos runs",
+        "",
+        "Faults rather than attacks (peers, Redis, functions and the operator killed or failing mid-run, with",
+        "exact sample counts checked): [chaos.md](chaos.md), written by `make chaos` (`bench/chaos.py`).",
     ]
 
 

@@ -19,7 +19,7 @@ async def test_healthz_answers_while_the_peer_aggregates_a_large_model() -> None
     spec = make_spec(
         name="freeloop", peers=3, functionsPerPeer=1, batchSize=8, rounds=2,
         model={"name": "mlp", "args": {"hidden": [1536, 1536]}},  # 2.5 M parameters, 10 MB per gradient
-        aggregation={"rule": "median", "byzantine": 1},
+        aggregation={"rule": "geometric-median", "byzantine": 1},  # the heaviest rule: a long aggregation
         exchange={"roundDeadlineSeconds": 120},
         evaluation={"everyRounds": 1},
     )

@@ -47,7 +47,8 @@ def _results() -> dict[str, Any]:
                   "systems": {**_job(2)["systems"], "ps": {"error": "RunError: the aggregator failed", "wall_seconds": 9.0}}}],
         "faults": [
             {"system": "p2p", "fault": "peer", "job": "digits 4 peers", "at_round": 7, "clean_wall_seconds": 30.0,
-             "clean_accuracy": 0.93, "wall_seconds": 42.5, "accuracy": 0.92, "finished": True, "rounds": 20,
+             "clean_accuracy": 0.93, "clean_tail_seconds": 10.0, "tail_seconds": 22.5, "wall_seconds": 31.0,
+             "accuracy": 0.92, "finished": True, "rounds": 20,
              "restarts": 1, "committed_rounds_lost": 0, "replicas_identical_at_end": True},
             {"system": "ps", "fault": "aggregator", "job": "digits 4 peers", "at_round": 7, "clean_wall_seconds": 30.0,
              "clean_accuracy": 0.93, "error": "TimeoutError: the aggregator's round 7", "wall_seconds": 600.0},
@@ -76,7 +77,9 @@ def test_the_report_states_its_ratios_and_provenance(tmp_path: Path) -> None:
     assert "PS cost / P2P cost = 0.50 (serverless prices)" in text
     assert "cnn 2 peers**" not in text  # a job with a failed system draws no finding
     # Fault drills: time lost against the clean run, and a drill that broke is reported, not dropped.
-    assert "| one peer SIGKILLed | 7 | yes | +12.5 s (1.42x) | 42 (30) | 0.920 (0.930) | 1 | 0 | yes |" in text
+    # Time lost: kill-to-end minus the clean run's same-round-to-end, not the wall times (start-up noise).
+    assert "| one peer SIGKILLed | 7 | yes | +12.5 s | 22.5 (10.0) | 31 (30) | 0.920 (0.930) | 1 | 0 | yes |" in text
+    assert "+12.5 s against its clean run, accuracy 0.920 (clean 0.930)" in text
     assert "no: TimeoutError: the aggregator's round 7" in text
 
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)

@@ -403,18 +403,18 @@ def findings(results: Mapping[str, Any]) -> list[str]:
         s = job["systems"]
         lines.append(
             f"- **{job['name']}**: PS round / P2P round = {s['ps']['round_seconds'] / s['p2p']['round_seconds']:.2f}, "
-            f"PS bytes between peers / P2P = {_x(_ratio(s['ps']['bytes_between_peers_per_round'], s['p2p']['bytes_between_peers_per_round']))}, "
             f"inline round / P2P serverless round = {s['inline']['round_seconds'] / s['p2p']['round_seconds']:.2f}, "
             f"PS cost / P2P cost = {s['ps']['money']['serverless'] / s['p2p']['money']['serverless']:.2f} (serverless prices), "
             f"{s['ps']['money']['vm'] / s['p2p']['money']['vm']:.2f} (VM prices)."
         )
     for job in jobs:
         s = job["systems"]
-        # Under ps each peer also reads the aggregator's checkpoint every round (model and momentum, about
-        # 2 x 4 bytes per parameter), which the cost block does not count: added here as an estimate.
-        unread = job["peers"] * 8 * job["params"]
+        # Under ps the cost block (the peers' ledgers) misses, per peer and round, the aggregator taking in
+        # the peer's gradient (4 bytes per parameter, in the event or by dataref) and the peer reading the
+        # aggregator's checkpoint (model and momentum, 8 bytes per parameter): added here as an estimate.
+        unread = job["peers"] * 12 * job["params"]
         lines.append(
-            f"- {job['name']}, every byte: PS with its uncounted checkpoint reads (estimated {_size(unread)} per "
+            f"- {job['name']}, every byte: PS with what its cost block leaves out (estimated {_size(unread)} per "
             f"round) moves {_x(_ratio(s['ps']['bytes_per_round'] + unread, s['p2p']['bytes_per_round']))} "
             "of P2P's bytes per round."
         )
@@ -459,8 +459,9 @@ def render(results: Mapping[str, Any], doc: Path, images: Path) -> list[Path]:
         "workers (computed, not measured).",
         "- *cost*: the cost block priced with `examples/prices/serverless-example.yaml` and `vm-example.yaml` "
         "(EXAMPLE prices, not quotes); for DDP one pod per worker for its wall time. The aggregator's own pod and "
-        "Redis are not in the summary's cost block (it sums the peers'), nor are the peers' reads of the aggregator's "
-        "checkpoint each round: PS bytes and costs here are lower bounds (the findings add the reads as an estimate).",
+        "Redis are not in the summary's cost block (it sums the peers' ledgers), nor are the gradients the aggregator "
+        "takes in or the peers' reads of its checkpoint each round: PS bytes and costs in the tables are lower "
+        "bounds (the findings add the missing bytes as an estimate).",
         "",
         "## Findings",
         "",

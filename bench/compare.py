@@ -443,7 +443,8 @@ def render(results: Mapping[str, Any], doc: Path, images: Path) -> list[Path]:
         + (f" The run took {meta['minutes']:.1f} minutes." if "minutes" in meta else "")
         + " **Every figure comes from one run** per configuration, the four systems one after the other on the same "
         "machine, which runs every process of every peer, Redis, function and aggregator: read the **ratios to "
-        "DDP** and between systems, not the absolute times, which move with the machine's load.",
+        "DDP** and between systems, not the absolute times, which move with the machine's load. The raw figures: "
+        f"[results.json]({relative / 'results.json'}) (`bench/compare.py --render` rewrites this page from them).",
         "",
         "Systems: **P2P serverless** (`topology: p2p`, gradient functions), **PS serverless** (`topology: ps`: one "
         "aggregator, docs/topology.md), **P2P inline** (`function.mode: inline`: peers compute their own gradients) "
@@ -513,12 +514,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="digits at 2 and 4 peers, the CNN at 2, fewer rounds")
     parser.add_argument("--doc", default=str(ROOT / "docs" / "p2p-vs-ps.md"))
     parser.add_argument("--images", default=str(ROOT / "docs" / "img" / "compare"))
-    parser.add_argument("--save", help="also write the raw results to this JSON file")
+    parser.add_argument("--save", help="write the raw results to this JSON file (default: results.json in --images)")
     parser.add_argument("--render", metavar="RESULTS_JSON", help="write the report from saved results; measure nothing")
     args = parser.parse_args()
     if args.render:
         results = json.loads(Path(args.render).read_text(encoding="utf-8"))
     else:
+        args.save = args.save or str(Path(args.images) / "results.json")
         sys.path.insert(0, str(ROOT))  # the drills' driver lives with the tests that run the cheap ones
         from performance import commit, machine
 

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
 
-.PHONY: setup run test lint typecheck unit bench bench-reports clean tools image chaos robustness
+.PHONY: setup run test lint typecheck unit bench bench-reports clean tools image chaos robustness compare
 
 setup: $(STAMP)
 
@@ -69,6 +69,11 @@ chaos: $(STAMP)
 # were measured on two cores shared with seven other jobs (load average ~20).
 robustness: $(STAMP)
 	$(BIN)/python bench/robustness.py
+
+# P2P vs parameter server vs inline vs DDP on the same jobs, with a peer and the aggregator killed
+# mid-run: writes docs/p2p-vs-ps.md and docs/img/compare/ (`COMPARE_ARGS=--quick`: about 20 minutes on 2 cores).
+compare: $(STAMP)
+	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .mypy_cache .ruff_cache .pytest_cache

@@ -28,7 +28,8 @@ from p2ptrain import metrics, wire
 # GB-seconds and GB transferred are billed in binary gigabytes (AWS Lambda: 1024 MB = 1 GB).
 GB = float(1 << 30)
 PEER_PATHS = ("exchangeSent", "exchangeReceived", "datarefFetched", "outboxFetched")
-REDIS_PATHS = ("modelPublished", "modelRead", "accumulatorWritten", "meanRead", "outboxWritten", "checkpointWritten")
+REDIS_PATHS = ("modelPublished", "modelRead", "accumulatorWritten", "meanRead", "outboxWritten", "checkpointWritten",
+               "checkpointRead")
 _METRIC_PATH = dict(zip(PEER_PATHS + REDIS_PATHS, metrics.PEER_BYTE_PATHS + metrics.REDIS_BYTE_PATHS, strict=True))
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _SUFFIX = {None: 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,

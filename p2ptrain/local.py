@@ -275,7 +275,8 @@ class LocalRun:
                 for s in statuses
             ],
             "logs": str(self.workdir),
-            "cost": job_cost(s.get("cost") for s in statuses),
+            # topology ps: the aggregator's ledger too (its Redis, pod and the gradients it takes in)
+            "cost": job_cost(s.get("cost") for s in [*statuses, self.aggregator.status if self.aggregator else None] if s),
         }
         if self.options.prices is not None:
             summary["cost"]["money"] = self.options.prices.price(summary["cost"])

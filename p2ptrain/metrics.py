@@ -165,7 +165,7 @@ FUNCTION_MODEL_LOADS_TOTAL = Counter(
 # Paths bytes take between peers, and to and from a peer's Redis (``p2ptrain.cost`` names them).
 PEER_BYTE_PATHS = ("exchange-sent", "exchange-received", "dataref-fetched", "outbox-fetched")
 REDIS_BYTE_PATHS = ("model-published", "model-read", "accumulator-written", "mean-read", "outbox-written",
-                    "checkpoint-written")
+                    "checkpoint-written", "checkpoint-read")
 COST_FUNCTION_INVOCATIONS_TOTAL = Counter(
     "p2ptrain_cost_function_invocations_total",
     "Gradient function invocations this peer made (every attempt: platforms bill failed ones too).",

@@ -216,6 +216,7 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
     start = _parse_time(status.get("startTime"))
     states = [PeerState(r["state"]) if r else None for r in reports]
     failure = next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r["state"] == PeerState.FAILED), "")
+    aggregator = None
     if job.topology == "ps":  # the aggregator is one more part that must succeed, and may fail the job
         aggregator = await ps.poll_aggregator(memo.http, memo.settings, job)
         patch.status["aggregator"] = ps.aggregator_status(aggregator)
@@ -233,7 +234,7 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
         failure_message=failure,
     )
     transition = next_phase(phase, observed)
-    _write_progress(patch, job, reports, restarts)
+    _write_progress(patch, job, reports, restarts, aggregator)
     if transition.phase != phase:
         _write_status(patch, status, transition, meta.get("generation"))
         (kopf.warn if transition.phase in (Phase.FAILED, Phase.RESTARTING) else kopf.info)(
@@ -285,7 +286,8 @@ def refuse_rescale(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, old:
     raise kopf.PermanentError(message)
 
 
-def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[StatusDict | None], restarts: int) -> None:
+def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[StatusDict | None], restarts: int,
+                    aggregator: StatusDict | None = None) -> None:
     live = [r for r in reports if r]
     ready = sum(1 for r in live if r["state"] in (PeerState.TRAINING, PeerState.SUCCEEDED))
     patch.status["peersReady"] = ready
@@ -301,9 +303,10 @@ def _write_progress(patch: kopf.Patch, job: JobSpec, reports: list[StatusDict | 
             patch.status["loss"] = round(sum(losses) / len(losses), 5)
         if accuracies:
             patch.status["accuracy"] = round(sum(accuracies) / len(accuracies), 5)
-    if len(live) == job.peers:
-        # Only a complete poll is summed: a peer that did not answer would make the totals dip.
-        patch.status["cost"] = job_cost(r.get("cost") for r in live)
+    if len(live) == job.peers and (job.topology != "ps" or aggregator):
+        # Only a complete poll is summed: a peer (or the aggregator) that did not answer would make the
+        # totals dip. Topology ps: the aggregator's ledger is part of the job's.
+        patch.status["cost"] = job_cost([*(r.get("cost") for r in live), aggregator.get("cost") if aggregator else None])
 
 
 async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[StatusDict | None]:

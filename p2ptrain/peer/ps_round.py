@@ -135,6 +135,7 @@ class AggregatorLink(PeerPart):
         if saved is None:  # the aggregator's Redis restarted empty between the two reads
             raise PeerError(f"the aggregator's checkpoint after round {reached + 1} vanished from {self.address}")
         round_index, state, meta = saved
+        self.cost.redis_bytes("checkpointRead", len(state))
         try:
             replica.load(state)
         except CheckpointError as exc:

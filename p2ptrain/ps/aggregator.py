@@ -127,6 +127,8 @@ class Aggregator:
         # Saved every round, also without an update: the peers wait for this round's checkpoint.
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
+        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
+        await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)  # pod-seconds up to now
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

@@ -113,6 +113,34 @@ def test_cost_figures_match_what_the_run_did(tmp_path: Path, by_reference: bool)
     assert "cost          function:" in printed and "USD at 2026-11 prices" in printed
 
 
+def test_a_parameter_server_job_counts_the_aggregator_and_the_checkpoints_peers_read(tmp_path: Path) -> None:
+    """topology ps: the peers send to the aggregator only and read its checkpoint every round; the
+    aggregator's own ledger (what it takes in, its checkpoints, its Redis) is part of the job's cost."""
+    job = _job(tmp_path, {"roundDeadlineSeconds": 60, "inlineLimitBytes": 65536})
+    manifest = yaml.safe_load(job.read_text())
+    manifest["spec"]["topology"] = "ps"
+    job.write_text(yaml.safe_dump(manifest))
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "p2ptrain", "run", str(job), "--quiet", "--summary", str(summary_path),
+         "-o", str(tmp_path / "m.safetensors")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    cost, raw = summary["cost"], tensor_blob_bytes(_numel(job)) - tensor_blob_bytes(0)
+    events = ROUNDS * PEERS  # one gradient per round from every peer, to the aggregator only
+    assert summary["topology"] == "ps" and summary["send_failures"] == 0
+    # Sent by the peers and received by the aggregator: both sides are in the sum only with its ledger.
+    assert cost["peerBytes"]["exchangeSent"] == cost["peerBytes"]["exchangeReceived"] == events * tensor_blob_bytes(
+        _numel(job))
+    # Every peer adopts the aggregator's checkpoint (parameters and momentum) every round it waited for.
+    assert cost["redisBytes"]["checkpointRead"] >= ROUNDS * PEERS * 2 * raw
+    # The aggregator checkpoints every round too (the peers do as well).
+    assert cost["redisBytes"]["checkpointWritten"] >= ROUNDS * (PEERS + 1) * 2 * raw
+    assert cost["redisPodSeconds"] > 0
+
+
 class Stalls:
     """A gradient function that takes every request and never answers before ``stop`` (an instance
     stuck in a cold start): each call times out at the round deadline."""

@@ -255,14 +255,8 @@ class GradientFunction:
 
         t0 = time.perf_counter()
         blob = wire.raw_float32(gradient)
-        added = accumulator.add(
-            client,
-            request.accumulator_key,
-            request.accumulator_meta_key,
-            request.part,
-            float(request.indices.size),
-            blob,
-        )
+        added = accumulator.add(client, request.accumulator_key, request.accumulator_meta_key, request.part,
+                                float(request.indices.size), blob)
         timings["accumulate"] = time.perf_counter() - t0
         # What this invocation used, so the peer can account without scraping (docs/wire.md, "cost");
         # ``handle`` adds the wall time of the whole request.
@@ -273,18 +267,9 @@ class GradientFunction:
             "accumulatorWriteBytes": len(blob),
         }
         return {
-            "peer": request.peer,
-            "round": request.round,
-            "part": request.part,
-            "samples": int(request.indices.size),
-            "loss": loss,
-            "correct": correct,
-            "added": added,
-            "cold": cold,
-            "pid": os.getpid(),
-            "device": self._device.type,
-            "timings": timings,
-            "cost": usage,
+            "peer": request.peer, "round": request.round, "part": request.part, "samples": int(request.indices.size),
+            "loss": loss, "correct": correct, "added": added, "cold": cold, "pid": os.getpid(),
+            "device": self._device.type, "timings": timings, "cost": usage,
         }
 
     def gradient(self, flat_params: torch.Tensor, indices: np.ndarray) -> tuple[float, int, torch.Tensor]:

@@ -47,6 +47,18 @@ def _job(tmp_path: Path, exchange: dict[str, Any]) -> Path:
     return path
 
 
+def _run(job: Path, tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``p2ptrain run`` on the job as a user would; the finished process and its summary."""
+    summary_path = tmp_path / "summary.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "p2ptrain", "run", str(job), "--quiet", "--summary", str(summary_path),
+         "-o", str(tmp_path / "m.safetensors"), *options],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, json.loads(summary_path.read_text())
+
+
 def _numel(job: Path) -> int:
     spec = load_manifest(job)
     dataset = load_dataset(spec.dataset)
@@ -58,14 +70,7 @@ def _numel(job: Path) -> int:
 def test_cost_figures_match_what_the_run_did(tmp_path: Path, by_reference: bool) -> None:
     # 1024 bytes (the smallest limit) sends the ~19 KB gradient by reference; 64 KiB keeps it inline.
     job = _job(tmp_path, {"roundDeadlineSeconds": 60, "inlineLimitBytes": 1024 if by_reference else 65536})
-    summary_path = tmp_path / "summary.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "p2ptrain", "run", str(job), "--quiet", "--summary", str(summary_path),
-         "-o", str(tmp_path / "m.safetensors"), "--prices", str(PRICES)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(summary_path.read_text())
+    done, summary = _run(job, tmp_path, "--prices", str(PRICES))
     cost = summary["cost"]
     blob = tensor_blob_bytes(_numel(job))
     raw = blob - tensor_blob_bytes(0)
@@ -120,14 +125,7 @@ def test_a_parameter_server_job_counts_the_aggregator_and_the_checkpoints_peers_
     manifest = yaml.safe_load(job.read_text())
     manifest["spec"]["topology"] = "ps"
     job.write_text(yaml.safe_dump(manifest))
-    summary_path = tmp_path / "summary.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "p2ptrain", "run", str(job), "--quiet", "--summary", str(summary_path),
-         "-o", str(tmp_path / "m.safetensors")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(summary_path.read_text())
+    _, summary = _run(job, tmp_path)
     cost, raw = summary["cost"], tensor_blob_bytes(_numel(job)) - tensor_blob_bytes(0)
     events = ROUNDS * PEERS  # one gradient per round from every peer, to the aggregator only
     assert summary["topology"] == "ps" and summary["send_failures"] == 0

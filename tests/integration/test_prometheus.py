@@ -49,6 +49,7 @@ NO_DATA_LOCALLY = {
     "Function retries by peers": "no gradient function call fails in a healthy run",
     "Operator job outcomes": "the operator runs only on a cluster",
     "Recovery: gradients from outboxes, peers caught up": "no peer restarts or misses an event in a healthy run",
+    "Aggregator (topology: ps): round and gradients aggregated": "this run is topology p2p: it has no aggregator",
 }
 
 

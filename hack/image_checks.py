@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from p2ptrain import retry
+from p2ptrain.autoscale import terminate
 
 DEADLINE_SECONDS = 120.0
 
@@ -37,12 +38,7 @@ def _wait_for(condition: Callable[[], bool], what: str, process: subprocess.Pope
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    terminate(process, timeout=15)
 
 
 def _tail(path: Path) -> str:

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from p2ptrain import retry
+from p2ptrain.autoscale import terminate
 from p2ptrain.local import LocalRun, RunOptions
 from p2ptrain.redis_server import free_port
 from p2ptrain.scrape_targets import TARGETS_FILE
@@ -90,12 +91,7 @@ def prometheus(workdir: Path, tsdb: Path) -> Iterator[str]:
             pytest.fail(f"{exc}: {log_path.read_text()[-2000:]}")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, timeout=15)
 
 
 def dashboard_queries(job: str, namespace: str) -> list[tuple[str, str, str]]:

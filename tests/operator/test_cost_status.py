@@ -1,6 +1,7 @@
 """The real kopf operator against kmock (the Kubernetes API emulator: no API server runs here) and a
 real HTTP stand-in for the peers' ``/status``: the job's ``status.cost`` is the sum of its peers' cost
-blocks, and a poll in which a peer does not answer leaves the last complete sum in place."""
+blocks (under ``topology: ps`` the aggregator's too), and a poll in which a peer or the aggregator does
+not answer leaves the last complete sum in place."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from p2ptrain.cost import empty_cost
 from p2ptrain.schema import openapi_schema
-from tests.operator.harness import Cluster, eventually, job_manifest, phase
+from tests.operator.harness import AGGREGATOR, Cluster, eventually, job_manifest, phase
 
 
 def _peer_cost(invocations: int, cpu: float, sent: int, published: int) -> dict[str, Any]:
@@ -63,3 +64,33 @@ async def test_a_peer_that_does_not_answer_leaves_the_last_complete_sum(cluster:
     await eventually(lambda: cluster.peers.polls >= polls + 3 * 2)  # several complete timer ticks
 
     assert _cost(cluster)["functionInvocations"] == 20  # type: ignore[index]
+
+
+async def test_a_ps_job_sums_the_aggregators_ledger_with_the_peers(cluster: Cluster) -> None:
+    await cluster.apply(job_manifest(topology="ps"))
+    await asyncio.to_thread(cluster.start_operator)
+    await eventually(lambda: phase(cluster) == "Created")
+    cluster.peers.report("training", round=3)
+    cluster.peers.reports[("digits", 0)]["cost"] = _peer_cost(12, 1.5, 4000, 900)
+    cluster.peers.reports[("digits", 1)]["cost"] = _peer_cost(14, 2.5, 6000, 1100)
+    polls = cluster.peers.polls
+    await eventually(lambda: cluster.peers.polls >= polls + 3 * 3)  # peers and aggregator, several ticks
+    assert _cost(cluster) is None  # the aggregator has not answered: no poll was complete
+
+    ledger = empty_cost() | {"peerPodSeconds": 29.0, "redisPodSeconds": 30.0}  # its pod and its own Redis
+    ledger["peerBytes"] = ledger["peerBytes"] | {"exchangeReceived": 10000}  # the peers' averages it took in
+    ledger["redisBytes"] = ledger["redisBytes"] | {"modelPublished": 500, "checkpointRead": 0}
+    cluster.peers.reports[("digits", AGGREGATOR)] = {"peer": 2, "state": "training", "round": 3, "rounds": 10,
+                                                      "cost": ledger}
+
+    cost = await eventually(lambda: (c := _cost(cluster)) and c["peerPodSeconds"] == 89.0 and c)
+
+    assert cost["redisPodSeconds"] == 92.0 and cost["functionInvocations"] == 26  # the aggregator calls none
+    assert cost["peerBytes"]["exchangeReceived"] == 10000 and cost["peerBytes"]["exchangeSent"] == 10000
+    assert cost["redisBytes"]["modelPublished"] == 2500
+
+    del cluster.peers.reports[("digits", AGGREGATOR)]  # the aggregator stops answering (503)
+    cluster.peers.reports[("digits", 0)]["cost"] = _peer_cost(20, 1.5, 4000, 900)
+    polls = cluster.peers.polls
+    await eventually(lambda: cluster.peers.polls >= polls + 3 * 3)
+    assert _cost(cluster)["functionInvocations"] == 26  # type: ignore[index]

@@ -175,7 +175,8 @@ class Replica:
                 momentum = extra_tensors(state).get(CHECKPOINT_KEY)
                 if momentum is not None and momentum.shape != (self.numel,):
                     raise CheckpointError(f"{CHECKPOINT_KEY} has shape {tuple(momentum.shape)}, expected ({self.numel},)")
-                self.momentum.restore(int(meta.get("round", -1)), None if momentum is None else momentum.numpy())
+                if momentum is not None:  # none in the ps aggregator's state: the peer keeps its own
+                    self.momentum.restore(int(meta.get("round", -1)), momentum.numpy())
             if self.clipping is not None:
                 center = extra_tensors(state).get("clipping.center")
                 if center is not None and center.shape != (self.numel,):

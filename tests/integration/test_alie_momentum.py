@@ -12,6 +12,8 @@ Real parts: redis-server processes, the gradient function over HTTP, HTTP CloudE
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from p2ptrain.spec import JobSpec
 
 from .harness import make_spec, running_job, wait_until
 from .test_resync import slow_down
+from .test_topology_ps import _finish, _start, _write_job
 
 ROUNDS = 40
 ATTACKERS = [3, 4]
@@ -102,3 +105,16 @@ async def test_a_resync_makes_the_momenta_identical_too() -> None:
     for other in momenta[1:]:
         np.testing.assert_array_equal(momenta[0], other)
     assert len({p.replica.params_hash() for p in job.peers}) == 1
+
+
+def test_with_a_parameter_server_each_peer_keeps_its_own_momentum(tmp_path: Path) -> None:
+    """topology ps (``p2ptrain run``, real processes): the peers adopt the aggregator's state every round,
+    which has no worker momentum; they keep their own, so training is as with optimizer.momentum."""
+    job = _write_job(tmp_path, "wm-ps", optimizer={"name": "sgd", "learningRate": 0.1, "momentum": 0.0},
+                     aggregation={"rule": "median", "momentum": 0.9})
+    process, _, summary_path = _start(tmp_path, job)
+    stderr = _finish(process)
+    assert process.returncode == 0, stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["test_accuracy"] >= 0.95, summary
+    assert summary["replicas"]["identical"] is True, summary["replicas"]

@@ -104,6 +104,16 @@ def test_a_checkpoint_has_the_momentum_even_before_the_first_step() -> None:
     np.testing.assert_allclose(adopter.published(1, np.zeros(adopter.numel, dtype=np.float32)), 0.9)
 
 
+def test_a_state_without_momentum_leaves_the_peers_own() -> None:
+    """topology ps: every round a peer adopts the aggregator's state, which has no worker momentum."""
+    peer = Replica(_spec({"rule": "mean", "momentum": 0.9}))
+    aggregator = Replica(_spec({"rule": "mean", "momentum": 0.9}))
+    aggregator.momentum = None  # as p2ptrain.ps.aggregator builds it
+    published = peer.published(0, np.ones(peer.numel, dtype=np.float32))
+    peer.load(aggregator.pack({"round": 0}))
+    np.testing.assert_array_equal(peer.published(1, np.zeros(peer.numel, dtype=np.float32)), 0.9 * published)
+
+
 def test_a_radius_reaches_centered_clipping() -> None:
     replica = Replica(_spec({"rule": "centered-clipping", "byzantine": 1, "radius": 0.25}))
     assert replica.clipping is not None and replica.clipping.radius == 0.25

@@ -2,7 +2,8 @@
 send mean - z std of the honest vectors that reach them (z = 2, inside the honest spread). Without
 worker momentum the plain mean is dragged off; with ``aggregation.momentum`` the honest peers publish
 their momenta, the attackers craft from those, and centered clipping over the momenta trains on.
-(bench/robustness.py measures the same on the simulated path: 71.6% against 94.4% after 40 rounds.)
+(Measured: 71.6% against 94.4% after 40 rounds, on this real path and in bench/robustness.py's
+simulation of the same job alike: the simulator and the peers send the same vectors.)
 The momentum is state of the run: a late peer adopts the others' with their model (catch-up), and a
 resync leaves every peer with the same one.
 

@@ -65,8 +65,9 @@ chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py
 
 # Every aggregation rule under every attack (2 of 7 and 3 of 10 Byzantine, digits): writes
-# docs/robustness.md and its plots. 140 runs of 2-3 s each on free CPUs (about 6 minutes); 37 minutes
-# were measured on two cores shared with seven other jobs (load average ~20).
+# docs/robustness.md and its plots. 280 runs (every rule with and without worker momentum) of about
+# 1 s each: 3 minutes on two cores; the 140 runs without worker momentum once took 37 minutes on two
+# cores shared with seven other jobs (load average ~20).
 robustness: $(STAMP)
 	$(BIN)/python bench/robustness.py
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from p2ptrain.aggregation_spec import AggregationSpec
 from p2ptrain.schema import (
     API_GROUP,
     API_VERSION,
@@ -32,7 +33,7 @@ from p2ptrain.schema import (
     validate_schema,
 )
 
-__all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "SpecError", "crd", "crd_default", "openapi_schema"]
+__all__ = ["API_GROUP", "API_VERSION", "KIND", "PLURAL", "AggregationSpec", "SpecError", "crd", "crd_default", "openapi_schema"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,6 @@ class OptimizerSpec:
     learning_rate: float = crd_default("optimizer.learningRate")
     momentum: float = crd_default("optimizer.momentum")
     weight_decay: float = crd_default("optimizer.weightDecay")
-
-
-@dataclass(frozen=True)
-class AggregationSpec:
-    rule: str = crd_default("aggregation.rule")
-    byzantine: int = crd_default("aggregation.byzantine")
-    multi_krum_select: int | None = None
 
 
 @dataclass(frozen=True)

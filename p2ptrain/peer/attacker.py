@@ -64,6 +64,9 @@ class PeerAttack(PeerPart):
         """What this attacker sends for the round in place of ``own`` (None: nothing)."""
         if self.attacker.kind == "label-flip":
             own = await asyncio.to_thread(self._flipped_gradient, indices)
+        # What it would publish as an honest peer (aggregation.momentum: its momentum); alie and ipm
+        # are crafted from what the honest peers publish, the same momenta when momentum is set.
+        own = self.replica.published(round_index, own)
         honest = None
         if self.attacker.needs_honest:
             wait_until = time.monotonic() + retry.remaining(deadline) / 2

@@ -19,6 +19,7 @@ from p2ptrain.aggregate import AggregationError, CenteredClipping, aggregate, mi
 from p2ptrain.checkpoint import CheckpointError, extra_tensors, pack_state, unpack_state
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.models import build_model
+from p2ptrain.momentum import CHECKPOINT_KEY, WorkerMomentum
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.spec import AggregationSpec, JobSpec, OptimizerSpec
 
@@ -96,11 +97,19 @@ class Replica:
         self.stack = torch.empty(spec.peers, self.numel, dtype=torch.float32)
         # Centered clipping's center is the previous round's aggregate: one instance for the whole job,
         # its center saved in the checkpoint so a restarted peer aggregates exactly as the others do.
-        self.clipping = CenteredClipping() if spec.aggregation.rule == "centered-clipping" else None
+        rule = spec.aggregation
+        self.clipping = CenteredClipping(radius=rule.radius) if rule.rule == "centered-clipping" else None
+        # aggregation.momentum: this peer's momentum of its own gradients is what it publishes, and
+        # state of the run like the center: saved in the checkpoint, adopted on catch-up and resync.
+        self.momentum = WorkerMomentum(rule.momentum) if rule.momentum > 0 else None
 
     def aggregate(self, gradients: dict[int, np.ndarray]) -> torch.Tensor:
         """This round's robust aggregate (raises ``SkipUpdate``); updates the rule's state, if any."""
         return aggregate_gradients(self.spec.aggregation, gradients, stack=self.stack, clipping=self.clipping)
+
+    def published(self, round_index: int, gradient: np.ndarray) -> np.ndarray:
+        """What this peer sends for its own ``gradient``: with aggregation.momentum, its momentum."""
+        return gradient if self.momentum is None else self.momentum.step(round_index, gradient)
 
     def parameters(self) -> np.ndarray:
         """A copy of the flat parameters (what the gradient functions compute at)."""
@@ -151,12 +160,23 @@ class Replica:
             extra = {}
             if self.clipping is not None and self.clipping.center is not None:
                 extra["clipping.center"] = self.clipping.center
+            if self.momentum is not None:
+                # Always present (zeros: no history yet), so every peer's checkpoints have one layout
+                # and the median of several (catch-up, resync) can be taken.
+                momentum = self.momentum.state_after(int(meta["round"]))
+                extra[CHECKPOINT_KEY] = torch.zeros(self.numel) if momentum is None else torch.from_numpy(momentum)
             return pack_state(self.model, self.optimizer, meta, extra)
 
     def load(self, state: bytes) -> None:
         """Adopt a packed state (own checkpoint or other peers'); raises ``CheckpointError``."""
         with self.lock:
-            unpack_state(state, self.model, self.optimizer)
+            meta = unpack_state(state, self.model, self.optimizer)
+            if self.momentum is not None:
+                momentum = extra_tensors(state).get(CHECKPOINT_KEY)
+                if momentum is not None and momentum.shape != (self.numel,):
+                    raise CheckpointError(f"{CHECKPOINT_KEY} has shape {tuple(momentum.shape)}, expected ({self.numel},)")
+                if momentum is not None:  # none in the ps aggregator's state: the peer keeps its own
+                    self.momentum.restore(int(meta.get("round", -1)), momentum.numpy())
             if self.clipping is not None:
                 center = extra_tensors(state).get("clipping.center")
                 if center is not None and center.shape != (self.numel,):

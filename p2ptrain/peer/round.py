@@ -212,10 +212,12 @@ class Peer:
         if average is not None and not diverged:
             # spec.evaluation.attack: an attacking peer sends (and applies) its attack instead, or nothing.
             # (At the round's parameters: with update: database the replica is read back first.)
-            sent: np.ndarray | None = average[0]
+            sent: np.ndarray | None = None
             if self.attack:
                 await self.update.synced()
                 sent = await self.attack.outgoing(round_index, average[0], indices, deadline)
+            else:  # aggregation.momentum: honest peers send the momentum of their gradients (p2ptrain.momentum)
+                sent = self.replica.published(round_index, average[0])
             own = as_sent(sent, spec.exchange.dtype) if sent is not None else None
         peers_used = 0
         if self._ps is not None:  # topology ps: send to the aggregator, adopt its model (peer/ps_round.py)

@@ -63,6 +63,8 @@ class Aggregator:
         self.ctx = AggregatorContext(config, self.index, secrets, self.status)
         self.labels = self.ctx.labels
         self.replica = Replica(spec)
+        # Worker momentum is the peers' own (they adopt this state every round and keep theirs).
+        self.replica.momentum = None
         samples = len(self.replica.dataset.y_train)
         # The longest peer's run (shards differ by at most one sample): no peer waits for a round never served.
         self.rounds = max(

@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status", "attack", "poster"},
+     "status", "attack", "poster", "momentum"},
+    {"aggregation_spec"},
     {"spec", "dbupdate", "redis_server", "cost"},
     {"config", "data", "models", "summary"},
     {"store", "preflight", "device"},

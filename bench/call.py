@@ -174,6 +174,7 @@ async def measure_suspects(
     import socket
 
     import hypercorn.asyncio
+    import hypercorn.config
     import redis as redis_py
 
     rows: list[tuple[str, str, str]] = []
@@ -194,14 +195,15 @@ async def measure_suspects(
                 out.append(time.perf_counter() - t0)
         return times
 
-    # TCP_NODELAY on every hop: asyncio sets it on each TCP transport it makes (hypercorn's accepted
+    # TCP_NODELAY on every hop: asyncio sets it on each TCP transport it makes (the servers' accepted
     # sockets, aiohttp's and httpx's connections); redis-py sets it on its sockets; redis-server too.
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         found["server"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         writer.close()
 
     found: dict[str, int] = {}
-    listener = await asyncio.start_server(accepted, "127.0.0.1", 0)
+    # The server side as p2ptrain.asgi.serve listens: on a socket from asgi.listener, handed to the loop.
+    listener = await asyncio.start_server(accepted, sock=asgi.listener("127.0.0.1:0"))
     port = listener.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     found["client"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -226,30 +228,37 @@ async def measure_suspects(
         await asgi.respond(send, 200, b"x" * 400)
 
     stop = asyncio.Event()
-    empty_port = free_port()
-    config = asgi.hypercorn_config([f"127.0.0.1:{empty_port}"], graceful_timeout=1, errorlog=None)
-    serving = asyncio.create_task(hypercorn.asyncio.serve(empty, config, shutdown_trigger=stop.wait))
-    url = f"http://127.0.0.1:{empty_port}/"
+    empty_port, old_port = free_port(), free_port()
+    config = hypercorn.config.Config()
+    config.bind, config.accesslog, config.errorlog = [f"127.0.0.1:{old_port}"], None, None
+    servers = [asyncio.create_task(asgi.serve(empty, [f"127.0.0.1:{empty_port}"], stop, graceful_timeout=1)),
+               asyncio.create_task(hypercorn.asyncio.serve(empty, config, shutdown_trigger=stop.wait))]
+    url, old_url = f"http://127.0.0.1:{empty_port}/", f"http://127.0.0.1:{old_port}/"
     headers, body = signed(wire.GRADIENT_REQUESTED, gradient_request(spec, address, model_key, 0))
     try:
         async with httpx.AsyncClient() as old, Poster() as new:
             await wait_for_port(old, url)
+            await wait_for_port(old, old_url)
             closing = {**headers, "connection": "close"}
             before: list[float] = []
             after: list[float] = []
             fresh: list[float] = []
+            hyper: list[float] = []
             for _ in range(n):  # alternately, as above
                 for post, out in ((lambda: old.post(url, headers=headers, content=body), before),
                                   (lambda: new.post(url, headers=headers, content=body), after),
-                                  (lambda: new.post(url, headers=closing, content=body), fresh)):
+                                  (lambda: new.post(url, headers=closing, content=body), fresh),
+                                  (lambda: new.post(old_url, headers=headers, content=body), hyper)):
                     out.extend(await timed(post, 1, warmup=0))
-            rows.append(("HTTP client per request (hypercorn, empty app, one process)", ms(before) + " httpx",
+            rows.append(("HTTP server per request (empty app, one process, aiohttp client)", ms(hyper) + " hypercorn (h11)",
+                         ms(after) + " uvicorn + httptools (p2ptrain.asgi.serve)"))
+            rows.append(("HTTP client per request (same server, empty app)", ms(before) + " httpx",
                          ms(after) + " aiohttp (p2ptrain.poster)"))
             rows.append(("connection reuse", ms(fresh) + " new connection per request",
                          ms(after) + " keep-alive pool (peer, activator: one pool each)"))
     finally:
         stop.set()
-        await serving
+        await asyncio.gather(*servers)
 
     hops = []
     for _ in range(n):

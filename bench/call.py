@@ -268,6 +268,8 @@ async def measure_suspects(
     rows.append(("thread-pool hop (asyncio.to_thread per call)", ms(hops) + " per hop",
                  "kept: computing off the loop keeps health probes answering; costs " + ms(hops)))
 
+    rows.append(await exchange_hops(spec))
+
     request = gradient_request(spec, address, model_key, 0)
     rows.append(("JSON of the sample indices", ms(each(lambda: json.loads(json.dumps(request)))) + " encode + decode",
                  "unchanged (negligible)"))
@@ -303,6 +305,43 @@ async def measure_suspects(
                  "cached per version in the instance: the reply's 'load' timing below"))
     client.close()
     return rows
+
+
+async def exchange_hops(spec: JobSpec, n: int = 500) -> tuple[str, str, str]:
+    """A peer's check and decode of one digits gradient event, through two worker-thread hops (before)
+    and on the event loop as ``asgi.off_loop_if_large`` now does for a small event, alternately."""
+    from p2ptrain.data import load_dataset
+    from p2ptrain.models import build_model
+
+    data = load_dataset(spec.dataset)
+    numel = sum(p.numel() for p in build_model(spec.model, data.input_shape, data.num_classes).parameters())
+    blob = wire.encode_tensor(np.zeros(numel, dtype=np.float32), spec.exchange.dtype, spec.exchange.compression)
+    event = wire.build_event(wire.GRADIENT_AVERAGED, wire.peer_source(spec.namespace, spec.name, 0), data=blob,
+                             subject="round/0", extensions={"round": 0, "peer": 0}, key=KEY)
+    headers, body = wire.to_http(event)
+
+    def check(h: dict[str, str], b: bytes) -> wire.Incoming:
+        incoming = wire.from_http(h, b, data_content_types=(wire.OCTET_STREAM,))
+        wire.verify(incoming, KEY)
+        return incoming
+
+    def decode(payload: bytes) -> np.ndarray:
+        return wire.decode_tensor(payload, expected_numel=numel)
+
+    hops: list[float] = []
+    inline: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        decoded = await asyncio.to_thread(check, headers, body)
+        await asyncio.to_thread(decode, wire.event_bytes(decoded))
+        t1 = time.perf_counter()
+        decoded = await asgi.off_loop_if_large(len(body), check, headers, body)
+        await asgi.off_loop_if_large(len(blob), decode, wire.event_bytes(decoded))
+        inline.append(time.perf_counter() - t1)
+        hops.append(t1 - t0)
+    ms = f"{statistics.median(hops) * 1000:.3f} ms", f"{statistics.median(inline) * 1000:.3f} ms"
+    return (f"exchange: check + decode a received gradient event ({len(body)} bytes)",
+            ms[0] + " in worker threads (2 hops)", ms[1] + f" on the loop (events up to {asgi.ON_LOOP_MAX_BYTES} bytes)")
 
 
 def cast_bytes(value: Any) -> bytes:

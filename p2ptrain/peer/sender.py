@@ -14,7 +14,7 @@ from collections import deque
 
 import numpy as np
 
-from p2ptrain import metrics, retry, wire
+from p2ptrain import asgi, metrics, retry, wire
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.poster import Poster, PostError
 from p2ptrain.store import PeerStore
@@ -38,7 +38,8 @@ class GradientSender(PeerPart):
     async def send(self, round_index: int, gradient: np.ndarray) -> None:
         """Park the gradient in our outbox and start posting it to every other peer."""
         exchange = self.spec.exchange
-        blob = await asyncio.to_thread(wire.encode_tensor, gradient, exchange.dtype, exchange.compression)
+        blob = await asgi.off_loop_if_large(gradient.nbytes, wire.encode_tensor, gradient, exchange.dtype,
+                                            exchange.compression)
         extensions: dict[str, str | int] = {"round": round_index, "peer": self.index}
         data = blob
         # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
@@ -57,7 +58,7 @@ class GradientSender(PeerPart):
             extensions=extensions,
             key=self.secrets.signing_key,
         )
-        headers, body = await asyncio.to_thread(wire.to_http, event)
+        headers, body = await asgi.off_loop_if_large(len(data), wire.to_http, event)
         others = self.destinations()
         # Delivered in the background (retried until the deadline): an unreachable peer must not hold
         # up our round, which only needs a quorum.

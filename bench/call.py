@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,8 +174,6 @@ async def measure_suspects(
     import json
     import socket
 
-    import hypercorn.asyncio
-    import hypercorn.config
     import redis as redis_py
 
     rows: list[tuple[str, str, str]] = []
@@ -219,20 +218,12 @@ async def measure_suspects(
                  "asyncio server/client sockets {server}/{client}, redis-py {redis-py}".format(**found),
                  "unchanged: already set on every hop, so no 40 ms stall (ruled out)"))
 
-    # The client library: httpx (before) vs aiohttp through p2ptrain.poster (now), same hypercorn server.
-    async def empty(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
-        if scope["type"] == "lifespan":
-            await asgi.lifespan(receive, send)
-            return
-        await asgi.read_body(receive, 1 << 20)
-        await asgi.respond(send, 200, b"x" * 400)
-
-    stop = asyncio.Event()
+    # The server (hypercorn before, uvicorn + httptools now) and the client (httpx before, aiohttp now),
+    # against an empty app in its own process, as every p2ptrain server runs: in the client's process
+    # the two would share one event loop and one core and the figures would not be those of a hop.
     empty_port, old_port = free_port(), free_port()
-    config = hypercorn.config.Config()
-    config.bind, config.accesslog, config.errorlog = [f"127.0.0.1:{old_port}"], None, None
-    servers = [asyncio.create_task(asgi.serve(empty, [f"127.0.0.1:{empty_port}"], stop, graceful_timeout=1)),
-               asyncio.create_task(hypercorn.asyncio.serve(empty, config, shutdown_trigger=stop.wait))]
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve-empty", kind, str(port)])
+               for kind, port in (("uvicorn", empty_port), ("hypercorn", old_port))]
     url, old_url = f"http://127.0.0.1:{empty_port}/", f"http://127.0.0.1:{old_port}/"
     headers, body = signed(wire.GRADIENT_REQUESTED, gradient_request(spec, address, model_key, 0))
     try:
@@ -244,21 +235,26 @@ async def measure_suspects(
             after: list[float] = []
             fresh: list[float] = []
             hyper: list[float] = []
-            for _ in range(n):  # alternately, as above
+            # In turns of 25 consecutive requests per way, as a caller sends them: strictly alternating
+            # single requests between the two server processes makes each wait for an idle process to
+            # be scheduled again, and that (not the server) dominates (measured: uvicorn 0.25 ms in
+            # turns, 0.6 ms strictly alternating).
+            for _ in range(max(1, n // 25)):
                 for post, out in ((lambda: old.post(url, headers=headers, content=body), before),
                                   (lambda: new.post(url, headers=headers, content=body), after),
                                   (lambda: new.post(url, headers=closing, content=body), fresh),
                                   (lambda: new.post(old_url, headers=headers, content=body), hyper)):
-                    out.extend(await timed(post, 1, warmup=0))
-            rows.append(("HTTP server per request (empty app, one process, aiohttp client)", ms(hyper) + " hypercorn (h11)",
-                         ms(after) + " uvicorn + httptools (p2ptrain.asgi.serve)"))
+                    out.extend(await timed(post, 25, warmup=1))
+            rows.append(("HTTP server per request (empty app in its own process, aiohttp client)",
+                         ms(hyper) + " hypercorn (h11)", ms(after) + " uvicorn + httptools (p2ptrain.asgi.serve)"))
             rows.append(("HTTP client per request (same server, empty app)", ms(before) + " httpx",
                          ms(after) + " aiohttp (p2ptrain.poster)"))
             rows.append(("connection reuse", ms(fresh) + " new connection per request",
                          ms(after) + " keep-alive pool (peer, activator: one pool each)"))
     finally:
-        stop.set()
-        await asyncio.gather(*servers)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
 
     hops = []
     for _ in range(n):
@@ -305,6 +301,35 @@ async def measure_suspects(
                  "cached per version in the instance: the reply's 'load' timing below"))
     client.close()
     return rows
+
+
+async def empty_app(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+    """Reads the body, answers 400 bytes: what is left of a request when the work is taken away."""
+    if scope["type"] == "lifespan":
+        await asgi.lifespan(receive, send)
+        return
+    await asgi.read_body(receive, 1 << 20)
+    await asgi.respond(send, 200, b"x" * 400)
+
+
+def serve_empty(kind: str, port: int) -> None:
+    """``--serve-empty uvicorn|hypercorn PORT``: serve ``empty_app`` until SIGTERM."""
+    import signal
+
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        if kind == "uvicorn":
+            await asgi.serve(empty_app, [f"127.0.0.1:{port}"], stop, graceful_timeout=1)
+            return
+        config = hypercorn.config.Config()
+        config.bind, config.accesslog, config.errorlog = [f"127.0.0.1:{port}"], None, None
+        await hypercorn.asyncio.serve(empty_app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())
 
 
 async def exchange_hops(spec: JobSpec, n: int = 500) -> tuple[str, str, str]:
@@ -413,7 +438,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--report", default=str(ROOT / "docs" / "bench-call.md"))
+    parser.add_argument("--serve-empty", nargs=2, metavar=("SERVER", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_empty:
+        serve_empty(args.serve_empty[0], int(args.serve_empty[1]))
+        return 0
     spec = load_manifest(args.manifest)
     with tempfile.TemporaryDirectory() as tmp:
         alone = asyncio.run(function_alone(spec, args.requests, Path(tmp)))
@@ -464,28 +493,36 @@ def main() -> int:
 
 PROFILE_NOTES = """## What was found
 
-- **No Nagle/delayed-ACK floor.** Every hop already sets TCP_NODELAY (asyncio does for each TCP
-  transport: hypercorn's accepted sockets, httpx's and aiohttp's connections; redis-py and redis-server
-  set it on theirs). The 41-50 ms of issue 10 was a mean over warm requests inside rounds on a loaded
-  2-core machine, inflated by requests that waited for a starting instance yet counted as warm; the
-  activator now counts a request that waited for a starting instance as cold, and reports median/p10/p90.
-- **The HTTP client was the largest fixed cost per hop.** Against the same hypercorn server, httpx took
-  1.2-1.7 ms per request and aiohttp 0.15-0.34 ms in a quiet moment on this machine (measured by hand),
-  and far more under load (the row above). The peer's function calls and gradient posts and the
-  activator's forwarding now use `p2ptrain.poster` (aiohttp, C parser, keep-alive pool; aiohttp already
-  came with kopf). Connections were and are pooled; the row shows what a new one per request costs.
-- **Redis**: one pipelined round trip per micro-batch (the add and both TTLs) instead of two.
-- **The reply**: encoded once by `wire.to_http` and sent directly, instead of through func-python's
-  CloudEvent sender (a second event model per reply).
-- **Kept**: the thread hop (compute off the event loop, so liveness/readiness keep answering during long
-  batches), HMAC signatures on every event, retries and limits; the model version was already cached
-  per instance (the `load` step above is a cache hit).
-- **Left**: hypercorn costs about 0.2 ms per request server-side where uvicorn with httptools costs about
-  0.06 ms (measured by hand on this machine; uvicorn is not a dependency here); and on 2 cores shared by
-  4 peers, 4 Redis servers, up to 4 function instances and the activator (and, when this ran, by other
-  work: see the load average), a round's 8 concurrent calls queue for the CPU, which is what the in-round
-  figures mostly measure. The targets (in-round median <= 5 ms, alone <= 2 ms) need a machine that is not
-  saturated; compare the before/after pairs, which ran interleaved.
+Profiled with cProfile inside a function instance (``BENCH_CALL_PROFILE=path``) and by timing each
+suspect alone (the table above, old and new alternately in this run).
+
+- **Where a direct call's time goes** (quiet moment, 2 cores): about 0.4 ms computing the gradient,
+  0.25 ms adding it into Redis (one pipelined trip), under 0.01 ms for the model (cached per version),
+  about 0.2 ms validating and hopping to the compute thread and back: the function's own 'total'
+  above. The rest of the request, about 0.6 ms, is HTTP: the client, the server's parsing and
+  writing, and the CloudEvent decode and HMAC check (under 0.1 ms).
+- **The HTTP server was the largest fixed cost left per hop.** hypercorn runs h11, a pure-Python
+  state machine (its transitions were the top request-path entries of the profile); uvicorn with the
+  httptools C parser serves the same empty app for about half the time (the first rows of the suspects
+  table). Every p2ptrain server (`p2ptrain.asgi.serve`: the function, the peer endpoint, the local
+  activator) now runs uvicorn + httptools; measured back to back by hand (load about 2): direct call
+  1.73 -> 1.46 ms median, through the activator 2.59 -> 1.85 ms.
+- **No Nagle/delayed-ACK floor, and a test keeps it so.** asyncio sets TCP_NODELAY on an accepted
+  socket only when the listener's proto says TCP; a listener made as `socket(AF_INET, SOCK_STREAM)`
+  left Nagle on and the activator hop cost 44 ms a request (the activator writes headers and body
+  separately, the second write waits for the delayed ACK). `asgi.listener` makes its sockets with
+  IPPROTO_TCP; `tests/integration/test_call_cost.py` checks an accepted socket for both bind forms.
+- **The exchange**: checking (HMAC, CloudEvent) and decoding a received digits gradient event costs
+  less on the event loop than two hops through worker threads (the 'exchange' suspect row); events up
+  to 128 KiB are now handled on the loop, larger ones still in a thread. The same for the sender's
+  encoding. The exchange phase of a round is mostly waiting for the slowest peer, not posting.
+- **Earlier, still in place**: aiohttp keep-alive client (`p2ptrain.poster`) instead of httpx; one
+  Redis round trip per micro-batch; the reply encoded once by `wire.to_http`.
+- **Kept**: the function's thread hop (compute off the event loop, so liveness/readiness answer during
+  long batches), HMAC signatures on every event, JSON sample indices (microseconds), retries and limits.
+- **Left**: on 2 cores shared by 4 peers, 4 Redis servers, up to 4 function instances and the activator
+  (and by other work: see the load average), a round's 8 concurrent calls queue for the CPU, which is
+  what the in-round figures mostly measure; compare rows of one run.
 
 """
 

@@ -43,10 +43,13 @@ class GradientSender(PeerPart):
         extensions: dict[str, str | int] = {"round": round_index, "peer": self.index}
         data = blob
         # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
-        # reached) fetches it from there instead of closing the round without us.
-        key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
-        self.cost.redis_bytes("outboxWritten", len(blob))
+        # reached) fetches it from there instead of closing the round without us. An event by dataref
+        # needs it parked first; an event that carries the gradient goes out while it is parked (the
+        # outbox is read only once a round's quorum or deadline is missed), saving the others a Redis
+        # round trip of waiting every round.
+        parking = asyncio.create_task(asyncio.to_thread(self.store.put_outbox, round_index, blob))
         if len(blob) > exchange.inline_limit_bytes:
+            key = await parking
             address = self.config.redis[self.index]
             extensions[wire.DATAREF_ATTRIBUTE] = f"redis://{address.host}:{address.port}/{key}"
             data = b""
@@ -67,6 +70,8 @@ class GradientSender(PeerPart):
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
         metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
+        await parking  # done already for an event by dataref
+        self.cost.redis_bytes("outboxWritten", len(blob))
 
     def destinations(self) -> list[int]:
         """Who takes our gradient: every other peer (``p2ptrain.peer.ps_round`` sends to the aggregator)."""

@@ -514,8 +514,21 @@ suspect alone (the table above, old and new alternately in this run).
   IPPROTO_TCP; `tests/integration/test_call_cost.py` checks an accepted socket for both bind forms.
 - **The exchange**: checking (HMAC, CloudEvent) and decoding a received digits gradient event costs
   less on the event loop than two hops through worker threads (the 'exchange' suspect row); events up
-  to 128 KiB are now handled on the loop, larger ones still in a thread. The same for the sender's
-  encoding. The exchange phase of a round is mostly waiting for the slowest peer, not posting.
+  to 128 KiB are now handled on the loop, larger ones still in a thread; the same for the sender's
+  encoding. An event that carries its gradient is now posted while the outbox write (a Redis round trip
+  in a thread) is under way instead of after it: the outbox is read only when a round's quorum or
+  deadline is missed (`tests/integration/test_exchange_cost.py`). A py-spy profile of one peer of an
+  inline round (bench/round.py --mode inline, 6 s at 500 Hz) puts half the samples in the event loop:
+  12% in socket writes (the gradient posts 7%, the endpoint's replies 5%: on loopback the kernel
+  delivers to the receiver inside the sender's write, and with 4 peers on 2 cores the writer is often
+  descheduled there), 8% in Redis calls from worker threads (the accumulate, the checkpoint written in
+  the background 4%, and `cost.tick_redis`'s INFO every round 3%), 7% computing micro-batches. The
+  exchange phase itself is mostly waiting for the slowest peer to finish its round's work.
+- **The round** (bench/round.py, 60 rounds, 4 peers x 2 functions, load 3-4; runs in turn: after,
+  before, after, with the server and exchange changes reverted for 'before'): serverless 40.8 / 47.8 /
+  32.9 ms per round, inline 20.3 / 26.3 / 21.5 ms, the inline exchange phase 10.9 / 15.9 / 10.9 ms.
+  As ratios to the DDP step of each run (itself 7.8-8.6 ms and load-sensitive): serverless 4.8x / 6.1x
+  / 4.0x, inline 2.4x / 3.4x / 2.6x; in a quieter moment (load 3.2) 3.5x and 2.2x.
 - **Earlier, still in place**: aiohttp keep-alive client (`p2ptrain.poster`) instead of httpx; one
   Redis round trip per micro-batch; the reply encoded once by `wire.to_http`.
 - **Kept**: the function's thread hop (compute off the event loop, so liveness/readiness answer during

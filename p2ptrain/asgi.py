@@ -1,6 +1,6 @@
 """The small ASGI toolkit the peer endpoint, the gradient function and the local front door share:
 lifespan, a body reader with a size limit, plain and JSON responses, and one server (uvicorn with the
-httptools parser: about half of hypercorn's cost per request here, see docs/bench-call.md)."""
+httptools parser: 40-50% less time per request than hypercorn here, see docs/bench-call.md)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,7 +174,6 @@ async def measure_suspects(
     import json
     import socket
 
-    import hypercorn.asyncio
     import redis as redis_py
 
     rows: list[tuple[str, str, str]] = []
@@ -194,14 +194,15 @@ async def measure_suspects(
                 out.append(time.perf_counter() - t0)
         return times
 
-    # TCP_NODELAY on every hop: asyncio sets it on each TCP transport it makes (hypercorn's accepted
+    # TCP_NODELAY on every hop: asyncio sets it on each TCP transport it makes (the servers' accepted
     # sockets, aiohttp's and httpx's connections); redis-py sets it on its sockets; redis-server too.
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         found["server"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         writer.close()
 
     found: dict[str, int] = {}
-    listener = await asyncio.start_server(accepted, "127.0.0.1", 0)
+    # The server side as p2ptrain.asgi.serve listens: on a socket from asgi.listener, handed to the loop.
+    listener = await asyncio.start_server(accepted, sock=asgi.listener("127.0.0.1:0"))
     port = listener.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     found["client"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -217,39 +218,43 @@ async def measure_suspects(
                  "asyncio server/client sockets {server}/{client}, redis-py {redis-py}".format(**found),
                  "unchanged: already set on every hop, so no 40 ms stall (ruled out)"))
 
-    # The client library: httpx (before) vs aiohttp through p2ptrain.poster (now), same hypercorn server.
-    async def empty(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
-        if scope["type"] == "lifespan":
-            await asgi.lifespan(receive, send)
-            return
-        await asgi.read_body(receive, 1 << 20)
-        await asgi.respond(send, 200, b"x" * 400)
-
-    stop = asyncio.Event()
-    empty_port = free_port()
-    config = asgi.hypercorn_config([f"127.0.0.1:{empty_port}"], graceful_timeout=1, errorlog=None)
-    serving = asyncio.create_task(hypercorn.asyncio.serve(empty, config, shutdown_trigger=stop.wait))
-    url = f"http://127.0.0.1:{empty_port}/"
+    # The server (hypercorn before, uvicorn + httptools now) and the client (httpx before, aiohttp now),
+    # against an empty app in its own process, as every p2ptrain server runs: in the client's process
+    # the two would share one event loop and one core and the figures would not be those of a hop.
+    empty_port, old_port = free_port(), free_port()
+    servers = [subprocess.Popen([sys.executable, __file__, "--serve-empty", kind, str(port)])
+               for kind, port in (("uvicorn", empty_port), ("hypercorn", old_port))]
+    url, old_url = f"http://127.0.0.1:{empty_port}/", f"http://127.0.0.1:{old_port}/"
     headers, body = signed(wire.GRADIENT_REQUESTED, gradient_request(spec, address, model_key, 0))
     try:
         async with httpx.AsyncClient() as old, Poster() as new:
             await wait_for_port(old, url)
+            await wait_for_port(old, old_url)
             closing = {**headers, "connection": "close"}
             before: list[float] = []
             after: list[float] = []
             fresh: list[float] = []
-            for _ in range(n):  # alternately, as above
+            hyper: list[float] = []
+            # In turns of 25 consecutive requests per way, as a caller sends them: strictly alternating
+            # single requests between the two server processes makes each wait for an idle process to
+            # be scheduled again, and that (not the server) dominates (measured: uvicorn 0.25 ms in
+            # turns, 0.6 ms strictly alternating).
+            for _ in range(max(1, n // 25)):
                 for post, out in ((lambda: old.post(url, headers=headers, content=body), before),
                                   (lambda: new.post(url, headers=headers, content=body), after),
-                                  (lambda: new.post(url, headers=closing, content=body), fresh)):
-                    out.extend(await timed(post, 1, warmup=0))
-            rows.append(("HTTP client per request (hypercorn, empty app, one process)", ms(before) + " httpx",
+                                  (lambda: new.post(url, headers=closing, content=body), fresh),
+                                  (lambda: new.post(old_url, headers=headers, content=body), hyper)):
+                    out.extend(await timed(post, 25, warmup=1))
+            rows.append(("HTTP server per request (empty app in its own process, aiohttp client)",
+                         ms(hyper) + " hypercorn (h11)", ms(after) + " uvicorn + httptools (p2ptrain.asgi.serve)"))
+            rows.append(("HTTP client per request (same server, empty app)", ms(before) + " httpx",
                          ms(after) + " aiohttp (p2ptrain.poster)"))
             rows.append(("connection reuse", ms(fresh) + " new connection per request",
                          ms(after) + " keep-alive pool (peer, activator: one pool each)"))
     finally:
-        stop.set()
-        await serving
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
 
     hops = []
     for _ in range(n):
@@ -258,6 +263,8 @@ async def measure_suspects(
         hops.append(time.perf_counter() - t0)
     rows.append(("thread-pool hop (asyncio.to_thread per call)", ms(hops) + " per hop",
                  "kept: computing off the loop keeps health probes answering; costs " + ms(hops)))
+
+    rows.append(await exchange_hops(spec))
 
     request = gradient_request(spec, address, model_key, 0)
     rows.append(("JSON of the sample indices", ms(each(lambda: json.loads(json.dumps(request)))) + " encode + decode",
@@ -294,6 +301,72 @@ async def measure_suspects(
                  "cached per version in the instance: the reply's 'load' timing below"))
     client.close()
     return rows
+
+
+async def empty_app(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
+    """Reads the body, answers 400 bytes: what is left of a request when the work is taken away."""
+    if scope["type"] == "lifespan":
+        await asgi.lifespan(receive, send)
+        return
+    await asgi.read_body(receive, 1 << 20)
+    await asgi.respond(send, 200, b"x" * 400)
+
+
+def serve_empty(kind: str, port: int) -> None:
+    """``--serve-empty uvicorn|hypercorn PORT``: serve ``empty_app`` until SIGTERM."""
+    import signal
+
+    import hypercorn.asyncio
+    import hypercorn.config
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        if kind == "uvicorn":
+            await asgi.serve(empty_app, [f"127.0.0.1:{port}"], stop, graceful_timeout=1)
+            return
+        config = hypercorn.config.Config()
+        config.bind, config.accesslog, config.errorlog = [f"127.0.0.1:{port}"], None, None
+        await hypercorn.asyncio.serve(empty_app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+async def exchange_hops(spec: JobSpec, n: int = 500) -> tuple[str, str, str]:
+    """A peer's check and decode of one digits gradient event, through two worker-thread hops (before)
+    and on the event loop as ``asgi.off_loop_if_large`` now does for a small event, alternately."""
+    from p2ptrain.data import load_dataset
+    from p2ptrain.models import build_model
+
+    data = load_dataset(spec.dataset)
+    numel = sum(p.numel() for p in build_model(spec.model, data.input_shape, data.num_classes).parameters())
+    blob = wire.encode_tensor(np.zeros(numel, dtype=np.float32), spec.exchange.dtype, spec.exchange.compression)
+    event = wire.build_event(wire.GRADIENT_AVERAGED, wire.peer_source(spec.namespace, spec.name, 0), data=blob,
+                             subject="round/0", extensions={"round": 0, "peer": 0}, key=KEY)
+    headers, body = wire.to_http(event)
+
+    def check(h: dict[str, str], b: bytes) -> wire.Incoming:
+        incoming = wire.from_http(h, b, data_content_types=(wire.OCTET_STREAM,))
+        wire.verify(incoming, KEY)
+        return incoming
+
+    def decode(payload: bytes) -> np.ndarray:
+        return wire.decode_tensor(payload, expected_numel=numel)
+
+    hops: list[float] = []
+    inline: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        decoded = await asyncio.to_thread(check, headers, body)
+        await asyncio.to_thread(decode, wire.event_bytes(decoded))
+        t1 = time.perf_counter()
+        decoded = await asgi.off_loop_if_large(len(body), check, headers, body)
+        await asgi.off_loop_if_large(len(blob), decode, wire.event_bytes(decoded))
+        inline.append(time.perf_counter() - t1)
+        hops.append(t1 - t0)
+    ms = f"{statistics.median(hops) * 1000:.3f} ms", f"{statistics.median(inline) * 1000:.3f} ms"
+    return (f"exchange: check + decode a received gradient event ({len(body)} bytes)",
+            ms[0] + " in worker threads (2 hops)", ms[1] + f" on the loop (events up to {asgi.ON_LOOP_MAX_BYTES} bytes)")
 
 
 def cast_bytes(value: Any) -> bytes:
@@ -365,7 +438,11 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--report", default=str(ROOT / "docs" / "bench-call.md"))
+    parser.add_argument("--serve-empty", nargs=2, metavar=("SERVER", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_empty:
+        serve_empty(args.serve_empty[0], int(args.serve_empty[1]))
+        return 0
     spec = load_manifest(args.manifest)
     with tempfile.TemporaryDirectory() as tmp:
         alone = asyncio.run(function_alone(spec, args.requests, Path(tmp)))
@@ -416,28 +493,49 @@ def main() -> int:
 
 PROFILE_NOTES = """## What was found
 
-- **No Nagle/delayed-ACK floor.** Every hop already sets TCP_NODELAY (asyncio does for each TCP
-  transport: hypercorn's accepted sockets, httpx's and aiohttp's connections; redis-py and redis-server
-  set it on theirs). The 41-50 ms of issue 10 was a mean over warm requests inside rounds on a loaded
-  2-core machine, inflated by requests that waited for a starting instance yet counted as warm; the
-  activator now counts a request that waited for a starting instance as cold, and reports median/p10/p90.
-- **The HTTP client was the largest fixed cost per hop.** Against the same hypercorn server, httpx took
-  1.2-1.7 ms per request and aiohttp 0.15-0.34 ms in a quiet moment on this machine (measured by hand),
-  and far more under load (the row above). The peer's function calls and gradient posts and the
-  activator's forwarding now use `p2ptrain.poster` (aiohttp, C parser, keep-alive pool; aiohttp already
-  came with kopf). Connections were and are pooled; the row shows what a new one per request costs.
-- **Redis**: one pipelined round trip per micro-batch (the add and both TTLs) instead of two.
-- **The reply**: encoded once by `wire.to_http` and sent directly, instead of through func-python's
-  CloudEvent sender (a second event model per reply).
-- **Kept**: the thread hop (compute off the event loop, so liveness/readiness keep answering during long
-  batches), HMAC signatures on every event, retries and limits; the model version was already cached
-  per instance (the `load` step above is a cache hit).
-- **Left**: hypercorn costs about 0.2 ms per request server-side where uvicorn with httptools costs about
-  0.06 ms (measured by hand on this machine; uvicorn is not a dependency here); and on 2 cores shared by
-  4 peers, 4 Redis servers, up to 4 function instances and the activator (and, when this ran, by other
-  work: see the load average), a round's 8 concurrent calls queue for the CPU, which is what the in-round
-  figures mostly measure. The targets (in-round median <= 5 ms, alone <= 2 ms) need a machine that is not
-  saturated; compare the before/after pairs, which ran interleaved.
+Profiled with cProfile inside a function instance (``BENCH_CALL_PROFILE=path``) and by timing each
+suspect alone (the table above, old and new alternately in this run).
+
+- **Where a direct call's time goes** (quiet moment, 2 cores): about 0.4 ms computing the gradient,
+  0.25 ms adding it into Redis (one pipelined trip), under 0.01 ms for the model (cached per version),
+  about 0.2 ms validating and hopping to the compute thread and back: the function's own 'total'
+  above. The rest of the request, about 0.6 ms, is HTTP: the client, the server's parsing and
+  writing, and the CloudEvent decode and HMAC check (under 0.1 ms).
+- **The HTTP server was the largest fixed cost left per hop.** hypercorn runs h11, a pure-Python
+  state machine (its transitions were the top request-path entries of the profile); uvicorn with the
+  httptools C parser serves the same empty app for about half the time (the first rows of the suspects
+  table). Every p2ptrain server (`p2ptrain.asgi.serve`: the function, the peer endpoint, the local
+  activator) now runs uvicorn + httptools; measured back to back by hand (load about 2): direct call
+  1.73 -> 1.46 ms median, through the activator 2.59 -> 1.85 ms.
+- **No Nagle/delayed-ACK floor, and a test keeps it so.** asyncio sets TCP_NODELAY on an accepted
+  socket only when the listener's proto says TCP; a listener made as `socket(AF_INET, SOCK_STREAM)`
+  left Nagle on and the activator hop cost 44 ms a request (the activator writes headers and body
+  separately, the second write waits for the delayed ACK). `asgi.listener` makes its sockets with
+  IPPROTO_TCP; `tests/integration/test_call_cost.py` checks an accepted socket for both bind forms.
+- **The exchange**: checking (HMAC, CloudEvent) and decoding a received digits gradient event costs
+  less on the event loop than two hops through worker threads (the 'exchange' suspect row); events up
+  to 128 KiB are now handled on the loop, larger ones still in a thread; the same for the sender's
+  encoding. An event that carries its gradient is now posted while the outbox write (a Redis round trip
+  in a thread) is under way instead of after it: the outbox is read only when a round's quorum or
+  deadline is missed (`tests/integration/test_exchange_cost.py`). A py-spy profile of one peer of an
+  inline round (bench/round.py --mode inline, 6 s at 500 Hz) puts half the samples in the event loop:
+  12% in socket writes (the gradient posts 7%, the endpoint's replies 5%: on loopback the kernel
+  delivers to the receiver inside the sender's write, and with 4 peers on 2 cores the writer is often
+  descheduled there), 8% in Redis calls from worker threads (the accumulate, the checkpoint written in
+  the background 4%, and `cost.tick_redis`'s INFO every round 3%), 7% computing micro-batches. The
+  exchange phase itself is mostly waiting for the slowest peer to finish its round's work.
+- **The round** (bench/round.py, 60 rounds, 4 peers x 2 functions, load 3-4; runs in turn: after,
+  before, after, with the server and exchange changes reverted for 'before'): serverless 40.8 / 47.8 /
+  32.9 ms per round, inline 20.3 / 26.3 / 21.5 ms, the inline exchange phase 10.9 / 15.9 / 10.9 ms.
+  As ratios to the DDP step of each run (itself 7.8-8.6 ms and load-sensitive): serverless 4.8x / 6.1x
+  / 4.0x, inline 2.4x / 3.4x / 2.6x; in a quieter moment (load 3.2) 3.5x and 2.2x.
+- **Earlier, still in place**: aiohttp keep-alive client (`p2ptrain.poster`) instead of httpx; one
+  Redis round trip per micro-batch; the reply encoded once by `wire.to_http`.
+- **Kept**: the function's thread hop (compute off the event loop, so liveness/readiness answer during
+  long batches), HMAC signatures on every event, JSON sample indices (microseconds), retries and limits.
+- **Left**: on 2 cores shared by 4 peers, 4 Redis servers, up to 4 function instances and the activator
+  (and by other work: see the load average), a round's 8 concurrent calls queue for the CPU, which is
+  what the in-round figures mostly measure; compare rows of one run.
 
 """
 

@@ -89,6 +89,6 @@ def serve() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await asgi.serve(app, bind(), stop, graceful_timeout=5, errorlog=logging.getLogger("hypercorn.error"))
+        await asgi.serve(app, bind(), stop, graceful_timeout=5)
 
     asyncio.run(main())

@@ -1,7 +1,7 @@
 """The peer's HTTP endpoint (ASGI): ``POST /`` takes gradient events; ``GET /status``, ``/model``
 (safetensors of this replica as trained so far), ``/healthz`` and ``/metrics``.
 
-Nothing here computes on the event loop: the model is copied and serialised in a worker thread, so
+Nothing large is computed on the event loop: the model is copied and serialised in a worker thread, so
 ``/healthz`` answers while the round aggregates or evaluates.
 """
 

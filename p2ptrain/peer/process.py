@@ -1,4 +1,4 @@
-"""The peer process: the endpoint served with hypercorn next to the training run, until training
+"""The peer process: the endpoint served (``asgi.serve``) next to the training run, until training
 ends (and, with ``linger``, until signalled). The exit code says how it ended."""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ async def serve_peer(peer: Served, *, host: str, port: int, metrics_port: int | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = asyncio.create_task(
-        asgi.serve(peer.app, [f"{host}:{port}"], stop, graceful_timeout=2, errorlog=logging.getLogger("hypercorn.error"))
+        asgi.serve(peer.app, [f"{host}:{port}"], stop, graceful_timeout=2)
     )
     training = asyncio.create_task(peer.run())
     stopped = asyncio.create_task(stop.wait())

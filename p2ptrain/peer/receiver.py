@@ -1,13 +1,14 @@
 """The trust boundary of the exchange: a peer's averaged gradient event is decoded, checked (signature,
 type, sender, round window, duplicate, size, shape, finiteness, dataref) and filed in the inbox, or
-rejected with a counted reason. Signature checks and tensor decoding run in a worker thread."""
+rejected with a counted reason. Signature checks and tensor decoding of a large event run in a worker
+thread; a small one's run on the loop, where they cost less than the hop (``asgi.off_loop_if_large``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from p2ptrain import metrics, wire
+from p2ptrain import asgi, metrics, wire
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.recovery import OtherPeers
@@ -35,7 +36,7 @@ class EventReceiver(PeerPart):
             if body is None:
                 raise wire.WireError("oversize", f"event body exceeds {self.max_body_bytes} bytes")
             self.cost.peer_bytes("exchangeReceived", len(body))
-            event = await asyncio.to_thread(self._verified_event, headers, body)
+            event = await asgi.off_loop_if_large(len(body), self._verified_event, headers, body)
             sender, round_index = self._sender_and_round(event)
             self._check_window(sender, round_index)
             dataref = event.get_extension(wire.DATAREF_ATTRIBUTE)
@@ -43,7 +44,7 @@ class EventReceiver(PeerPart):
                 payload = await asyncio.to_thread(self.others.fetch_dataref, sender, str(dataref))
             else:
                 payload = wire.event_bytes(event)
-            gradient = await asyncio.to_thread(self.others.decode_gradient, payload)
+            gradient = await asgi.off_loop_if_large(len(payload), self.others.decode_gradient, payload)
             if not await self.inbox.file(round_index, sender, gradient):
                 # Checked again at filing: the same event may have been in flight twice while decoding.
                 raise wire.WireError("duplicate", f"peer {sender} already sent its round {round_index} gradient")

@@ -1,7 +1,7 @@
 """An in-process job for integration tests: real Redis servers, real HTTP, real torch.
 
 Peers and the gradient function run inside the test's event loop but talk only over HTTP on
-loopback ports (hypercorn servers), and store gradients in real ``redis-server`` processes. Nothing is
+loopback ports (uvicorn servers, p2ptrain.asgi.serve), and store gradients in real ``redis-server`` processes. Nothing is
 faked; running in-process just avoids paying torch's import per process in every test.
 """
 

@@ -23,7 +23,7 @@ from .test_autoscale import _post, service_factory  # noqa: F401  (the fixture, 
 
 @pytest.fixture
 async def counting_server() -> AsyncIterator[tuple[str, list[int]]]:
-    """A real hypercorn server that answers every POST with its body and counts accepted connections."""
+    """A real server (``asgi.serve``) that answers every POST with its body and counts accepted connections."""
     connections: list[int] = []
 
     async def app(scope: asgi.Scope, receive: asgi.Receive, send: asgi.Send) -> None:
@@ -63,6 +63,43 @@ async def test_sequential_posts_reuse_one_keep_alive_connection(counting_server)
     assert [r.content for r in replies] == [b"[%d]" % i for i in range(20)]
     assert all(r.status == 200 and r.headers["x-p2ptrain-reason"] == "echo" for r in replies)
     assert len(connections) == 1
+
+
+@pytest.mark.parametrize("form", ["host:port", "fd://N"])
+async def test_the_servers_accepted_connections_have_nagle_off(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``asgi.serve`` hands its listeners to uvicorn, which accepts through ``loop.create_server(sock=...)``,
+    as done here. asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP: with Nagle
+    left on, a reply written as headers then body waits ~40 ms for the client's delayed ACK."""
+    port = free_port()
+    if form == "fd://N":  # what ``p2ptrain function`` serves on: sockets bound by func-python
+        from func_python.sock import bind
+
+        monkeypatch.setenv("LISTEN_ADDRESS", f"127.0.0.1:{port}")
+        (address,) = bind()
+    else:
+        address = f"127.0.0.1:{port}"
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Record(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    listener = asgi.listener(address)
+    server = await asyncio.get_running_loop().create_server(Record, sock=listener)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, timeout=10) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_a_bad_bind_address_is_refused_naming_the_forms_accepted() -> None:
+    with pytest.raises(ValueError, match="'localhost': expected host:port"):
+        asgi.listener("localhost")
 
 
 async def test_a_refused_connection_is_a_connect_post_error() -> None:

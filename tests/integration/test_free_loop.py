@@ -1,7 +1,7 @@
 """The peer's event loop stays free while the round computes: ``/healthz`` answers in a few
 milliseconds while the peer aggregates, steps, evaluates and checkpoints a large model.
 
-Real parts: redis-server processes, the gradient function over HTTP, torch, hypercorn. The probe runs
+Real parts: redis-server processes, the gradient function over HTTP, torch, uvicorn. The probe runs
 in the same event loop as the peers, so any CPU work left on the loop shows up as probe latency.
 """
 

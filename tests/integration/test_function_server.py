@@ -1,4 +1,4 @@
-"""``p2ptrain function`` as a real process on LISTEN_ADDRESS (hypercorn, func-python's health routes):
+"""``p2ptrain function`` as a real process on LISTEN_ADDRESS (uvicorn, func-python's health routes):
 it refuses to start without its config or secrets, and refuses oversize bodies before reading them
 while its readiness probe keeps answering. Timing figures: bench/upload.py."""
 

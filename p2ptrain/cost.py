@@ -27,6 +27,7 @@ from p2ptrain import metrics, wire
 
 # GB-seconds and GB transferred are billed in binary gigabytes (AWS Lambda: 1024 MB = 1 GB).
 GB = float(1 << 30)
+REDIS_INFO_SECONDS = 1.0  # how often a peer asks its Redis for its uptime (INFO counts whole seconds)
 PEER_PATHS = ("exchangeSent", "exchangeReceived", "datarefFetched", "outboxFetched")
 REDIS_PATHS = ("modelPublished", "modelRead", "accumulatorWritten", "meanRead", "outboxWritten", "checkpointWritten",
                "checkpointRead")
@@ -82,6 +83,7 @@ class PeerCost:
         # A pod is billed from its start: the peer's process started before the ledger (torch, data).
         self._started = time.monotonic() - (process_age_seconds() or 0.0)
         self._redis_uptime: int | None = None
+        self._redis_asked: float | None = None  # monotonic time of the last INFO
         self._lock = threading.Lock()  # parts record from the event loop and from worker threads
 
     def invoked(self) -> None:
@@ -121,8 +123,16 @@ class PeerCost:
             self.figures["redisBytes"][path] += n
         metrics.COST_REDIS_BYTES_TOTAL.labels(**self.labels, path=_METRIC_PATH[path]).inc(n)
 
+    def redis_due(self, last: bool = False) -> bool:
+        """Whether ``tick_redis`` should ask Redis again: INFO's uptime counts whole seconds, so asking
+        more than once a second adds nothing but a round trip and a thread hop to every short round.
+        ``last``: the run's last round, whose figures must be complete."""
+        asked = self._redis_asked
+        return last or asked is None or time.monotonic() - asked >= REDIS_INFO_SECONDS
+
     def tick_redis(self, client: redis.Redis) -> None:
         """``tick`` with the uptime of this peer's Redis (blocking: call it from a worker thread)."""
+        self._redis_asked = time.monotonic()
         try:
             uptime = int(client.info("server")["uptime_in_seconds"])
         except (redis.RedisError, KeyError, ValueError):

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import yaml
 from prometheus_client import REGISTRY
 
+from p2ptrain import cost as cost_module
 from p2ptrain import wire
 from p2ptrain.cost import (
     GB,
+    REDIS_INFO_SECONDS,
     CostError,
     PeerCost,
     Prices,
@@ -28,6 +31,7 @@ from p2ptrain.cost import (
     process_age_seconds,
     tensor_blob_bytes,
 )
+from p2ptrain.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples" / "prices").glob("*.yaml"))
@@ -208,3 +212,24 @@ def test_cost_command_refuses_a_bad_price_list_with_exit_2(tmp_path: Path) -> No
     done = _cli(str(summary), "--prices", str(prices))
     assert done.returncode == 2
     assert "transfer.perGb must be a non-negative number, got -2" in done.stderr
+
+
+def test_redis_is_asked_for_its_uptime_at_most_once_a_second_and_in_the_last_round(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INFO's uptime counts whole seconds: a round shorter than that skips the round trip and the
+    thread hop, and the last round always asks, so the run's figures are complete."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port, password=redis_server.password)
+    ledger = PeerCost(_labels("3"), {}, None)
+    now = [1000.0]
+    monkeypatch.setattr(cost_module.time, "monotonic", lambda: now[0])
+    try:
+        assert ledger.redis_due()  # never asked
+        ledger.tick_redis(client)
+        now[0] += REDIS_INFO_SECONDS / 2
+        assert not ledger.redis_due()
+        assert ledger.redis_due(last=True)
+        now[0] += REDIS_INFO_SECONDS / 2
+        assert ledger.redis_due()
+    finally:
+        client.close()

@@ -142,6 +142,47 @@ def uvicorn_config(app: App, *, graceful_timeout: float) -> Any:
     )
 
 
+def stopped_quietly(app: App) -> App:
+    """``app``, answering 503 to a request that is still running when the server stops.
+
+    At the end of its graceful shutdown uvicorn cancels the requests still in flight (a call waiting
+    for a cold start, say) and logs each as an "Exception in ASGI application" with its traceback.
+    Being stopped is not an error of the application: the request gets 503 with its reason, and
+    nothing is logged as one.
+    """
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await app(scope, receive, watched)
+        except asyncio.CancelledError:
+            if not started:
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await respond(send, 503, b"the server is shutting down\n", reason="shutting-down", close=True)
+
+    return wrapped
+
+
+class _ShutdownCut(logging.Filter):
+    """uvicorn's "Cancel N running task(s), timeout graceful shutdown exceeded" is logged as an error;
+    the requests it cancels are answered 503 (``stopped_quietly``): an info line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "timeout graceful shutdown exceeded" in record.getMessage() and record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
 async def serve(app: App, bind: list[str], stop: asyncio.Event, *, graceful_timeout: float = 2.0) -> None:
     """Serve ``app`` on every address of ``bind`` until ``stop`` is set, then shut down gracefully:
     stop accepting, let requests in flight finish for up to ``graceful_timeout`` seconds, run the
@@ -156,7 +197,9 @@ async def serve(app: App, bind: list[str], stop: asyncio.Event, *, graceful_time
             yield
 
     sockets = [listener(b) for b in bind]
-    server = Server(uvicorn_config(app, graceful_timeout=graceful_timeout))
+    server = Server(uvicorn_config(stopped_quietly(app), graceful_timeout=graceful_timeout))
+    cut = _ShutdownCut()
+    logging.getLogger("uvicorn.error").addFilter(cut)
 
     async def stop_when_asked() -> None:
         await stop.wait()
@@ -167,6 +210,7 @@ async def serve(app: App, bind: list[str], stop: asyncio.Event, *, graceful_time
         await server.serve(sockets=sockets)
     finally:
         watcher.cancel()
+        logging.getLogger("uvicorn.error").removeFilter(cut)
         for sock in sockets:
             sock.close()
 

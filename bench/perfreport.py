@@ -105,7 +105,7 @@ def plot_phases(runs: Sequence[dict[str, Any]], labels: Sequence[str], title: st
     ax.set_ylabel("round time / DDP step (same config)")
     ax.set_ylim(0, max([*bottoms, 1.0]) * 1.25)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", ncols=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over a label
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -74,7 +74,11 @@ class RoundUpdate:
                 return self.store.keys.model(round_index)
             log.warning("model version %d is gone from Redis (restarted?): publishing it from the replica",
                         round_index)
-        await self.wait_for_checkpoint()
+        if self.in_database:
+            await self.wait_for_checkpoint()  # its read-back (sync) and this one must not interleave
+        # spec.update: peer: the previous round's checkpoint goes on being written to Redis while this
+        # version is published and computed on (the replica's lock covers only the packing); the step
+        # waits for it, as it changes what the checkpoint reads.
         await asyncio.to_thread(self.sync)
         key: str = await publish(round_index, await asyncio.to_thread(self.replica.parameters))
         if self.in_database:

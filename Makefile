@@ -49,7 +49,7 @@ test: $(STAMP) tools lint typecheck
 image:
 	bash hack/build-image.sh
 
-# docs/performance.md and its plots (about 40 minutes on 2 cores; `BENCH_ARGS=--quick`: under 10).
+# docs/performance.md and its plots (6 minutes on 2 idle cores, longer under load; `BENCH_ARGS=--quick`: fewer rounds, up to 10^6 parameters).
 bench: $(STAMP)
 	$(BIN)/python bench/performance.py $(BENCH_ARGS)
 
@@ -72,7 +72,7 @@ robustness: $(STAMP)
 	$(BIN)/python bench/robustness.py
 
 # P2P vs parameter server vs inline vs DDP on the same jobs, with a peer and the aggregator killed
-# mid-run: writes docs/p2p-vs-ps.md and docs/img/compare/ (`COMPARE_ARGS=--quick`: about 20 minutes on 2 cores).
+# mid-run: writes docs/p2p-vs-ps.md and docs/img/compare/ (14 minutes on 2 idle cores; `COMPARE_ARGS=--quick`: fewer jobs and rounds).
 compare: $(STAMP)
 	$(BIN)/python bench/compare.py $(COMPARE_ARGS)
 

@@ -10,6 +10,7 @@ operator's ``status.cost``) and ``Prices`` turns the totals into money.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -129,6 +130,14 @@ class PeerCost:
         ``last``: the run's last round, whose figures must be complete."""
         asked = self._redis_asked
         return last or asked is None or time.monotonic() - asked >= REDIS_INFO_SECONDS
+
+    async def tick_after_round(self, client: redis.Redis, *, last: bool) -> None:
+        """Bring the pod-seconds up to now at the end of a round: the peer's always, its Redis's when
+        ``redis_due`` (in a worker thread); otherwise at the next INFO, at most a second later."""
+        if self.redis_due(last):
+            await asyncio.to_thread(self.tick_redis, client)
+        else:
+            self.tick(None)
 
     def tick_redis(self, client: redis.Redis) -> None:
         """``tick`` with the uptime of this peer's Redis (blocking: call it from a worker thread)."""

@@ -250,10 +250,7 @@ class Peer:
         if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
             await closing.record_hash(self.ctx, await self.update.synced(), round_index)
         await self.update.checkpoint(round_index, loss)  # written in the background, off the critical path
-        if self.ctx.cost.redis_due(last=round_index + 1 == self.rounds):  # pod-seconds up to now
-            await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)
-        else:
-            self.ctx.cost.tick(None)  # the peer's; its Redis's at the next INFO (at most a second later)
+        await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

@@ -130,10 +130,7 @@ class Aggregator:
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
         self.ctx.cost.redis_bytes("checkpointWritten", len(state))
-        if self.ctx.cost.redis_due(last=round_index + 1 == self.rounds):  # pod-seconds up to now
-            await asyncio.to_thread(self.ctx.cost.tick_redis, self.redis)
-        else:
-            self.ctx.cost.tick(None)
+        await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

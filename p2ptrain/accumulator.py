@@ -77,10 +77,29 @@ class Accumulator:
                 reply = _fcall(client, "p2p_mean", acc_key, meta_key)
         except redis.ResponseError as exc:
             raise AccumulatorError(f"reading the mean of {acc_key} failed: {exc}") from exc
-        if not reply:
-            return None
-        blob, total, parts = reply
-        return np.frombuffer(blob, dtype="<f4").astype(np.float32), float(total), int(parts)
+        return _as_mean(reply)
+
+    def take_mean(self, client: redis.Redis, acc_key: str, meta_key: str) -> tuple[np.ndarray, float, int] | None:
+        """``mean``, and both keys deleted, in one round trip (the peer reads a round's mean once)."""
+        pipe = client.pipeline(transaction=False)
+        if self.kind == "module":
+            pipe.execute_command("P2P.MEAN", acc_key, meta_key)
+        else:
+            pipe.fcall("p2p_mean", 2, acc_key, meta_key)
+        pipe.delete(acc_key, meta_key)
+        reply = pipe.execute(raise_on_error=False)[0]
+        if isinstance(reply, redis.ResponseError) and self.kind == "lua" and _missing_function(reply):
+            return None  # Redis restarted empty (the library with it): nothing was accumulated there
+        if isinstance(reply, redis.ResponseError):
+            raise AccumulatorError(f"reading the mean of {acc_key} failed: {reply}")
+        return _as_mean(reply)
+
+
+def _as_mean(reply: Any) -> tuple[np.ndarray, float, int] | None:
+    if not reply:
+        return None
+    blob, total, parts = reply
+    return np.frombuffer(blob, dtype="<f4").astype(np.float32), float(total), int(parts)
 
 
 def _fcall(client: redis.Redis, function: str, acc_key: str, meta_key: str, *args: object) -> Any:

@@ -144,6 +144,12 @@ class PeerStore:
             self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index)
         )
 
+    def take_average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
+        """``read_average`` and ``clear_round`` in one round trip: what the round does once a round."""
+        return self.accumulator.take_mean(
+            self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index)
+        )
+
     def clear_round(self, round_index: int) -> None:
         self.client.delete(self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index))
 

@@ -48,7 +48,7 @@ def count_attendance(ctx: PeerContext, gradients: dict[int, np.ndarray]) -> None
 
 def combine(ctx: PeerContext, replica: Replica, gradients: dict[int, np.ndarray]) -> torch.Tensor | None:
     """The rule's combination of the gradients, or None (counted, logged) when the update is skipped.
-    Blocking: run it in a worker thread."""
+    Blocking: run it in a worker thread, or on the loop when the gradients are small."""
     try:
         return replica.aggregate(gradients)
     except SkipUpdate as exc:

@@ -160,6 +160,12 @@ class FunctionClient(PeerPart):
                     "aggregating the other peers' gradients only", round_index + 1)
         return receipts
 
+    async def average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
+        """The round's mean gradient, as the functions summed it in Redis; the accumulator is cleared."""
+        average = await asyncio.to_thread(self.store.take_average, round_index)
+        self.cost.redis_bytes("meanRead", average[0].nbytes if average is not None else 0)
+        return average
+
     async def _call(self, request: dict[str, Any], deadline: float) -> Receipt | None:
         """One micro-batch, retried with backoff (cold starts, killed instances, bad replies) until the deadline."""
         attempts = self.spec.function.retries + 1

@@ -1,15 +1,15 @@
 """Inline gradients (``function.mode: inline``): the peer computes its own micro-batches in-process —
 the traditional P2P baseline, with no gradient function, no activator and no Knative Service.
 
-``InlineGradients`` offers the round what ``FunctionClient`` offers (``publish``, ``fan_out``) and does
-what a function does for each micro-batch, with the function's own code: ``gradient.compute_gradient``
-in a worker thread, then the same weighted, idempotent ``P2P.ACCUM`` into the peer's Redis accumulator
-that the round reads its average from. Keeping the sum in Redis (rather than averaging in the peer)
-means both modes share one average, one Redis-outage path (the round re-runs; a micro-batch is never
-counted twice) and one checkpoint; it costs a few loopback round trips per round (``bench/round.py``
-prints them under ``fanout`` and ``average``). A non-finite gradient is refused before it is summed and
-handled as the function path handles the accumulator's refusal: ``Diverged``, or with
-``training.onDivergence: skipRound`` the micro-batch is left out and counted.
+``InlineGradients`` offers the round what ``FunctionClient`` offers (``publish``, ``fan_out``,
+``average``) and does what a function does for each micro-batch, with the function's own code:
+``gradient.compute_gradient`` in a worker thread, each micro-batch's mean gradient weighted by its
+sample count, as a function's ``P2P.ACCUM`` weighs it. The sum stays in the peer's memory: nothing but
+this peer adds to it, so the Redis accumulator (there for concurrent function instances and retried
+calls) would only cost round trips (four a round, ``bench/round.py``). A round re-run after a Redis
+outage computes its sum afresh, so no micro-batch is counted twice. A non-finite gradient is refused
+before it is summed and handled as the function path handles the accumulator's refusal: ``Diverged``,
+or with ``training.onDivergence: skipRound`` the micro-batch is left out and counted.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import numpy as np
 import torch
 
-from p2ptrain import wire
 from p2ptrain.data import Dataset, split_micro_batches
 from p2ptrain.gradient import compute_gradient
 from p2ptrain.peer.context import PeerContext, PeerPart
@@ -45,6 +44,7 @@ class InlineGradients(PeerPart):
         self._skeleton = copy.deepcopy(replica.model)
         self._skeleton.train()
         self._params: tuple[int, torch.Tensor] | None = None
+        self._average: tuple[int, tuple[np.ndarray, float, int] | None] | None = None  # (round, its mean)
 
     async def publish(self, round_index: int, params: np.ndarray) -> str:
         """Keep the round's parameters in memory: no function reads a model version from Redis here."""
@@ -54,7 +54,7 @@ class InlineGradients(PeerPart):
     async def fan_out(
         self, round_index: int, model_key: str, indices: np.ndarray, deadline: float, *, skip_non_finite: bool = False
     ) -> list[Receipt]:
-        """Every micro-batch's gradient summed into the round's accumulator; their receipts.
+        """Every micro-batch's gradient, summed here for ``average``; their receipts.
 
         ``model_key`` and ``deadline`` are the function path's: nothing is fetched and nothing waited for
         here, so every micro-batch is computed. A non-finite gradient raises ``Diverged`` once all are
@@ -63,25 +63,37 @@ class InlineGradients(PeerPart):
         if self._params is None or self._params[0] != round_index:
             raise RuntimeError(f"fan_out of round {round_index + 1} before its parameters were published")
         parts = split_micro_batches(indices, self.spec.functions_per_peer)
-        receipts, non_finite = await asyncio.to_thread(self._compute, round_index, self._params[1], parts)
+        receipts, non_finite, average = await asyncio.to_thread(self._compute, round_index, self._params[1], parts)
+        self._average = (round_index, average)
         if non_finite and not skip_non_finite:
             raise Diverged("non-finite-gradient", round_index, non_finite[0])
         if non_finite:
             left_out_non_finite(self.ctx, round_index, non_finite)
         return receipts
 
-    def _compute(self, round_index: int, params: torch.Tensor, parts: list[np.ndarray]) -> tuple[list[Receipt], list[str]]:
-        """(receipts, non-finite micro-batches described) — blocking: torch and Redis, in a worker thread."""
+    async def average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
+        """(weighted mean, total weight, micro-batches summed) of the round's finite gradients, or None."""
+        held, self._average = self._average, None
+        return held[1] if held is not None and held[0] == round_index else None
+
+    def _compute(
+        self, round_index: int, params: torch.Tensor, parts: list[np.ndarray]
+    ) -> tuple[list[Receipt], list[str], tuple[np.ndarray, float, int] | None]:
+        """(receipts, non-finite micro-batches described, the weighted mean) — blocking: in a worker thread."""
         receipts: list[Receipt] = []
         non_finite: list[str] = []
+        total: torch.Tensor | None = None
+        weight = 0.0
         x, y = self.dataset.x_train, self.dataset.y_train
         for n, part in enumerate(parts):
-            name = f"{round_index}:{n}"
             loss, _, gradient = compute_gradient(self._skeleton, params, x[part], y[part])
             if not bool(torch.isfinite(gradient).all()):
-                non_finite.append(f"the gradient of micro-batch {name} has non-finite values")
+                non_finite.append(f"the gradient of micro-batch {round_index}:{n} has non-finite values")
                 continue
             # The function's weighting: each micro-batch's mean gradient counts by its sample count.
-            self.store.add_gradient(round_index, name, float(part.size), wire.raw_float32(gradient))
+            samples = float(part.size)
+            total = gradient * samples if total is None else total.add_(gradient, alpha=samples)
+            weight += samples
             receipts.append(Receipt(samples=int(part.size), loss=loss, cold=False))
-        return receipts, non_finite
+        average = None if total is None else (total.div_(weight).numpy(), weight, len(receipts))
+        return receipts, non_finite, average

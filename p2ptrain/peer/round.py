@@ -18,7 +18,7 @@ import numpy as np
 import redis
 import torch
 
-from p2ptrain import metrics, retry, wire
+from p2ptrain import asgi, metrics, retry, wire
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
 from p2ptrain.peer import closing
@@ -193,9 +193,7 @@ class Peer:
         phases["fanout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        average = await asyncio.to_thread(self.store.read_average, round_index)
-        self.ctx.cost.redis_bytes("meanRead", average[0].nbytes if average is not None else 0)
-        await asyncio.to_thread(self.store.clear_round, round_index)
+        average = await self._functions.average(round_index)
         phases["average"] = time.perf_counter() - t0
         samples = sum(r.samples for r in receipts)
         loss = sum(r.loss * r.samples for r in receipts) / samples if samples else None
@@ -230,7 +228,10 @@ class Peer:
         phases["exchange"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        combined = await asyncio.to_thread(closing.combine, self.ctx, self.replica, gradients) if self._ps is None else None
+        combined = None
+        if self._ps is None:  # the rule's work on a small model costs less than the thread hop
+            size = sum(g.nbytes for g in gradients.values())
+            combined = await asgi.off_loop_if_large(size, closing.combine, self.ctx, self.replica, gradients)
         if combined is not None and not bool(torch.isfinite(combined).all()):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))

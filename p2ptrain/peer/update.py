@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from p2ptrain import asgi
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
 from p2ptrain.cost import PeerCost
 from p2ptrain.dbupdate import (
@@ -60,6 +61,10 @@ class RoundUpdate:
         self._pending: asyncio.Future[Any] | None = None
 
     @property
+    def model_bytes(self) -> int:
+        return 4 * self.replica.numel
+
+    @property
     def state_key(self) -> str:
         return f"{self.store.keys.prefix}:optstate"
 
@@ -79,8 +84,9 @@ class RoundUpdate:
         # spec.update: peer: the previous round's checkpoint goes on being written to Redis while this
         # version is published and computed on (the replica's lock covers only the packing); the step
         # waits for it, as it changes what the checkpoint reads.
-        await asyncio.to_thread(self.sync)
-        key: str = await publish(round_index, await asyncio.to_thread(self.replica.parameters))
+        if self._replica_behind:
+            await asyncio.to_thread(self.sync)
+        key: str = await publish(round_index, await asgi.off_loop_if_large(self.model_bytes, self.replica.parameters))
         if self.in_database:
             # The optimizer state in Redis now follows the replica's, and no stale next version (a
             # step taken before a restart) can stand in for this run's step.
@@ -100,8 +106,8 @@ class RoundUpdate:
     async def apply(self, round_index: int, gradient: torch.Tensor) -> None:
         """One optimizer step with the round's aggregate: model version ``round_index + 1``."""
         await self.wait_for_checkpoint()  # it reads the state this step is about to change
-        if not self.in_database:
-            await asyncio.to_thread(self.replica.apply, gradient)
+        if not self.in_database:  # a small model's step costs less than the thread hop
+            await asgi.off_loop_if_large(self.model_bytes, self.replica.apply, gradient)
             return
         await asyncio.to_thread(self._step_in_database, round_index, gradient.numpy())
 

@@ -48,6 +48,25 @@ def test_weighted_mean_matches_numpy(accumulating_redis) -> None:
     assert (total, parts) == (12.0, 5)
 
 
+def test_take_mean_reads_the_mean_and_clears_the_round_in_one_call(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    grads = _grads(2, 1000, seed=3)
+    for i, g in enumerate(grads):
+        assert accumulator.add(client, "acc", "meta", f"part{i}", 1.0 + i, g.tobytes())
+    expected = accumulator.mean(client, "acc", "meta")
+    taken = accumulator.take_mean(client, "acc", "meta")
+    assert expected is not None and taken is not None
+    np.testing.assert_array_equal(taken[0], expected[0])
+    assert taken[1:] == expected[1:] == (3.0, 2)
+    assert client.exists("acc", "meta") == 0
+    assert accumulator.take_mean(client, "acc", "meta") is None  # nothing left, and no error
+    # Redis restarted empty: the Lua library went with it, and there is nothing to read.
+    client.function_flush()
+    assert accumulator.take_mean(client, "acc", "meta") is None
+
+
 def test_a_repeated_part_is_counted_once(accumulating_redis) -> None:
     _, server = accumulating_redis
     client = server.client()

@@ -30,13 +30,13 @@ def _flat(peer: Peer) -> torch.Tensor:
 def slow_down(peer: Peer, seconds: float) -> None:
     """Make ``peer`` send its gradient ``seconds`` late every round (its average is read late), so the
     others close their rounds on the partial quorum without it while it still aggregates theirs."""
-    read_average: Callable[[int], Any] = peer.store.read_average
+    take_average: Callable[[int], Any] = peer.store.take_average
 
     def late(round_index: int) -> Any:
         time.sleep(seconds)  # the injected fault itself, run in the round's worker thread
-        return read_average(round_index)
+        return take_average(round_index)
 
-    peer.store.read_average = late  # type: ignore[method-assign]
+    peer.store.take_average = late  # type: ignore[method-assign]
 
 
 def _resyncs(peer: Peer) -> float | None:

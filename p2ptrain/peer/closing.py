@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import torch
 
-from p2ptrain import metrics, retry
+from p2ptrain import asgi, metrics, retry
 from p2ptrain.config import RuntimeConfig
 from p2ptrain.peer.context import PeerContext
 from p2ptrain.peer.recovery import OtherPeers
@@ -61,7 +61,7 @@ def combine(ctx: PeerContext, replica: Replica, gradients: dict[int, np.ndarray]
 
 async def record_hash(ctx: PeerContext, replica: Replica, round_index: int) -> None:
     """The hash of the parameters after round ``round_index``, in status and as gauges."""
-    digest = await asyncio.to_thread(replica.params_hash)
+    digest = await asgi.off_loop_if_large(4 * replica.numel, replica.params_hash)  # every round by default
     ctx.status.record_params_hash(round_index + 1, digest)
     metrics.PARAMS_HASH.labels(**ctx.labels).set(int(digest[:12], 16))
     metrics.PARAMS_HASH_ROUND.labels(**ctx.labels).set(round_index + 1)

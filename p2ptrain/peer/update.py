@@ -140,7 +140,8 @@ class RoundUpdate:
 
     async def synced(self) -> Replica:
         """The replica, level with the newest version (for evaluation and the parameter hash)."""
-        await asyncio.to_thread(self.sync)
+        if self._replica_behind:
+            await asyncio.to_thread(self.sync)
         return self.replica
 
     # --- the checkpoint --------------------------------------------------------------------------------

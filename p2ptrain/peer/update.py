@@ -6,9 +6,9 @@ version to Redis. ``spec.update: database`` takes it inside the peer's Redis, wh
 functions read it with no re-publish; the torch replica is brought level (read back) only when it is
 needed: evaluation, the parameter hash, the checkpoint, the end of the run.
 
-The checkpoint of round *r* is written by a background thread while round *r + 1* fans out and
-exchanges. At most one is in flight, and the next optimizer step waits for it, so it always holds
-exactly round *r*'s state; a peer killed before it lands resumes at round *r* as it did when the
+The checkpoint of round *r* is copied and written by background threads while round *r + 1* fans out
+and exchanges. At most one is in flight, and the next optimizer step waits for its copy, so it always
+holds exactly round *r*'s state; a peer killed before it lands resumes at round *r* as it did when the
 write was synchronous (every step of a round is idempotent).
 """
 
@@ -58,7 +58,8 @@ class RoundUpdate:
             self._updater = ModelUpdater.like(store.accumulator)
         self._stepped_to: int | None = None  # the version the last in-database step wrote
         self._replica_behind = False  # Redis holds a newer version than the torch replica
-        self._pending: asyncio.Future[Any] | None = None
+        self._pending: asyncio.Future[Any] | None = None  # the checkpoint in flight: copy, then write
+        self._packing: asyncio.Future[bytes] | None = None  # its copy
 
     @property
     def model_bytes(self) -> int:
@@ -105,7 +106,9 @@ class RoundUpdate:
     # --- the step --------------------------------------------------------------------------------------
     async def apply(self, round_index: int, gradient: torch.Tensor) -> None:
         """One optimizer step with the round's aggregate: model version ``round_index + 1``."""
-        await self.wait_for_checkpoint()  # it reads the state this step is about to change
+        # The checkpoint in flight copies (reads back, packs) the state this step is about to change: wait
+        # for its copy; its write to Redis goes on during the step.
+        await self.wait_for_pack()
         if not self.in_database:  # a small model's step costs less than the thread hop
             await asgi.off_loop_if_large(self.model_bytes, self.replica.apply, gradient)
             return
@@ -146,19 +149,31 @@ class RoundUpdate:
 
     # --- the checkpoint --------------------------------------------------------------------------------
     async def checkpoint(self, round_index: int, loss: float | None) -> None:
-        """Start writing round ``round_index``'s state in the background (after the previous write)."""
+        """Start checkpointing round ``round_index``'s state in the background (after the previous write):
+        the state is copied (packed) first, then written to Redis; the next step waits for the copy only."""
         await self.wait_for_checkpoint()
-        self._pending = asyncio.ensure_future(asyncio.to_thread(self._write_checkpoint, round_index, loss))
+        packing = asyncio.ensure_future(asyncio.to_thread(self._pack, round_index, loss))
+        self._packing = packing
+        self._pending = asyncio.ensure_future(self._write_when_packed(packing, round_index, loss))
 
-    def _write_checkpoint(self, round_index: int, loss: float | None) -> None:
+    def _pack(self, round_index: int, loss: float | None) -> bytes:
         self.sync()
-        state = self.replica.pack({"round": round_index, "loss": loss})
-        self.store.save_checkpoint(round_index, state, {"loss": loss})
+        return self.replica.pack({"round": round_index, "loss": loss})
+
+    async def _write_when_packed(self, packing: asyncio.Future[bytes], round_index: int, loss: float | None) -> None:
+        state = await packing
+        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
         self.cost.redis_bytes("checkpointWritten", len(state))
+
+    async def wait_for_pack(self) -> None:
+        """Wait until the checkpoint in flight holds its copy of the state (its errors: ``wait_for_checkpoint``)."""
+        packing, self._packing = self._packing, None
+        if packing is not None:
+            await asyncio.wait([packing])
 
     async def wait_for_checkpoint(self) -> None:
         """Wait for the write in flight, if any; its error (Redis gone) is raised here, once."""
-        pending, self._pending = self._pending, None
+        pending, self._pending, self._packing = self._pending, None, None
         if pending is not None:
             await pending
 

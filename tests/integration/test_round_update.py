@@ -9,6 +9,7 @@ background must continue to the same parameters as a run that was never interrup
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -74,3 +75,41 @@ async def test_a_restarted_peer_continues_to_the_uninterrupted_parameters(update
         assert [r.round for r in reports] == [3, 4]
         for name, tensor in restarted.final_state().items():
             torch.testing.assert_close(tensor, straight[name], rtol=1e-5, atol=1e-6)
+
+
+async def test_the_step_waits_for_the_checkpoints_copy_and_not_for_its_write() -> None:
+    """Each round's checkpoint holds exactly that round's parameters even while the next round's step
+    runs during its (slowed) write to Redis, and the write of round r still lands before round r + 1's."""
+    from p2ptrain.checkpoint import model_tensors
+
+    spec = make_spec(name="slowckpt", peers=1, functionsPerPeer=2, batchSize=16, rounds=4,
+                     optimizer={"learningRate": 0.1, "momentum": 0.9})
+    async with running_job(spec) as job:
+        peer = job.peers[0]
+        after_step: list[torch.Tensor] = []
+        saved: list[tuple[int, bytes]] = []
+        events: list[str] = []
+        apply, save = peer.replica.apply, peer.store.save_checkpoint
+
+        def stepping(gradient: torch.Tensor) -> None:
+            apply(gradient)
+            events.append(f"step {len(after_step)}")
+            after_step.append(torch.nn.utils.parameters_to_vector(peer.replica.model.parameters()).detach().clone())
+
+        def slow_save(round_index: int, state: bytes, meta: dict[str, Any]) -> None:
+            time.sleep(0.3)  # the injected slowness: a large model's write
+            save(round_index, state, meta)
+            events.append(f"saved {round_index}")
+            saved.append((round_index, state))
+
+        peer.replica.apply = stepping  # type: ignore[method-assign]
+        peer.store.save_checkpoint = slow_save  # type: ignore[method-assign]
+        await job.train()
+    assert [r for r, _ in saved] == [0, 1, 2, 3]
+    names = [name for name, _ in peer.replica.model.named_parameters()]
+    for round_index, state in saved:
+        tensors = model_tensors(state)
+        flat = torch.cat([tensors[name].reshape(-1) for name in names])
+        torch.testing.assert_close(flat, after_step[round_index], rtol=0, atol=0)
+    # Round r + 1's step ran while round r's write was still sleeping: the step did not wait for it.
+    assert events.index("step 1") < events.index("saved 0"), events

@@ -61,7 +61,11 @@ def combine(ctx: PeerContext, replica: Replica, gradients: dict[int, np.ndarray]
 
 async def record_hash(ctx: PeerContext, replica: Replica, round_index: int) -> None:
     """The hash of the parameters after round ``round_index``, in status and as gauges."""
-    digest = await asgi.off_loop_if_large(4 * replica.numel, replica.params_hash)  # every round by default
+    note_hash(ctx, round_index, await asgi.off_loop_if_large(4 * replica.numel, replica.params_hash))
+
+
+def note_hash(ctx: PeerContext, round_index: int, digest: str) -> None:
+    """Record the hash of the parameters after round ``round_index`` (on the event loop)."""
     ctx.status.record_params_hash(round_index + 1, digest)
     metrics.PARAMS_HASH.labels(**ctx.labels).set(int(digest[:12], 16))
     metrics.PARAMS_HASH_ROUND.labels(**ctx.labels).set(round_index + 1)

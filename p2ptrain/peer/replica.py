@@ -114,13 +114,15 @@ class Replica:
     def parameters(self) -> np.ndarray:
         """A copy of the flat parameters (what the gradient functions compute at)."""
         with self.lock:
-            return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy().copy()
+            return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy()  # a new tensor
 
     def params_hash(self) -> str:
         """SHA-256 of the parameters' float32 bytes: equal on every peer while the replicas are identical."""
-        with self.lock:
-            flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach()
-            return hashlib.sha256(flat.numpy().astype("<f4", copy=False).tobytes()).hexdigest()[:16]
+        digest = hashlib.sha256()
+        with self.lock:  # parameter by parameter, in place: the digest of their concatenation, no copy
+            for p in self.model.parameters():
+                digest.update(p.detach().contiguous().numpy().astype("<f4", copy=False).data)
+        return digest.hexdigest()[:16]
 
     def apply(self, gradient: torch.Tensor) -> None:
         """One optimizer step with ``gradient`` (flat) as every parameter's gradient."""

@@ -10,6 +10,7 @@ recovery, replica, endpoint) and owns them: ``run`` closes what it opened on eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -248,9 +249,10 @@ class Peer:
         evaluation = None
         if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
-        if (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds:
-            await closing.record_hash(self.ctx, await self.update.synced(), round_index)
-        await self.update.checkpoint(round_index, loss)  # written in the background, off the critical path
+        hash_due = (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds
+        # Copied (and hashed) and written in the background, off the critical path.
+        await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
+                                     if hash_due else None)
         await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] = time.perf_counter() - t0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,7 +60,7 @@ class RoundUpdate:
         self._stepped_to: int | None = None  # the version the last in-database step wrote
         self._replica_behind = False  # Redis holds a newer version than the torch replica
         self._pending: asyncio.Future[Any] | None = None  # the checkpoint in flight: copy, then write
-        self._packing: asyncio.Future[bytes] | None = None  # its copy
+        self._packing: asyncio.Future[tuple[bytes, str | None]] | None = None  # its copy (and hash)
 
     @property
     def model_bytes(self) -> int:
@@ -148,20 +149,25 @@ class RoundUpdate:
         return self.replica
 
     # --- the checkpoint --------------------------------------------------------------------------------
-    async def checkpoint(self, round_index: int, loss: float | None) -> None:
+    async def checkpoint(self, round_index: int, loss: float | None,
+                         hashed: Callable[[str], None] | None = None) -> None:
         """Start checkpointing round ``round_index``'s state in the background (after the previous write):
-        the state is copied (packed) first, then written to Redis; the next step waits for the copy only."""
+        the state is copied (packed) first, then written to Redis; the next step waits for the copy only.
+        With ``hashed``, the copy also hashes the parameters and ``hashed(digest)`` gets it (on the loop)."""
         await self.wait_for_checkpoint()
-        packing = asyncio.ensure_future(asyncio.to_thread(self._pack, round_index, loss))
+        packing = asyncio.ensure_future(asyncio.to_thread(self._pack, round_index, loss, hashed is not None))
         self._packing = packing
-        self._pending = asyncio.ensure_future(self._write_when_packed(packing, round_index, loss))
+        self._pending = asyncio.ensure_future(self._write_when_packed(packing, round_index, loss, hashed))
 
-    def _pack(self, round_index: int, loss: float | None) -> bytes:
+    def _pack(self, round_index: int, loss: float | None, with_hash: bool) -> tuple[bytes, str | None]:
         self.sync()
-        return self.replica.pack({"round": round_index, "loss": loss})
+        return self.replica.pack({"round": round_index, "loss": loss}), self.replica.params_hash() if with_hash else None
 
-    async def _write_when_packed(self, packing: asyncio.Future[bytes], round_index: int, loss: float | None) -> None:
-        state = await packing
+    async def _write_when_packed(self, packing: asyncio.Future[tuple[bytes, str | None]], round_index: int,
+                                 loss: float | None, hashed: Callable[[str], None] | None) -> None:
+        state, digest = await packing
+        if hashed is not None and digest is not None:
+            hashed(digest)
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
         self.cost.redis_bytes("checkpointWritten", len(state))
 

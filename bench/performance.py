@@ -72,10 +72,10 @@ class Plan:
     lua_repeat: int
 
 
-QUICK = Plan(peers=(2, 4, 8), rounds=12, sizes=(10_000, 100_000, 1_000_000), size_peers=2, size_rounds=6,
+QUICK = Plan(peers=(2, 4, 8), rounds=12, sizes=(10_000, 100_000, 1_000_000), size_peers=4, size_rounds=6,
              cnn_peers=1, cnn_functions=(1, 2, 4), cnn_rounds=5, accumulate_d=1_000_000, accumulate_repeat=2,
              lua_repeat=1)
-FULL = Plan(peers=(2, 4, 8), rounds=100, sizes=(10_000, 100_000, 1_000_000, 10_000_000), size_peers=2,
+FULL = Plan(peers=(2, 4, 8), rounds=100, sizes=(10_000, 100_000, 1_000_000, 10_000_000), size_peers=4,
             size_rounds=40, cnn_peers=1, cnn_functions=(1, 2, 4), cnn_rounds=30, accumulate_d=1_000_000,
             accumulate_repeat=5, lua_repeat=3)
 
@@ -119,13 +119,13 @@ def parameter_count(spec: JobSpec) -> int:
     return sum(p.numel() for p in build_model(spec.model, data.input_shape, data.num_classes).parameters())
 
 
-def first_round_done(logs: Path, peers: int) -> float | None:
-    """When the last peer logged the end of round 1 (wall clock), from the peers' logs."""
+def first_round_done(logs: Path, peers: int, round_number: int = 1) -> float | None:
+    """When the last peer logged the end of round ``round_number`` (wall clock), from the peers' logs."""
     done = []
     for index in range(peers):
         path = logs / f"peer-{index}.log"
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
-        stamp = next((line[:23] for line in lines if " round done " in line and " round=1 " in line), None)
+        stamp = next((line[:23] for line in lines if " round done " in line and f" round={round_number} " in line), None)
         if stamp is None:
             return None
         # logging's default asctime: local time, milliseconds after a comma
@@ -134,16 +134,16 @@ def first_round_done(logs: Path, peers: int) -> float | None:
 
 
 def measure(spec: JobSpec, mode: str, ddp: bool = True) -> dict[str, Any]:
-    """One p2ptrain run and, with ``ddp``, the DDP baseline right after it, as a results row. Without
-    ``ddp`` (the function comparison) the CPU of the run's processes is sampled instead: the sampler
-    shares this process with the runner's function front door, so the round-vs-DDP runs go without it."""
+    """One p2ptrain run and, with ``ddp``, the DDP baseline right after it, as a results row, with the
+    CPU-seconds of every process of the run (sampled from /proc ten times a second) and of DDP's steps."""
     print(f"-- {spec.name}: {spec.peers} peers x {spec.functions_per_peer}, {mode}, {spec.rounds} rounds", flush=True)
-    cpu = None if ddp else ChildCpu(interval=0.25)
-    with tempfile.TemporaryDirectory(prefix="perf-") as logs, cpu or contextlib.nullcontext():
+    cpu = ChildCpu(interval=0.1)
+    with tempfile.TemporaryDirectory(prefix="perf-") as logs, cpu:
         started = time.perf_counter()
         p2p = round_bench.run_p2ptrain(spec, workdir=Path(logs))
         wall = time.perf_counter() - started
         steady_from = first_round_done(Path(logs), spec.peers)
+        steady_to = first_round_done(Path(logs), spec.peers, p2p["rounds"])
     phases = p2p["phases"]
     row: dict[str, Any] = {
         "name": spec.name, "mode": mode, "peers": spec.peers, "functions_per_peer": spec.functions_per_peer,
@@ -156,21 +156,27 @@ def measure(spec: JobSpec, mode: str, ddp: bool = True) -> dict[str, Any]:
         "max_instances": p2p["function"]["max_instances"],
         "cold_start_seconds_mean": p2p["function"]["cold_start_seconds_mean"],
     }
-    if cpu is not None:
-        # After the first round (its cold starts) where the logs say when it ended, else the whole run.
-        end, start = cpu.cpu_at(), cpu.cpu_at(steady_from) if steady_from else {}
-        timed_rounds = max(1, p2p["rounds"] - 1) if steady_from else max(1, p2p["rounds"])
-        row |= {
-            "cpu_steady_state": steady_from is not None,
-            "function_cpu_seconds_per_round": (end.get("function", 0.0) - start.get("function", 0.0)) / timed_rounds,
-            "peer_cpu_seconds_per_round": (end.get("peer", 0.0) - start.get("peer", 0.0)) / timed_rounds,
-            "function_cpu_seconds_total": end.get("function", 0.0),
-        }
+    # From the end of the first round (its cold starts) to the end of the last (not the shutdown) where
+    # the logs say when they ended, else the whole run.
+    steady = steady_from is not None and steady_to is not None and steady_to > steady_from
+    end, start = (cpu.cpu_at(steady_to), cpu.cpu_at(steady_from)) if steady else (cpu.cpu_at(), {})
+    timed_rounds = max(1, p2p["rounds"] - 1) if steady else max(1, p2p["rounds"])
+    per_round = {kind: (end.get(kind, 0.0) - start.get(kind, 0.0)) / timed_rounds
+                 for kind in ("peer", "function", "runner", "redis")}
+    row |= {
+        "cpu_steady_state": steady,
+        "cpu_seconds_per_round": per_round,
+        "function_cpu_seconds_per_round": per_round["function"],
+        "peer_cpu_seconds_per_round": per_round["peer"],
+        "function_cpu_seconds_total": end.get("function", 0.0),
+    }
+    if not ddp:
         print(f"   round {row['round_seconds'] * 1000:.1f} ms, gradient {row['gradient_seconds'] * 1000:.1f} ms, "
               f"function CPU {row['function_cpu_seconds_per_round']:.3f} s/round", flush=True)
     if ddp:
         baseline = round_bench.run_ddp(spec)
-        row |= {"ddp_step_seconds": baseline["step_seconds_mean"], "ddp_accuracy": baseline["accuracy"]}
+        row |= {"ddp_step_seconds": baseline["step_seconds_mean"], "ddp_accuracy": baseline["accuracy"],
+                "ddp_cpu_seconds_per_step": baseline["cpu_seconds_per_step"]}
         print(f"   round {row['round_seconds'] * 1000:.1f} ms vs DDP step {row['ddp_step_seconds'] * 1000:.2f} ms: "
               f"{row['round_seconds'] / row['ddp_step_seconds']:.1f}x", flush=True)
     return row
@@ -287,7 +293,8 @@ def main() -> int:
             plan = dataclasses.replace(plan, sizes=tuple(int(n) for n in args.sizes.split(",") if n.strip()))
         started = time.monotonic()
         results = {"meta": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                            "commit": commit(), "machine": machine(), "quick": args.quick}}
+                            "commit": commit(), "machine": machine(), "quick": args.quick,
+                            "cores": os.cpu_count() or 1}}
         if inline_note:
             results["inline_skipped"] = inline_note
         # Each section is saved and rendered as soon as it is measured: an interrupted run keeps its figures.

@@ -200,6 +200,42 @@ def _phase_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[
     return lines
 
 
+CPU_KINDS = (("peer", "peers"), ("function", "functions"), ("runner", "front door + runner"), ("redis", "Redis"))
+CPU_NOTE = (
+    "CPU per round: every process's user + system time (read from /proc ten times a second), per round "
+    "from the end of the first to the end of the last; `front door + runner` is the local runner's process, whose function front door stands in for "
+    "Knative's activator. DDP: its workers' CPU time inside the timed steps (gloo threads included), per step. "
+    "While the total exceeds the cores' time per round (cores x round ms), the round waits for CPU, and the "
+    "per-phase times above include that wait (the `exchange` phase above all: a peer that is done waits there "
+    "for the others):"
+)
+
+
+def _cpu_table(runs: Sequence[dict[str, Any]], labels: Sequence[str], cores: int) -> list[str]:
+    """Milliseconds of CPU per round by process kind, against the DDP step's."""
+    if not all(run.get("cpu_seconds_per_round") and run.get("ddp_cpu_seconds_per_step") for run in runs):
+        return []
+    head = ("| config | " + " | ".join(name for _, name in CPU_KINDS)
+            + f" | total CPU ms | {cores} cores x round ms | DDP CPU ms/step | CPU / DDP CPU |")
+    lines = ["", CPU_NOTE, "", head, "|" + "---|" * (len(CPU_KINDS) + 5)]
+    for run, label in zip(runs, labels, strict=True):
+        cpu = run["cpu_seconds_per_round"]
+        total = sum(cpu.values())
+        kinds = " | ".join(f"{cpu.get(kind, 0.0) * 1000:.1f}" for kind, _ in CPU_KINDS)
+        lines.append(f"| {label} | {kinds} | {total * 1000:.1f} | {cores * run['round_seconds'] * 1000:.1f} | "
+                     f"{run['ddp_cpu_seconds_per_step'] * 1000:.1f} | {total / run['ddp_cpu_seconds_per_step']:.1f}x |")
+    return lines
+
+
+def _cpu_summary(run: dict[str, Any]) -> str:
+    cpu = run.get("cpu_seconds_per_round")
+    if not cpu or not run.get("ddp_cpu_seconds_per_step"):
+        return ""
+    parts = ", ".join(f"{name} {cpu.get(kind, 0.0) * 1000:.1f}" for kind, name in CPU_KINDS)
+    return (f"; it used {sum(cpu.values()) * 1000:.1f} ms of CPU a round ({parts}) against "
+            f"{run['ddp_cpu_seconds_per_step'] * 1000:.1f} ms a DDP step")
+
+
 def _accuracy(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -267,6 +303,7 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             "first (the first pays the functions' cold starts); milliseconds per round:",
             "",
             *_phase_table(scaling, [label.replace("\n", " ") for label in labels]),
+            *_cpu_table(scaling, [label.replace("\n", " ") for label in labels], meta.get("cores", 2)),
             "",
         ]
     sizes = [r for r in results.get("sizes", []) if r.get("ddp_step_seconds")]
@@ -284,6 +321,7 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             "MLP of issue 10's targets). Milliseconds per round:",
             "",
             *_phase_table(sizes, [label.replace("\n", ", ") for label in labels]),
+            *_cpu_table(sizes, [label.replace("\n", ", ") for label in labels], meta.get("cores", 2)),
             "",
         ]
     functions = results.get("functions") or {}
@@ -369,7 +407,7 @@ def _where(target: Target, results: dict[str, Any]) -> str:
         return (f"{target.name}: aggregate {run['phases']['aggregate'] * 1000:.1f} ms + update "
                 f"{run['phases']['update'] * 1000:.1f} ms per round")
     if run is not None:
-        return f"{target.name}: the round is mostly {_largest_phases(run)}"
+        return f"{target.name}: the round is mostly {_largest_phases(run)}{_cpu_summary(run)}"
     functions = results.get("functions") or {}
     inline = _find(functions.get("runs", []), mode="inline")
     two = _find(functions.get("runs", []), mode="serverless", functions_per_peer=2)

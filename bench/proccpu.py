@@ -1,4 +1,5 @@
-"""CPU-seconds of this process's children (peers, function instances, Redis servers), read from /proc.
+"""CPU-seconds of this process's children (peers, function instances, Redis servers) and its own
+(``runner``: the local runner's function front door and status polling), read from /proc.
 
 The local runner starts every process of a job as a child of the process that runs it. A thread samples
 each child's user + system time while it runs, so the CPU of a function instance that scales to zero
@@ -90,6 +91,10 @@ class ChildCpu:
 
     def sample(self) -> None:
         now = time.time()
+        own = _cpu_seconds(self.parent)  # the parent itself: the local runner (its front door, its polling)
+        if own is not None:
+            self.kinds[(self.parent, own[0])] = "runner"
+            self.samples.setdefault((self.parent, own[0]), []).append((now, own[1]))
         for pid in _children(self.parent):
             read = _cpu_seconds(pid)
             if read is None:

@@ -75,21 +75,26 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
             return float((model(x_test).argmax(1) == y_test).float().mean())
 
     dist.barrier()
+    step_cpu = 0.0  # this worker's CPU-seconds in steps (its gloo threads included)
     for r in range(rounds):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         idx = batch_indices(shard, r, spec.batch_size, spec.seed + rank)
         x, y = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         optimizer.step()
         step_seconds.append(time.perf_counter() - t0)
+        step_cpu += time.process_time() - c0
         # Evaluated as often as the p2ptrain job evaluates, outside the timed step (as the peers' clock
         # counts evaluation inside "update", this favours DDP slightly).
         if rank == 0 and ((r + 1) % spec.evaluation.every_rounds == 0 or r + 1 == rounds):
             record_milestones(reached, accuracy(), r + 1, sum(step_seconds))
+    cpu = torch.tensor([step_cpu], dtype=torch.float64)
+    dist.all_reduce(cpu)  # every worker's
     dist.barrier()
     if rank == 0:
-        result = {"step_seconds": step_seconds, "accuracy": accuracy(), "reached": reached}
+        result = {"step_seconds": step_seconds, "accuracy": accuracy(), "reached": reached,
+                  "cpu_seconds_per_step": float(cpu) / rounds}
         Path(out_path).write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -106,6 +111,7 @@ def run_ddp(spec: JobSpec) -> dict:
     steps = result["step_seconds"][2:] or result["step_seconds"]  # leave out warm-up steps
     return {"step_seconds_median": statistics.median(steps), "step_seconds_mean": statistics.fmean(steps),
             "accuracy": result["accuracy"], "wall_seconds": wall, "steps": len(result["step_seconds"]),
+            "cpu_seconds_per_step": result["cpu_seconds_per_step"],
             "reached": result["reached"]}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def test_child_cpu_counts_a_child_that_has_exited() -> None:
         child.stdin.close()
         child.wait(timeout=30)
     assert cpu.cpu_at().get("other", 0.0) >= burnt - 2 / proccpu.TICKS  # /proc counts in clock ticks
-    assert cpu.cpu_at(when=0.0) == {"other": 0.0}  # nothing was sampled before the epoch
+    assert cpu.cpu_at(when=0.0) == {"other": 0.0, "runner": 0.0}  # nothing was sampled before the epoch
+    # The sampling process itself counts as the runner, with the CPU it has used (at least this test's).
+    assert 0.0 < cpu.cpu_at()["runner"] <= time.process_time() + 2 / proccpu.TICKS
 
 
 @pytest.mark.parametrize(
@@ -168,3 +171,27 @@ def test_child_cpu_counts_a_child_that_has_exited() -> None:
 )
 def test_child_processes_are_told_apart_by_command_line(argv: list[str], kind: str) -> None:
     assert proccpu.classify(argv) == kind
+
+
+def test_cpu_per_round_is_tabled_and_named_where_a_target_is_missed(results: dict[str, Any], tmp_path: Path) -> None:
+    """With the processes' CPU measured, each phase table gets its CPU table, and a missed round target
+    says how much CPU the round used against a DDP step's."""
+    for run in results["scaling"] + results["sizes"]:
+        run["cpu_seconds_per_round"] = {"peer": 0.030, "function": 0.020, "runner": 0.005, "redis": 0.003}
+        run["ddp_cpu_seconds_per_step"] = 0.016
+    results["meta"]["cores"] = 2
+    doc = tmp_path / "performance.md"
+    perfreport.render(results, doc, tmp_path / "img")
+    page = doc.read_text(encoding="utf-8")
+    assert page.count("| config | peers | functions | front door + runner | Redis | total CPU ms |") == 2
+    # 4 peers inline: 58 ms of CPU a round, 2 cores x 30 ms = 60 ms, DDP 16 ms: 3.6x
+    assert "| 4 peers x 2 inline | 30.0 | 20.0 | 5.0 | 3.0 | 58.0 | 60.0 | 16.0 | 3.6x |" in page
+    assert ("- digits 4x2 inline: round / DDP step: the round is mostly fanout (15.0 ms, 50%) and exchange "
+            "(9.0 ms, 30%); it used 58.0 ms of CPU a round (peers 30.0, functions 20.0, front door + runner 5.0, "
+            "Redis 3.0) against 16.0 ms a DDP step.") in page
+
+
+def test_without_cpu_figures_no_cpu_table_is_written(results: dict[str, Any], tmp_path: Path) -> None:
+    doc = tmp_path / "performance.md"
+    perfreport.render(results, doc, tmp_path / "img")
+    assert "total CPU ms" not in doc.read_text(encoding="utf-8")

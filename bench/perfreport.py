@@ -384,7 +384,7 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
     lines += [
         "## How to reproduce",
         "",
-        "`make bench` (the full run, about 40 minutes on 2 cores) or `.venv/bin/python bench/performance.py --quick` "
+        "`make bench` (the full run, about 10 minutes on 2 cores) or `.venv/bin/python bench/performance.py --quick` "
         "(fewer rounds, models up to 10^6 parameters, under 10 minutes on an unloaded machine). `--parts` measures "
         "some sections only, `--modes serverless` leaves inline out, `--save results.json` keeps the raw figures "
         "and `--render results.json` rewrites this page from them without measuring.",

@@ -85,7 +85,7 @@ class RoundUpdate:
             await self.wait_for_checkpoint()  # its read-back (sync) and this one must not interleave
         # spec.update: peer: the previous round's checkpoint goes on being written to Redis while this
         # version is published and computed on (the replica's lock covers only the packing); the step
-        # waits for it, as it changes what the checkpoint reads.
+        # waits for the checkpoint's copy of the state, which it is about to change.
         if self._replica_behind:
             await asyncio.to_thread(self.sync)
         key: str = await publish(round_index, await asgi.off_loop_if_large(self.model_bytes, self.replica.parameters))

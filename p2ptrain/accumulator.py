@@ -70,23 +70,22 @@ class Accumulator:
 
     def mean(self, client: redis.Redis, acc_key: str, meta_key: str) -> tuple[np.ndarray, float, int] | None:
         """(weighted mean as float32, total weight, parts) or None when nothing was accumulated."""
-        try:
-            if self.kind == "module":
-                reply = client.execute_command("P2P.MEAN", acc_key, meta_key)
-            else:
-                reply = _fcall(client, "p2p_mean", acc_key, meta_key)
-        except redis.ResponseError as exc:
-            raise AccumulatorError(f"reading the mean of {acc_key} failed: {exc}") from exc
-        return _as_mean(reply)
+        return self._read_mean(client, acc_key, meta_key, clear=False)
 
     def take_mean(self, client: redis.Redis, acc_key: str, meta_key: str) -> tuple[np.ndarray, float, int] | None:
         """``mean``, and both keys deleted, in one round trip (the peer reads a round's mean once)."""
+        return self._read_mean(client, acc_key, meta_key, clear=True)
+
+    def _read_mean(
+        self, client: redis.Redis, acc_key: str, meta_key: str, *, clear: bool
+    ) -> tuple[np.ndarray, float, int] | None:
         pipe = client.pipeline(transaction=False)
         if self.kind == "module":
             pipe.execute_command("P2P.MEAN", acc_key, meta_key)
         else:
             pipe.fcall("p2p_mean", 2, acc_key, meta_key)
-        pipe.delete(acc_key, meta_key)
+        if clear:
+            pipe.delete(acc_key, meta_key)
         reply = pipe.execute(raise_on_error=False)[0]
         if isinstance(reply, redis.ResponseError) and self.kind == "lua" and _missing_function(reply):
             return None  # Redis restarted empty (the library with it): nothing was accumulated there

@@ -74,7 +74,9 @@ async def _wait_port(port: int) -> None:
 @contextlib.asynccontextmanager
 async def running_job(spec: JobSpec, *, module: Any = None) -> AsyncIterator[Job]:
     """Start Redis servers, the gradient function and the peers' endpoints; stop them all after."""
-    job_secrets = Secrets(redis_password=secrets.token_hex(16), signing_key=secrets.token_bytes(32))
+    # The key as deployed: hex text (an environment variable and a key file hold text; the foreign client
+    # strips a file's surrounding whitespace, which random bytes could begin or end with).
+    job_secrets = Secrets(redis_password=secrets.token_hex(16), signing_key=secrets.token_hex(32).encode())
     servers = [RedisServer(password=job_secrets.redis_password, module=module) for _ in range(spec.peers)]
     try:
         for server in servers:

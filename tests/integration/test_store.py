@@ -41,6 +41,35 @@ def test_an_older_checkpoint_never_replaces_a_newer_one(redis_server) -> None:
     assert store.load_checkpoint() == (6, b"state-6", {"loss": 0.4})
 
 
+def test_a_checkpoint_written_between_the_compare_and_the_write_is_never_overwritten(redis_server, monkeypatch) -> None:
+    """The write is atomic without a script: a newer state that lands after the round was compared makes
+    the transaction fail, and the retry compares again (and gives way); an older one is replaced."""
+    store, other = _store(redis_server), _store(redis_server)  # two connections, one peer's keys
+    racer: list[tuple[int, bytes]] = [(9, b"state-9")]
+    pipeline = store.client.pipeline
+
+    def racing_pipeline(*args, **kwargs):
+        pipe = pipeline(*args, **kwargs)
+        multi = pipe.multi
+
+        def multi_after_a_racer() -> None:
+            if racer:
+                round_index, state = racer.pop()
+                assert other.save_checkpoint(round_index, state, {"by": "racer"})
+            multi()
+
+        pipe.multi = multi_after_a_racer
+        return pipe
+
+    monkeypatch.setattr(store.client, "pipeline", racing_pipeline)
+    assert not store.save_checkpoint(7, b"state-7", {"by": "us"})
+    assert store.load_checkpoint() == (9, b"state-9", {"by": "racer"})
+
+    racer.append((10, b"state-10"))  # raced again, but ours is newer still: written on the retry
+    assert store.save_checkpoint(11, b"state-11", {"by": "us"})
+    assert store.load_checkpoint() == (11, b"state-11", {"by": "us"})
+
+
 def test_no_checkpoint_reads_as_none(redis_server) -> None:
     assert _store(redis_server).load_checkpoint() is None
 

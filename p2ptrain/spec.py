@@ -102,6 +102,7 @@ class TrainingSpec:
     on_divergence: str = "fail"  # or "skipRound"
     explosion_factor: float = 10.0
     hash_every_rounds: int = 1
+    checkpoint_every_rounds: int = crd_default("training.checkpointEveryRounds")
     resync_every_rounds: int = crd_default("training.resyncEveryRounds")
 
 

@@ -249,11 +249,15 @@ class Peer:
         evaluation = None
         if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
-        hash_due = (round_index + 1) % spec.training.hash_every_rounds == 0 or round_index + 1 == self.rounds
-        # Copied (and hashed) and written in the background, off the critical path.
-        await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
-                                     if hash_due else None)
-        await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
+        last = round_index + 1 == self.rounds
+        hash_due = (round_index + 1) % spec.training.hash_every_rounds == 0 or last
+        if (round_index + 1) % spec.training.checkpoint_every_rounds == 0 or last:
+            # Copied (and hashed) and written in the background, off the critical path.
+            await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
+                                         if hash_due else None)
+        elif hash_due:  # no checkpoint this round (training.checkpointEveryRounds): a restart re-runs it
+            await closing.record_hash(self.ctx, await self.update.synced(), round_index)
+        await self.ctx.cost.tick_after_round(self.redis, last=last)
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

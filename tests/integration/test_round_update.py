@@ -113,3 +113,47 @@ async def test_the_step_waits_for_the_checkpoints_copy_and_not_for_its_write() -
         torch.testing.assert_close(flat, after_step[round_index], rtol=0, atol=0)
     # Round r + 1's step ran while round r's write was still sleeping: the step did not wait for it.
     assert events.index("step 1") < events.index("saved 0"), events
+
+
+class _Crash(Exception):
+    """The process dies at the start of a round (the test's stand-in for a killed pod)."""
+
+
+@pytest.mark.parametrize("update", ["peer", "database"])
+async def test_a_peer_killed_between_checkpoints_re_runs_the_rounds_since_to_the_same_parameters(update: str) -> None:
+    """``training.checkpointEveryRounds: 3``: the state is written after rounds 3 and 6 and the last, not
+    after the others. A peer that dies in round 5 restarts from round 3's state, runs rounds 4 and 5
+    again, and ends where a run that never stopped ends (the others' gradients of re-run rounds come
+    from their outboxes: ``test_local_run``'s killed-peer test covers that with real processes)."""
+    settings: dict[str, Any] = dict(peers=1, functionsPerPeer=2, batchSize=16, rounds=7, update=update,
+                                    optimizer={"learningRate": 0.1, "momentum": 0.9},
+                                    training={"checkpointEveryRounds": 3})
+    straight, _ = await _train(make_spec(name=f"every3{update}", **settings), None)
+    spec = make_spec(name=f"crash3{update}", **settings)
+    async with running_job(spec) as job:
+        peer = job.peers[0]
+        written: list[int] = []
+        save, run_round = peer.store.save_checkpoint, peer.run_round
+
+        def recording_save(round_index: int, state: bytes, meta: dict[str, Any]) -> bool:
+            written.append(round_index)
+            return save(round_index, state, meta)
+
+        async def crashing_round(round_index: int) -> Any:
+            if round_index == 4:  # rounds 0-3 done (1-based: 1-4): the last state written is round 3's
+                raise _Crash
+            return await run_round(round_index)
+
+        peer.store.save_checkpoint = recording_save  # type: ignore[method-assign]
+        peer.run_round = crashing_round  # type: ignore[method-assign]
+        with pytest.raises(_Crash):
+            await peer.run()
+        assert written == [2], "a checkpoint was written in a round that was not due"
+        restarted = Peer(job.config, 0, job.secrets)  # a fresh process would build exactly this
+        assert await restarted.resume() == 3
+        reports = await restarted.run()
+        assert [r.round for r in reports] == [3, 4, 5, 6]
+        for name, tensor in restarted.final_state().items():
+            torch.testing.assert_close(tensor, straight[name], rtol=1e-5, atol=1e-6)
+        # The parameters' hash is still reported every round (hashEveryRounds: 1), checkpoint or not.
+        assert sorted(int(r) for r in restarted.status.params_hashes) == [4, 5, 6, 7]

@@ -253,7 +253,8 @@ def _scaling_label(run: dict[str, Any]) -> str:
 
 
 def _size_label(run: dict[str, Any]) -> str:
-    return f"{run['params']:.2e} params\n{run['peers']} peers"
+    every = run.get("checkpoint_every_rounds", 1)
+    return f"{run['params']:.2e} params\n{run['peers']} peers" + (f"\ncheckpoint every {every}" if every > 1 else "")
 
 
 def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
@@ -318,7 +319,8 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             f"![round by phase vs model size]({relative / path.name})",
             "",
             "Two hidden layers of equal width chosen to hit each parameter count (1024 wide is the 1.13M-parameter "
-            "MLP of issue 10's targets). Milliseconds per round:",
+            "MLP of issue 10's targets; it runs twice, the second time with `training.checkpointEveryRounds: 4`, "
+            "whose state write every 4 rounds instead of every round is the difference). Milliseconds per round:",
             "",
             *_phase_table(sizes, [label.replace("\n", ", ") for label in labels]),
             *_cpu_table(sizes, [label.replace("\n", ", ") for label in labels], meta.get("cores", 2)),

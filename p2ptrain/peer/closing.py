@@ -15,7 +15,7 @@ import torch
 
 from p2ptrain import asgi, metrics, retry
 from p2ptrain.config import RuntimeConfig
-from p2ptrain.peer.context import PeerContext
+from p2ptrain.peer.context import PeerContext, due
 from p2ptrain.peer.recovery import OtherPeers
 from p2ptrain.peer.replica import Replica, SkipUpdate
 
@@ -72,8 +72,7 @@ def note_hash(ctx: PeerContext, round_index: int, digest: str) -> None:
 
 
 def evaluation_due(ctx: PeerContext, round_index: int, rounds: int) -> bool:
-    every = ctx.spec.evaluation.every_rounds
-    return (round_index + 1) % every == 0 or round_index + 1 == rounds
+    return due(ctx.spec.evaluation.every_rounds, round_index, rounds)
 
 
 async def wait_for_peers(http: httpx.AsyncClient, config: RuntimeConfig, index: int) -> None:

@@ -14,6 +14,12 @@ from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerStatus
 
 
+def due(every: int, round_index: int, rounds: int) -> bool:
+    """Whether what a peer does every ``every`` rounds and after the last (evaluation, hash, checkpoint,
+    resync) is due after round ``round_index`` (0-based) of ``rounds``."""
+    return (round_index + 1) % every == 0 or round_index + 1 == rounds
+
+
 @dataclass(frozen=True)
 class PeerContext:
     config: RuntimeConfig

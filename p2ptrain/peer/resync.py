@@ -30,7 +30,7 @@ import redis
 from p2ptrain import metrics, retry
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
 from p2ptrain.checkpoint import CheckpointError, median_state, model_tensors
-from p2ptrain.peer.context import PeerContext, PeerPart
+from p2ptrain.peer.context import PeerContext, PeerPart, due
 from p2ptrain.peer.recovery import OtherPeers
 from p2ptrain.peer.replica import Replica
 from p2ptrain.spec import JobSpec
@@ -52,7 +52,7 @@ def sync_due(spec: JobSpec, rounds: int, round_index: int) -> bool:
     every = spec.training.resync_every_rounds
     if every == 0 or spec.quorum >= spec.peers or spec.topology == "ps":
         return False
-    return (round_index + 1) % every == 0 or round_index + 1 == rounds
+    return due(every, round_index, rounds)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
 from p2ptrain.peer import closing
 from p2ptrain.peer.attacker import PeerAttack
-from p2ptrain.peer.context import PeerContext
+from p2ptrain.peer.context import PeerContext, due
 from p2ptrain.peer.divergence import Diverged, DivergenceGuard
 from p2ptrain.peer.endpoint import PeerEndpoint
 from p2ptrain.peer.errors import PeerError
@@ -249,15 +249,14 @@ class Peer:
         evaluation = None
         if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
-        last = round_index + 1 == self.rounds
-        hash_due = (round_index + 1) % spec.training.hash_every_rounds == 0 or last
-        if (round_index + 1) % spec.training.checkpoint_every_rounds == 0 or last:
+        hash_due = due(spec.training.hash_every_rounds, round_index, self.rounds)
+        if due(spec.training.checkpoint_every_rounds, round_index, self.rounds):
             # Copied (and hashed) and written in the background, off the critical path.
             await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
                                          if hash_due else None)
         elif hash_due:  # no checkpoint this round (training.checkpointEveryRounds): a restart re-runs it
             await closing.record_hash(self.ctx, await self.update.synced(), round_index)
-        await self.ctx.cost.tick_after_round(self.redis, last=last)
+        await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] = time.perf_counter() - t0
 
         report = RoundReport(

@@ -115,13 +115,12 @@ def run_ddp(spec: JobSpec) -> dict:
             try:
                 mp.spawn(_ddp_worker, args=(spec.peers, port, json.dumps(spec.to_dict()), out.name), nprocs=spec.peers)
             except mp.ProcessExitedException as exc:
-                written = Path(out.name).read_text()
-                print(f"   DDP worker died ({exc}); {'its figures were written' if written else 'no figures'}"
-                      f"{', running it again' if not written and attempt < DDP_ATTEMPTS else ''}", flush=True)
-                if not written and attempt < DDP_ATTEMPTS:
+                if not Path(out.name).read_text():  # died before rank 0 wrote the figures
+                    if attempt == DDP_ATTEMPTS:
+                        raise
+                    print(f"   DDP worker died ({exc}) before the figures were written: running it again", flush=True)
                     continue
-                if not written:
-                    raise
+                print(f"   DDP worker died ({exc}) after the figures were written: keeping them", flush=True)
             wall = time.perf_counter() - started
             result: dict = json.loads(Path(out.name).read_text())
         break

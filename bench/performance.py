@@ -197,13 +197,10 @@ def measure_sizes(plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for params in plan.sizes:
         width = mlp_width(params)
-        spec = job(f"perf-mlp-{width}", {"peers": plan.size_peers, "rounds": plan.size_rounds,
-                                          "model": {"args": {"hidden": [width, width]}}})
-        rows.append(measure(spec, "serverless") | {"target": width == TARGET_WIDTH})
+        changes = {"peers": plan.size_peers, "rounds": plan.size_rounds, "model": {"args": {"hidden": [width, width]}}}
+        rows.append(measure(job(f"perf-mlp-{width}", changes), "serverless") | {"target": width == TARGET_WIDTH})
         if width == TARGET_WIDTH:  # the same job writing its state every 4 rounds, not every round
-            spec = job(f"perf-mlp-{width}-ckpt4", {"peers": plan.size_peers, "rounds": plan.size_rounds,
-                                                   "model": {"args": {"hidden": [width, width]}},
-                                                   "training": {"checkpointEveryRounds": 4}})
+            spec = job(f"perf-mlp-{width}-ckpt4", changes | {"training": {"checkpointEveryRounds": 4}})
             rows.append(measure(spec, "serverless") | {"target": False})
     return rows
 

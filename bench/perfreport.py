@@ -227,6 +227,11 @@ def _cpu_table(runs: Sequence[dict[str, Any]], labels: Sequence[str], cores: int
     return lines
 
 
+def _tables(runs: Sequence[dict[str, Any]], labels: Sequence[str], cores: int) -> list[str]:
+    """The per-phase table and, below it, the CPU table of the same runs."""
+    return [*_phase_table(runs, labels), *_cpu_table(runs, labels, cores)]
+
+
 def _cpu_summary(run: dict[str, Any]) -> str:
     cpu = run.get("cpu_seconds_per_round")
     if not cpu or not run.get("ddp_cpu_seconds_per_step"):
@@ -303,8 +308,7 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             "shards, batch, optimizer and steps (`bench/round.py`). Phases are the peers' mean over rounds after the "
             "first (the first pays the functions' cold starts); milliseconds per round:",
             "",
-            *_phase_table(scaling, [label.replace("\n", " ") for label in labels]),
-            *_cpu_table(scaling, [label.replace("\n", " ") for label in labels], meta.get("cores", 2)),
+            *_tables(scaling, [label.replace("\n", " ") for label in labels], meta.get("cores", 2)),
             "",
         ]
     sizes = [r for r in results.get("sizes", []) if r.get("ddp_step_seconds")]
@@ -322,8 +326,7 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             "MLP of issue 10's targets; it runs twice, the second time with `training.checkpointEveryRounds: 4`, "
             "whose state write every 4 rounds instead of every round is the difference). Milliseconds per round:",
             "",
-            *_phase_table(sizes, [label.replace("\n", ", ") for label in labels]),
-            *_cpu_table(sizes, [label.replace("\n", ", ") for label in labels], meta.get("cores", 2)),
+            *_tables(sizes, [label.replace("\n", ", ") for label in labels], meta.get("cores", 2)),
             "",
         ]
     functions = results.get("functions") or {}

@@ -199,8 +199,8 @@ def measure_sizes(plan: Plan) -> list[dict[str, Any]]:
         width = mlp_width(params)
         changes = {"peers": plan.size_peers, "rounds": plan.size_rounds, "model": {"args": {"hidden": [width, width]}}}
         rows.append(measure(job(f"perf-mlp-{width}", changes), "serverless") | {"target": width == TARGET_WIDTH})
-        if width == TARGET_WIDTH:  # the same job writing its state every 4 rounds, not every round
-            spec = job(f"perf-mlp-{width}-ckpt4", changes | {"training": {"checkpointEveryRounds": 4}})
+        if width == TARGET_WIDTH:  # the same job writing its state after every round, not every 4 (the default)
+            spec = job(f"perf-mlp-{width}-ckpt1", changes | {"training": {"checkpointEveryRounds": 1}})
             rows.append(measure(spec, "serverless") | {"target": False})
     return rows
 

@@ -19,6 +19,9 @@ matplotlib.use("Agg")  # files only: no display on a CI machine
 import matplotlib.pyplot as plt
 
 from p2ptrain.metrics import ROUND_PHASES
+from p2ptrain.spec import crd_default
+
+CHECKPOINT_EVERY_DEFAULT: int = crd_default("training.checkpointEveryRounds")
 
 # One colour per phase, the same in every plot, so a reader compares like with like across figures.
 PHASE_COLOURS = dict(zip(ROUND_PHASES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"), strict=True))
@@ -258,8 +261,9 @@ def _scaling_label(run: dict[str, Any]) -> str:
 
 
 def _size_label(run: dict[str, Any]) -> str:
-    every = run.get("checkpoint_every_rounds", 1)
-    return f"{run['params']:.2e} params\n{run['peers']} peers" + (f"\ncheckpoint every {every}" if every > 1 else "")
+    every = run.get("checkpoint_every_rounds", CHECKPOINT_EVERY_DEFAULT)
+    written = "" if every == CHECKPOINT_EVERY_DEFAULT else "\ncheckpoint every round" if every == 1 else f"\ncheckpoint every {every}"
+    return f"{run['params']:.2e} params\n{run['peers']} peers{written}"
 
 
 def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
@@ -323,8 +327,9 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             f"![round by phase vs model size]({relative / path.name})",
             "",
             "Two hidden layers of equal width chosen to hit each parameter count (1024 wide is the 1.13M-parameter "
-            "MLP of issue 10's targets; it runs twice, the second time with `training.checkpointEveryRounds: 4`, "
-            "whose state write every 4 rounds instead of every round is the difference). Milliseconds per round:",
+            "MLP of issue 10's targets; it runs twice, the second time with `training.checkpointEveryRounds: 1`, "
+            f"whose state write after every round instead of every {CHECKPOINT_EVERY_DEFAULT} (the default) is the "
+            "difference). Milliseconds per round:",
             "",
             *_tables(sizes, [label.replace("\n", ", ") for label in labels], meta.get("cores", 2)),
             "",

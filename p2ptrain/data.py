@@ -267,10 +267,17 @@ def batch_indices(shard: np.ndarray, round_index: int, batch_size: int, seed: in
     while filled < batch_size:
         epoch, offset = divmod(position + filled, size)
         take = min(batch_size - filled, size - offset)
-        order = np.random.default_rng([seed, epoch]).permutation(size)
+        order = _epoch_order(seed, epoch, size)
         out[filled : filled + take] = shard[order[offset : offset + take]]
         filled += take
     return out
+
+
+@functools.lru_cache(maxsize=2)  # the epoch a round reads and the next one: a round never pays for a permutation
+def _epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    order.flags.writeable = False  # shared between calls
+    return order
 
 
 def split_micro_batches(indices: np.ndarray, parts: int) -> list[np.ndarray]:

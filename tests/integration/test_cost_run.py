@@ -27,6 +27,7 @@ from p2ptrain.cost import GB, load_prices, tensor_blob_bytes
 from p2ptrain.data import load_dataset
 from p2ptrain.models import build_model
 from p2ptrain.peer import Peer
+from p2ptrain.peer.context import due
 from p2ptrain.redis_server import free_port
 from p2ptrain.spec import load_manifest
 
@@ -57,6 +58,12 @@ def _run(job: Path, tmp_path: Path, *options: str) -> tuple[subprocess.Completed
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done, json.loads(summary_path.read_text())
+
+
+def _checkpoints(job: Path) -> int:
+    """How many states a peer writes in the run (``training.checkpointEveryRounds`` and the last round)."""
+    every = load_manifest(job).training.checkpoint_every_rounds
+    return sum(due(every, round_index, ROUNDS) for round_index in range(ROUNDS))
 
 
 def _numel(job: Path) -> int:
@@ -90,7 +97,8 @@ def test_cost_figures_match_what_the_run_did(tmp_path: Path, by_reference: bool)
     # Each instance reads each version at most once (then it is cached), every version at least once.
     assert redis_bytes["modelRead"] % blob == 0
     assert ROUNDS * PEERS * blob <= redis_bytes["modelRead"] <= succeeded * blob
-    assert redis_bytes["checkpointWritten"] >= ROUNDS * PEERS * 2 * raw  # parameters and momentum
+    # Parameters and momentum (plus a few hundred bytes of names and metadata) per state written.
+    assert _checkpoints(job) * PEERS * 2 * raw <= redis_bytes["checkpointWritten"] < (_checkpoints(job) + 1) * PEERS * 2 * raw
     # Bytes between peers: the gradient in the event, or an empty event and a fetch from Redis.
     peer_bytes = cost["peerBytes"]
     assert summary["send_failures"] == 0
@@ -134,8 +142,8 @@ def test_a_parameter_server_job_counts_the_aggregator_and_the_checkpoints_peers_
         _numel(job))
     # Every peer adopts the aggregator's checkpoint (parameters and momentum) every round it waited for.
     assert cost["redisBytes"]["checkpointRead"] >= ROUNDS * PEERS * 2 * raw
-    # The aggregator checkpoints every round too (the peers do as well).
-    assert cost["redisBytes"]["checkpointWritten"] >= ROUNDS * (PEERS + 1) * 2 * raw
+    # The aggregator checkpoints every round (the peers read it), the peers as their own state asks.
+    assert cost["redisBytes"]["checkpointWritten"] >= (ROUNDS + _checkpoints(job) * PEERS) * 2 * raw
     assert cost["redisPodSeconds"] > 0
 
 

@@ -78,12 +78,13 @@ async def test_a_restarted_peer_continues_to_the_uninterrupted_parameters(update
 
 
 async def test_the_step_waits_for_the_checkpoints_copy_and_not_for_its_write() -> None:
-    """Each round's checkpoint holds exactly that round's parameters even while the next round's step
-    runs during its (slowed) write to Redis, and the write of round r still lands before round r + 1's."""
+    """With a checkpoint after every round (``checkpointEveryRounds: 1``), each holds exactly that round's
+    parameters even while the next round's step runs during its (slowed) write to Redis, and the write of
+    round r still lands before round r + 1's."""
     from p2ptrain.checkpoint import model_tensors
 
     spec = make_spec(name="slowckpt", peers=1, functionsPerPeer=2, batchSize=16, rounds=4,
-                     optimizer={"learningRate": 0.1, "momentum": 0.9})
+                     optimizer={"learningRate": 0.1, "momentum": 0.9}, training={"checkpointEveryRounds": 1})
     async with running_job(spec) as job:
         peer = job.peers[0]
         after_step: list[torch.Tensor] = []

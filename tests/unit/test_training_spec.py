@@ -16,9 +16,9 @@ def _manifest(**spec: Any) -> dict[str, Any]:
             "spec": {"model": {"name": "mlp"}, "dataset": {"name": "digits"}, **spec}}
 
 
-def test_defaults_fail_on_divergence_and_checkpoint_every_round() -> None:
+def test_defaults_fail_on_divergence_and_checkpoint_every_4_rounds() -> None:
     assert parse_manifest(_manifest()).training == TrainingSpec(on_divergence="fail", explosion_factor=10,
-                                                                hash_every_rounds=1, checkpoint_every_rounds=1)
+                                                                hash_every_rounds=1, checkpoint_every_rounds=4)
 
 
 @pytest.mark.parametrize(

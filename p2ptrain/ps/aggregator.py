@@ -79,6 +79,9 @@ class Aggregator:
             accumulator_mode=spec.redis.accumulator, key_ttl_seconds=spec.redis.key_ttl_seconds,
         )
         self.inbox = Inbox(spec.peers, self.index)
+        # Rounds before this one may have gone to an aggregator that was lost: their outboxes are read
+        # as the round opens (set when resuming, see ``run``).
+        self._outboxes_first_until = 0
         self.others = OtherPeers(self.ctx, self.replica.numel)
         self.receiver = EventReceiver(self.ctx, self.inbox, self.others)
         self.app = PeerEndpoint(spec, self.status, self.receiver, self.replica)
@@ -88,8 +91,14 @@ class Aggregator:
         reports: list[RoundReport] = []
         try:
             start = await asyncio.to_thread(resume, self.store, self.replica, self.address)
+            # The peers sent the round in progress (and, after a catch-up, every round since their
+            # checkpoints: up to checkpointEveryRounds) to the aggregator that was lost, and wait.
+            behind = 1
             if start == 0:
                 start = await asyncio.to_thread(self.others.catch_up, self.replica, start)
+                behind = self.spec.training.checkpoint_every_rounds
+            if start > 0:
+                self._outboxes_first_until = start + behind
             self.status.state = PeerState.TRAINING
             for round_index in range(start, self.rounds):
                 reports.append(await self.run_round(round_index))
@@ -143,9 +152,12 @@ class Aggregator:
     async def collect(self, round_index: int) -> dict[int, np.ndarray]:
         """The round's gradients once it closes, or ``roundDeadlineSeconds`` after its first gradient
         arrived (after the round opened, when none did), with what the missing peers' outboxes hold
-        then (they sent while this aggregator was down). Possibly none: every peer's fan-out failed,
+        then (they sent while this aggregator was down) or when it closed short of the quorum; in the
+        rounds right after a restart, the outboxes are read first. Possibly none: every peer's fan-out failed,
         and the round has no update — the peers must not wait for a model that would never come."""
         spec = self.spec
+        if round_index < self._outboxes_first_until:
+            await self._from_outboxes(round_index)
         window = spec.exchange.round_deadline_seconds
         opened = time.monotonic()
         first: float | None = None
@@ -153,6 +165,11 @@ class Aggregator:
             due = (first if first is not None else opened) + window
             wait = max(0.0, min(_WAIT_SLICE_SECONDS, due - time.monotonic()))
             if await self.inbox.wait_closed(round_index, spec.quorum, wait):
+                # Closed short of the quorum: the peers missing have sent later rounds, so this one went
+                # to an aggregator that was lost (killed with its Redis: the peers' checkpoints it
+                # resumed from are behind them). They parked it in their outboxes.
+                if sum(self.inbox.holds(round_index, p) for p in range(spec.peers)) < spec.quorum:
+                    await self._from_outboxes(round_index)
                 break
             if first is None and self._arrived(round_index):
                 first = time.monotonic()

@@ -153,3 +153,42 @@ def test_a_killed_peer_adopts_the_aggregators_model_and_the_job_succeeds(tmp_pat
     assert len({p["accuracy"] for p in summary["per_peer"]}) == 1, summary["per_peer"]
     assert summary["replicas"]["identical"] is True, summary["replicas"]
     assert _wait_gone(_processes_of(workdir)) == []
+
+
+def test_an_aggregator_restarted_with_its_redis_empty_takes_the_rounds_since_the_peers_checkpoint_from_their_outboxes(
+        tmp_path: Path) -> None:
+    """The aggregator and its Redis both lost (a node gone): the restarted aggregator adopts the peers'
+    checkpoints, which are up to ``checkpointEveryRounds - 1`` rounds behind the peers. The peers sent
+    those rounds' gradients to the aggregator that was lost and have moved on, so those rounds close at
+    once; their gradients are in the peers' outboxes, and the aggregator takes them from there instead of
+    closing the rounds without an update or waiting out a round deadline for each."""
+    import redis
+
+    deadline = 300  # waiting one out would end the run past the bound below
+    job = _write_job(tmp_path, "aggempty", rounds=40, training={"checkpointEveryRounds": 4},
+                     exchange={"roundDeadlineSeconds": deadline})
+    process, workdir, summary_path = _start(tmp_path, job)
+    try:
+        # Kill it in a round after the peers' checkpoint (rounds 4, 8, ...), so they are ahead of it.
+        assert _wait_aggregator(workdir, rounds=6), "training did not start"
+        while _aggregator_round(workdir) % 4 in (0, 3):
+            time.sleep(0.01)
+        pid = _aggregator_pid(workdir)
+        environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if item)
+        address = json.loads((workdir / "job.json").read_text())["aggregatorRedis"]
+        os.kill(pid, signal.SIGKILL)
+        client = redis.Redis(host=address["host"], port=address["port"],
+                             password=environ[b"P2PTRAIN_REDIS_PASSWORD"].decode())
+        client.flushall()  # before the restarted process (seconds to import torch) reads it
+        client.close()
+    finally:
+        stderr = _finish(process)
+    assert process.returncode == 0, stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["aggregator"]["restarts"] == 1 and summary["rounds"] == 40, summary
+    log_text = (workdir / "aggregator.log").read_text()
+    assert "caught up: adopted the state after round" in log_text and "resumed from checkpoint" not in log_text
+    assert "from its outbox" in log_text  # the rounds since the peers' checkpoint
+    assert "skipping this round's update" not in log_text
+    assert summary["wall_seconds"] < deadline, summary["wall_seconds"]
+    assert summary["replicas"]["identical"] is True, summary["replicas"]

@@ -255,7 +255,10 @@ class Peer:
             await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
                                          if hash_due else None)
         elif hash_due:  # no checkpoint this round (training.checkpointEveryRounds): a restart re-runs it
-            await closing.record_hash(self.ctx, await self.update.synced(), round_index)
+            if self.update.model_bytes > asgi.ON_LOOP_MAX_BYTES:  # a large model's SHA-256 leaves the critical path
+                await self.update.hash_in_background(round_index, functools.partial(closing.note_hash, self.ctx, round_index))
+            else:
+                await closing.record_hash(self.ctx, await self.update.synced(), round_index)
         await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] = time.perf_counter() - t0
 

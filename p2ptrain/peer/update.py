@@ -60,7 +60,7 @@ class RoundUpdate:
         self._stepped_to: int | None = None  # the version the last in-database step wrote
         self._replica_behind = False  # Redis holds a newer version than the torch replica
         self._pending: asyncio.Future[Any] | None = None  # the checkpoint in flight: copy, then write
-        self._packing: asyncio.Future[tuple[bytes, str | None]] | None = None  # its copy (and hash)
+        self._packing: asyncio.Future[tuple[bytes | None, str | None]] | None = None  # its copy (and hash)
 
     @property
     def model_bytes(self) -> int:
@@ -154,22 +154,33 @@ class RoundUpdate:
         """Start checkpointing round ``round_index``'s state in the background (after the previous write):
         the state is copied (packed) first, then written to Redis; the next step waits for the copy only.
         With ``hashed``, the copy also hashes the parameters and ``hashed(digest)`` gets it (on the loop)."""
+        await self._in_background(round_index, loss, hashed, write=True)
+
+    async def hash_in_background(self, round_index: int, hashed: Callable[[str], None]) -> None:
+        """The parameter hash of round ``round_index`` alone, taken as a checkpoint's copy is (in a worker
+        thread, the next step waiting for it), with nothing written: for a round without a checkpoint."""
+        await self._in_background(round_index, None, hashed, write=False)
+
+    async def _in_background(self, round_index: int, loss: float | None, hashed: Callable[[str], None] | None,
+                             *, write: bool) -> None:
         await self.wait_for_checkpoint()
-        packing = asyncio.ensure_future(asyncio.to_thread(self._pack, round_index, loss, hashed is not None))
+        packing = asyncio.ensure_future(asyncio.to_thread(self._pack, round_index, loss, hashed is not None, write))
         self._packing = packing
         self._pending = asyncio.ensure_future(self._write_when_packed(packing, round_index, loss, hashed))
 
-    def _pack(self, round_index: int, loss: float | None, with_hash: bool) -> tuple[bytes, str | None]:
+    def _pack(self, round_index: int, loss: float | None, with_hash: bool, write: bool) -> tuple[bytes | None, str | None]:
         self.sync()
-        return self.replica.pack({"round": round_index, "loss": loss}), self.replica.params_hash() if with_hash else None
+        state = self.replica.pack({"round": round_index, "loss": loss}) if write else None
+        return state, self.replica.params_hash() if with_hash else None
 
-    async def _write_when_packed(self, packing: asyncio.Future[tuple[bytes, str | None]], round_index: int,
+    async def _write_when_packed(self, packing: asyncio.Future[tuple[bytes | None, str | None]], round_index: int,
                                  loss: float | None, hashed: Callable[[str], None] | None) -> None:
         state, digest = await packing
         if hashed is not None and digest is not None:
             hashed(digest)
-        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
-        self.cost.redis_bytes("checkpointWritten", len(state))
+        if state is not None:
+            await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"loss": loss})
+            self.cost.redis_bytes("checkpointWritten", len(state))
 
     async def wait_for_pack(self) -> None:
         """Wait until the checkpoint in flight holds its copy of the state (its errors: ``wait_for_checkpoint``)."""

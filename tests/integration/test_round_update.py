@@ -158,3 +158,21 @@ async def test_a_peer_killed_between_checkpoints_re_runs_the_rounds_since_to_the
             torch.testing.assert_close(tensor, straight[name], rtol=1e-5, atol=1e-6)
         # The parameters' hash is still reported every round (hashEveryRounds: 1), checkpoint or not.
         assert sorted(int(r) for r in restarted.status.params_hashes) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("update", ["peer", "database"])
+async def test_a_large_models_hash_in_a_round_without_a_checkpoint_is_that_rounds(update: str) -> None:
+    """Above 128 KiB of parameters, a round that writes no checkpoint hashes them in a worker thread while
+    the next round starts (its step waits for the hash): every round's hash equals the one a run that
+    writes a checkpoint every round takes from the checkpoint's copy."""
+    settings: dict[str, Any] = dict(peers=1, functionsPerPeer=2, batchSize=16, rounds=6, update=update,
+                                    model={"name": "mlp", "args": {"hidden": [256, 256]}},  # 85,002 parameters
+                                    optimizer={"learningRate": 0.1, "momentum": 0.9})
+    hashes: dict[int, dict[str, str]] = {}
+    for every in (1, 4):
+        spec = make_spec(name=f"hash{every}{update}", training={"checkpointEveryRounds": every}, **settings)
+        async with running_job(spec) as job:
+            await job.train(timeout=300)
+            hashes[every] = dict(job.peers[0].status.params_hashes)
+    assert sorted(int(r) for r in hashes[4]) == [1, 2, 3, 4, 5, 6]
+    assert hashes[4] == hashes[1]

@@ -220,6 +220,7 @@ class Peer:
             own = as_sent(sent, spec.exchange.dtype) if sent is not None else None
         peers_used = 0
         if self._ps is not None:  # topology ps: send to the aggregator, adopt its model (peer/ps_round.py)
+            await self.update.wait_for_pack()  # the adoption replaces the state the last round's copy (and hash) reads
             round_index, peers_used = await self._ps.exchange(round_index, own, self._sender, self.replica)
             self.update.replica_replaced()
         elif own is not None:

@@ -165,18 +165,16 @@ class Aggregator:
             due = (first if first is not None else opened) + window
             wait = max(0.0, min(_WAIT_SLICE_SECONDS, due - time.monotonic()))
             if await self.inbox.wait_closed(round_index, spec.quorum, wait):
-                # Closed short of the quorum: the peers missing have sent later rounds, so this one went
-                # to an aggregator that was lost (killed with its Redis: the peers' checkpoints it
-                # resumed from are behind them). They parked it in their outboxes.
-                if sum(self.inbox.holds(round_index, p) for p in range(spec.peers)) < spec.quorum:
-                    await self._from_outboxes(round_index)
                 break
             if first is None and self._arrived(round_index):
                 first = time.monotonic()
             elif time.monotonic() >= due:
-                await self._from_outboxes(round_index)
                 break
         gradients = await self.inbox.collect(round_index, spec.quorum, time.monotonic())
+        # Short of the quorum, by the deadline or because the peers missing have sent later rounds (this
+        # one went to an aggregator that was lost, or they could not reach it): as a peer's ``collect``.
+        if len(gradients) < spec.quorum:
+            gradients |= await closing.from_outboxes(self.ctx, self.others, self.inbox.missing(gradients), round_index)
         closing.count_attendance(self.ctx, gradients)
         return gradients
 

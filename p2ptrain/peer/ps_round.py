@@ -78,8 +78,22 @@ class AggregatorLink(PeerPart):
         round (this peer fell behind). Returns (the round adopted, the gradients it aggregated)."""
         if own is not None:
             await sender.send(round_index, own)
-        reached = await self._wait_for_round(round_index)
-        return await asyncio.to_thread(self._adopt, replica, reached)
+        deadline, attempt = time.monotonic() + self.wait_seconds, 0
+        while True:
+            reached = await self._wait_for_round(round_index)
+            adopted = await asyncio.to_thread(self._adopt, replica, reached)
+            if adopted is not None:
+                return adopted
+            # Its Redis restarted empty between the two reads: the aggregator publishes the round again
+            # once it has resumed (from the peers' checkpoints), so wait for it as before.
+            if time.monotonic() >= deadline:
+                raise PeerError(f"the aggregator's checkpoint after round {reached + 1} kept vanishing from "
+                                f"{self.address} for {self.wait_seconds:.0f}s")
+            if attempt == 0:
+                log.warning("the aggregator's checkpoint after round %d vanished from %s; waiting for it again",
+                            reached + 1, self.address)
+            await retry.sleep_before_retry(_POLL, attempt, deadline)
+            attempt += 1
 
     def catch_up(self, replica: Replica, start: int) -> int:
         """A (re)started peer: the round after the aggregator's latest model, adopted; else ``start``."""
@@ -91,7 +105,10 @@ class AggregatorLink(PeerPart):
             return start
         if reached is None or reached < start:
             return start
-        adopted, _ = self._adopt(replica, reached)
+        adopted_now = self._adopt(replica, reached)
+        if adopted_now is None:
+            return start
+        adopted = adopted_now[0]
         if adopted + 1 > start:
             self.status.caught_up = {"from": start, "to": adopted + 1}
             metrics.CATCH_UPS_TOTAL.labels(**self.labels).inc()
@@ -129,11 +146,13 @@ class AggregatorLink(PeerPart):
         self.status.message = ""
         return cast(int, reached)
 
-    def _adopt(self, replica: Replica, reached: int) -> tuple[int, int]:
+    def _adopt(self, replica: Replica, reached: int) -> tuple[int, int] | None:
+        """(the round adopted, the gradients it aggregated); None when the checkpoint is gone: the
+        aggregator's Redis restarted empty after ``reached`` was read."""
         with contextlib.closing(self._client()) as client:
             saved = read_checkpoint(client, self.keys)
-        if saved is None:  # the aggregator's Redis restarted empty between the two reads
-            raise PeerError(f"the aggregator's checkpoint after round {reached + 1} vanished from {self.address}")
+        if saved is None:
+            return None
         round_index, state, meta = saved
         self.cost.redis_bytes("checkpointRead", len(state))
         try:

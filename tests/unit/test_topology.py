@@ -113,6 +113,29 @@ async def test_a_peer_waits_for_the_aggregator_only_up_to_its_bound(redis_server
     assert time.monotonic() - started < 30  # a guard against a hang, not a timing claim
 
 
+async def test_a_peer_whose_aggregator_checkpoint_vanishes_waits_for_the_next_one(redis_server: RedisServer) -> None:
+    """The aggregator's Redis restarted empty between the peer's two reads (the round, then the state):
+    the peer waits for the aggregator to publish again (it resumes from the peers' checkpoints) instead of
+    failing its run."""
+    from p2ptrain.peer.replica import Replica
+    from p2ptrain.store import PeerStore
+
+    spec = _spec(topology="ps")
+    config = _local_config(spec, RedisAddress(redis_server.host, redis_server.port))
+    link = AggregatorLink(PeerContext(config, 0, Secrets(redis_server.password, b"k" * 32), PeerStatus(peer=0)))
+    keys = aggregator_keys(spec.name, spec.peers)
+    client = redis_server.client()
+    client.hset(keys.checkpoint_meta, mapping={"round": 2, "meta": "{}"})  # the round is there, the state is gone
+    replica, published = Replica(spec), Replica(spec)
+    exchanging = asyncio.ensure_future(link.exchange(2, None, None, replica))  # type: ignore[arg-type]
+    await asyncio.sleep(0.5)
+    assert not exchanging.done()  # still waiting, not failed
+    client.delete(keys.checkpoint_meta)  # the restarted aggregator writes its next round
+    store = PeerStore(client, keys, key_ttl_seconds=600)
+    assert store.save_checkpoint(3, published.pack({"round": 3}), {"peersUsed": 3})
+    assert await asyncio.wait_for(exchanging, timeout=60) == (3, 3)
+
+
 async def test_the_aggregator_closes_a_round_without_any_gradient_at_its_deadline(redis_server: RedisServer) -> None:
     # Every peer's fan-out failed (functions still cold): the round has no update, but its checkpoint is
     # written, or the peers would wait for a model that never comes. The peers' Redis addresses in this

@@ -4,6 +4,8 @@ An HTTP front door (like Knative's activator) holds each request until an instan
 (``containerConcurrency``), starts a new instance process when all are busy and fewer than
 ``maxScale`` run (a cold start, timed and counted), and stops instances idle for ``idleSeconds``
 (scale to zero). A crashed instance is dropped and its request answered 503, which the peer retries.
+A request goes to the least busy ready instance; Knative's activator, with ``containerConcurrency`` 1
+to 3, picks the first pod with a free slot instead (why this differs: docs/design-notes.md).
 """
 
 from __future__ import annotations

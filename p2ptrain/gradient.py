@@ -14,6 +14,7 @@ counted in ``p2ptrain_function_invocations_total{outcome=<reason>}``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import logging
 import os
@@ -86,6 +87,9 @@ class GradientFunction:
         self._lock = threading.Lock()
         self._clients: dict[RedisAddress, tuple[redis.Redis, Accumulator]] = {}
         self._params: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        # Versions being read from Redis now: a request for one of them waits for that read instead of
+        # reading the same bytes again (the micro-batches of one round arrive together).
+        self._loading: dict[tuple[int, int], concurrent.futures.Future[torch.Tensor]] = {}
         self._dataset: Dataset | None = None
         self._model: torch.nn.Module | None = None
         # functional_call swaps parameters into the module it is given for the duration of the call,
@@ -296,12 +300,37 @@ class GradientFunction:
             return self._clients[address]
 
     def _load_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
-        """The version's parameters and the bytes read from Redis for them (0 from the cache)."""
+        """The version's parameters and the bytes read from Redis for them (0 from the cache, or when
+        another request's read of the same version was waited for)."""
         key = (request.peer, request.version)
         with self._lock:
             if key in self._params:
                 self._params.move_to_end(key)
                 return self._params[key], 0
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = self._loading[key] = concurrent.futures.Future()
+                reader = True
+            else:
+                reader = False
+        if not reader:
+            return loading.result(), 0  # the reader's failure (a missing version: 409) is this one's too
+        try:
+            flat, read = self._read_params(client, request)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            loading.set_exception(exc)
+            raise
+        with self._lock:
+            self._params[key] = flat
+            while len(self._params) > _MODEL_CACHE_VERSIONS:
+                self._params.popitem(last=False)
+            del self._loading[key]
+        loading.set_result(flat)
+        return flat, read
+
+    def _read_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
         blob = cast(bytes | None, client.get(request.model_key))
         if blob is None:
             raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
@@ -310,10 +339,6 @@ class GradientFunction:
         # Cached on the compute device: a version crosses to the GPU once, not once per micro-batch.
         flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel)).to(self._device)
         metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()
-        with self._lock:
-            self._params[key] = flat
-            while len(self._params) > _MODEL_CACHE_VERSIONS:
-                self._params.popitem(last=False)
         return flat, len(blob)
 
 

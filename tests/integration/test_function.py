@@ -7,6 +7,8 @@ import concurrent.futures
 import importlib
 import secrets
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from prometheus_client import REGISTRY
 from p2ptrain import wire
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.function_server import FunctionFront
-from p2ptrain.gradient import GradientFunction, compute_gradient
+from p2ptrain.gradient import GradientFunction, GradientRequest, RequestError, compute_gradient
 from p2ptrain.store import Keys, PeerStore
 
 from .harness import make_spec
@@ -83,6 +85,70 @@ def test_concurrent_requests_get_the_gradient_of_their_own_model_version(redis_s
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         wrong = sum(pool.map(check, range(4)))
     assert wrong == 0, f"{wrong} of 400 gradients were computed at another request's parameters"
+
+
+def test_requests_for_a_version_being_read_wait_for_that_read(redis_server, monkeypatch) -> None:
+    """The micro-batches of one round arrive together: an instance serving two of them at once reads
+    the version from Redis once; a read that fails (the version is not there) fails every request that
+    waited for it, and is not remembered: once the version exists, the next request reads it."""
+    spec = make_spec(name="fnflight", peers=1, functionsPerPeer=2, batchSize=16, rounds=1)
+    address = RedisAddress(redis_server.host, redis_server.port)
+    config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (address,), "http://x")
+    job_secrets = Secrets(redis_server.password, secrets.token_bytes(16))
+    function = GradientFunction(config, job_secrets)
+    function.start({})
+    assert function.model is not None
+    keys = Keys(spec.name, 0)
+    store = PeerStore(redis_server.client(), keys, key_ttl_seconds=60)
+    params = torch.nn.utils.parameters_to_vector(function.model.parameters()).detach().numpy()
+
+    def request(version: int, part: int) -> GradientRequest:
+        data = {"peer": 0, "round": version, "version": version, "part": f"{version}:{part}", "redis": str(address),
+                "model": keys.model(version), "accumulator": keys.accumulator(version),
+                "accumulatorMeta": keys.accumulator_meta(version), "indices": list(range(part * 8, part * 8 + 8))}
+        return function.validate(wire.build_event(wire.GRADIENT_REQUESTED, "/p", data=data, key=job_secrets.signing_key))
+
+    reading, release = threading.Event(), threading.Event()
+    real_read = function._read_params
+
+    def held_read(*args: Any) -> Any:  # the first read stays in flight until the second request is waiting
+        reading.set()
+        assert release.wait(10)
+        return real_read(*args)
+
+    monkeypatch.setattr(function, "_read_params", held_read)
+
+    def loads() -> float:
+        return REGISTRY.get_sample_value(
+            "p2ptrain_function_model_loads_total", {"job": "fnflight", "namespace": "default"}
+        ) or 0.0
+
+    def both(version: int) -> list[concurrent.futures.Future[dict[str, Any]]]:
+        reading.clear()
+        release.clear()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(function.process, request(version, 0))
+            assert reading.wait(10)
+            second = pool.submit(function.process, request(version, 1))
+            time.sleep(0.2)  # the second request is now waiting for the first one's read
+            assert not second.done()
+            release.set()
+            return [first, second]
+
+    # A version that is not in Redis yet: both requests get the read's 409, neither caches anything.
+    failed = both(1)
+    for future in failed:
+        with pytest.raises(RequestError) as refused:
+            future.result()
+        assert refused.value.reason == "version" and refused.value.status == 409
+    assert (0, 1) not in function._loading
+
+    assert store.publish_model(1, params) == keys.model(1)
+    before = loads()
+    receipts = [future.result() for future in both(1)]
+    assert loads() - before == 1, "the version was read from Redis once for both requests"
+    assert sorted(r["cost"]["modelReadBytes"] for r in receipts) == [0, params.nbytes + wire.TENSOR_HEADER_BYTES]
+    assert all(r["added"] for r in receipts) and sum(r["samples"] for r in receipts) == 16
 
 
 async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_serving(redis_server, monkeypatch) -> None:

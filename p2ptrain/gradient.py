@@ -32,7 +32,7 @@ import redis
 import torch
 from cloudevents.core.v1.event import CloudEvent
 
-from p2ptrain import asgi, metrics, wire
+from p2ptrain import asgi, memory, metrics, wire
 from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
 from p2ptrain.config import CONFIG_ENV, ConfigError, RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, load_dataset
@@ -86,10 +86,7 @@ class GradientFunction:
         self._served = 0
         self._lock = threading.Lock()
         self._clients: dict[RedisAddress, tuple[redis.Redis, Accumulator]] = {}
-        self._params: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
-        # Versions being read from Redis now: a request for one of them waits for that read instead of
-        # reading the same bytes again (the micro-batches of one round arrive together).
-        self._loading: dict[tuple[int, int], concurrent.futures.Future[torch.Tensor]] = {}
+        self._versions = VersionCache(_MODEL_CACHE_VERSIONS)
         self._dataset: Dataset | None = None
         self._model: torch.nn.Module | None = None
         # functional_call swaps parameters into the module it is given for the duration of the call,
@@ -302,33 +299,7 @@ class GradientFunction:
     def _load_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
         """The version's parameters and the bytes read from Redis for them (0 from the cache, or when
         another request's read of the same version was waited for)."""
-        key = (request.peer, request.version)
-        with self._lock:
-            if key in self._params:
-                self._params.move_to_end(key)
-                return self._params[key], 0
-            loading = self._loading.get(key)
-            if loading is None:
-                loading = self._loading[key] = concurrent.futures.Future()
-                reader = True
-            else:
-                reader = False
-        if not reader:
-            return loading.result(), 0  # the reader's failure (a missing version: 409) is this one's too
-        try:
-            flat, read = self._read_params(client, request)
-        except BaseException as exc:
-            with self._lock:
-                del self._loading[key]
-            loading.set_exception(exc)
-            raise
-        with self._lock:
-            self._params[key] = flat
-            while len(self._params) > _MODEL_CACHE_VERSIONS:
-                self._params.popitem(last=False)
-            del self._loading[key]
-        loading.set_result(flat)
-        return flat, read
+        return self._versions.get((request.peer, request.version), lambda: self._read_params(client, request))
 
     def _read_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
         blob = cast(bytes | None, client.get(request.model_key))
@@ -340,6 +311,46 @@ class GradientFunction:
         flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel)).to(self._device)
         metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()
         return flat, len(blob)
+
+
+class VersionCache:
+    """The newest ``size`` model versions an instance has read, by (peer, version), and the reads in
+    flight: a request for a version another request is reading now waits for that read instead of
+    reading the same bytes again (the micro-batches of a round arrive together). A failed read is not
+    remembered; the requests that waited for it fail with its error."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._done: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
+        self._reading: dict[tuple[int, int], concurrent.futures.Future[torch.Tensor]] = {}
+
+    def get(self, key: tuple[int, int], read: Callable[[], tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, int]:
+        """The version and the bytes this call read for it (0 when cached or read by another call)."""
+        with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                return self._done[key], 0
+            pending = self._reading.get(key)
+            reader = pending is None
+            if pending is None:
+                pending = self._reading[key] = concurrent.futures.Future()
+        if not reader:
+            return pending.result(), 0
+        try:
+            value, read_bytes = read()
+        except BaseException as exc:
+            with self._lock:
+                del self._reading[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._done[key] = value
+            while len(self._done) > self.size:
+                self._done.popitem(last=False)
+            del self._reading[key]
+        pending.set_result(value)
+        return value, read_bytes
 
 
 def cpu_clock() -> float:
@@ -378,4 +389,5 @@ async def _reply_error(send: Send, status: int, reason: str, message: str) -> No
 
 def new() -> GradientFunction:
     """func-python's constructor hook: configuration is read in ``start`` from the environment."""
+    memory.keep_freed_buffers()  # served by func-python's own entry point, not p2ptrain's
     return GradientFunction()

@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from p2ptrain import __version__, logs
+from p2ptrain import __version__, logs, memory
 from p2ptrain.config import (
     CONFIG_ENV,
     PEER_PORT,
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    memory.keep_freed_buffers()  # every role moves model-sized buffers: reuse them (p2ptrain.memory)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command != "operator" and rest:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 # Columns per block in the coordinate-wise and distance passes: n rows of a block stay in the L2 cache
@@ -46,6 +47,15 @@ def minimum_gradients(rule: str, f: int) -> int:
     return MINIMUM[rule](f)
 
 
+def all_finite(values: torch.Tensor | np.ndarray) -> bool:
+    """Whether every value is finite. A finite sum proves it (Inf or NaN anywhere makes the sum Inf or
+    NaN) for one read, a third of an element-wise isfinite and no [d] temporary; only a non-finite sum
+    (or a finite overflow) pays for the element-wise check."""
+    if isinstance(values, np.ndarray):
+        return bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+    return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
+
+
 def aggregate(rule: str, grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     """Validate ``grads`` and apply the named rule."""
     _known(rule)
@@ -53,9 +63,7 @@ def aggregate(rule: str, grads: torch.Tensor, f: int, **params: Any) -> torch.Te
         raise AggregationError(f"gradients must be a non-empty [n, d] matrix, got shape {tuple(grads.shape)}")
     if f < 0:
         raise AggregationError(f"f must be >= 0, got {f}")
-    # A finite sum proves every value finite (Inf or NaN anywhere makes it Inf or NaN) and costs one
-    # read, a third of an element-wise isfinite; only a non-finite sum pays for finding the rows.
-    if not torch.isfinite(grads.sum()) and not torch.isfinite(grads).all():
+    if not all_finite(grads):
         bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
         raise AggregationError(f"gradient rows {bad} contain NaN or Inf")
     n = grads.shape[0]

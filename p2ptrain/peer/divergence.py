@@ -14,6 +14,7 @@ from collections import deque
 
 import numpy as np
 
+from p2ptrain.aggregate import all_finite
 from p2ptrain.peer.errors import PeerError
 from p2ptrain.spec import TrainingSpec
 
@@ -62,5 +63,5 @@ class DivergenceGuard:
 
     @staticmethod
     def check_gradient(round_index: int, gradient: np.ndarray, whose: str) -> None:
-        if not np.isfinite(gradient).all():
+        if not all_finite(gradient):
             raise Diverged("non-finite-gradient", round_index, f"{whose} gradient has non-finite values")

@@ -21,6 +21,7 @@ import logging
 import numpy as np
 import torch
 
+from p2ptrain.aggregate import all_finite
 from p2ptrain.data import Dataset, split_micro_batches
 from p2ptrain.gradient import compute_gradient
 from p2ptrain.peer.context import PeerContext, PeerPart
@@ -87,7 +88,7 @@ class InlineGradients(PeerPart):
         x, y = self.dataset.x_train, self.dataset.y_train
         for n, part in enumerate(parts):
             loss, _, gradient = compute_gradient(self._skeleton, params, x[part], y[part])
-            if not bool(torch.isfinite(gradient).all()):
+            if not all_finite(gradient):
                 non_finite.append(f"the gradient of micro-batch {round_index}:{n} has non-finite values")
                 continue
             # The function's weighting: each micro-batch's mean gradient counts by its sample count.

@@ -20,6 +20,7 @@ import redis
 import torch
 
 from p2ptrain import asgi, metrics, retry, wire
+from p2ptrain.aggregate import all_finite
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import batch_indices, shard_indices
 from p2ptrain.peer import closing
@@ -234,7 +235,7 @@ class Peer:
         if self._ps is None:  # the rule's work on a small model costs less than the thread hop
             size = sum(g.nbytes for g in gradients.values())
             combined = await asgi.off_loop_if_large(size, closing.combine, self.ctx, self.replica, gradients)
-        if combined is not None and not bool(torch.isfinite(combined).all()):
+        if combined is not None and not all_finite(combined):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
             combined = None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from p2ptrain import metrics
+from p2ptrain.aggregate import all_finite
 from p2ptrain.config import RuntimeConfig, Secrets
 from p2ptrain.data import shard_indices
 from p2ptrain.peer import closing
@@ -191,7 +192,7 @@ class Aggregator:
         logged) when this round has no update."""
         rule = self.spec.aggregation
         combined = closing.combine(self.ctx, self.replica, gradients)
-        if combined is None or bool(torch.isfinite(combined).all()):
+        if combined is None or all_finite(combined):
             return combined
         diverged = Diverged("non-finite-aggregate", round_index,
                        f"the {rule.rule} of {len(gradients)} gradients has non-finite values")

@@ -12,6 +12,7 @@ from p2ptrain.aggregate import (
     AggregationError,
     CenteredClipping,
     aggregate,
+    all_finite,
     bulyan_select,
     krum_select,
     minimum_gradients,
@@ -204,3 +205,17 @@ def test_float32_in_and_out(rule: str) -> None:
     f = 0 if rule == "mean" else 1
     grads = honest(minimum_gradients(rule, f) + 1).double()
     assert aggregate(rule, grads, f).dtype == torch.float32
+
+
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_all_finite_is_exact_where_the_sum_shortcut_is_not(as_numpy: bool) -> None:
+    def check(values: list[float]) -> bool:
+        tensor = torch.tensor(values, dtype=torch.float32)
+        return all_finite(tensor.numpy() if as_numpy else tensor)
+
+    assert check([1.0, -2.0, 3.5])
+    assert not check([1.0, float("nan"), 2.0])
+    assert not check([1.0, float("inf"), 2.0])
+    assert not check([float("inf"), float("-inf")])  # the sum is NaN, and so is the verdict
+    # Finite values whose sum overflows: the shortcut fails, the element-wise check answers.
+    assert check([3e38, 3e38, 3e38])

@@ -348,7 +348,7 @@ def _export(args: argparse.Namespace) -> int:
     import redis
 
     from p2ptrain.checkpoint import CheckpointError
-    from p2ptrain.store import Keys, export_model
+    from p2ptrain.store import Keys, connect, export_model
 
     try:
         config = RuntimeConfig.from_file(args.config)
@@ -359,7 +359,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     address = config.redis[args.peer]
-    client = redis.Redis(host=address.host, port=address.port, password=secrets.redis_password, socket_timeout=60)
+    client = connect(address, secrets.redis_password, socket_timeout=60)
     try:
         metadata = {"p2ptrain.job": json.dumps(config.spec.to_dict())}
         round_index = export_model(client, Keys(config.spec.name, args.peer), args.output, metadata)

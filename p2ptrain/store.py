@@ -15,7 +15,7 @@ from typing import Any, cast
 import numpy as np
 import redis
 
-from p2ptrain import wire
+from p2ptrain import bulkread, wire
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS, Accumulator, detect
 from p2ptrain.checkpoint import CheckpointError, model_file, model_tensors
 from p2ptrain.config import RedisAddress
@@ -24,8 +24,12 @@ OUTBOX_ROUNDS = 8  # rounds of sent gradients each peer keeps for others to fetc
 
 
 def connect(address: RedisAddress, password: str | None, *, socket_timeout: float = 30) -> redis.Redis:
-    """A client for a job's Redis (a peer's own, or another peer's): the one place clients are made."""
-    return redis.Redis(host=address.host, port=address.port, password=password, socket_timeout=socket_timeout)
+    """A client for a job's Redis (a peer's own, or another peer's): the one place clients are made.
+    Large values (models, gradients) are received straight into their buffer (``p2ptrain.bulkread``)."""
+    client = redis.Redis(host=address.host, port=address.port, password=password, socket_timeout=socket_timeout)
+    if bulkread.PARSER is not None:
+        client.connection_pool.connection_kwargs["parser_class"] = bulkread.PARSER
+    return client
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status", "attack", "poster", "momentum", "memory"},
+     "status", "attack", "poster", "momentum", "memory", "bulkread"},
     {"aggregation_spec"},
     {"spec", "dbupdate", "redis_server", "cost"},
     {"config", "data", "models", "summary"},

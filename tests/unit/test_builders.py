@@ -80,6 +80,9 @@ def test_one_independent_redis_per_peer_with_auth_from_the_secret() -> None:
     assert '--loadmodule "$P2PTRAIN_REDIS_MODULE"' in script and "replicaof" not in script
     assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "digits-secrets", "key": "redis-password"}
     assert container["image"] == "registry.example/p2ptrain:1.2.3"
+    # jemalloc keeps freed pages (p2ptrain.memory): for Debian's system jemalloc and Redis's bundled one
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MALLOC_CONF"] == env["JE_MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 
 def test_persistent_redis_gets_volume_claims() -> None:

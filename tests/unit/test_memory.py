@@ -50,3 +50,17 @@ def test_glibcs_own_settings_from_the_environment_are_left_alone(monkeypatch: py
     assert memory.keep_freed_buffers() is False
     chosen = _run("on", MALLOC_TRIM_THRESHOLD_=str(128 << 10), MALLOC_MMAP_THRESHOLD_=str(128 << 10))
     assert chosen["applied"] is False and chosen["faults"] > 5 * _PAGES_PER_ROUND, chosen
+
+
+def test_redis_servers_keep_freed_pages(redis_server) -> None:
+    """The local runner's (and the tests') redis-server: jemalloc never purges, so a model-sized value
+    written after another was deleted reuses its pages (real redis-server; jemalloc reports its options)."""
+    stats = redis_server.client().execute_command("MEMORY", "MALLOC-STATS").decode()
+    assert "opt.dirty_decay_ms: -1" in stats and "opt.muzzy_decay_ms: -1" in stats
+
+
+def test_the_allocator_settings_of_whoever_runs_redis_win() -> None:
+    assert memory.redis_allocator_env({}) == {"MALLOC_CONF": memory.REDIS_MALLOC_CONF,
+                                              "JE_MALLOC_CONF": memory.REDIS_MALLOC_CONF}
+    assert memory.redis_allocator_env({"MALLOC_CONF": "narenas:1"}) == {}
+    assert memory.redis_allocator_env({"JE_MALLOC_CONF": "narenas:1"}) == {}

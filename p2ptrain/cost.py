@@ -85,6 +85,7 @@ class PeerCost:
         self._started = time.monotonic() - (process_age_seconds() or 0.0)
         self._redis_uptime: int | None = None
         self._redis_asked: float | None = None  # monotonic time of the last INFO
+        self._asking: asyncio.Future[None] | None = None  # the INFO in flight (tick_after_round)
         self._lock = threading.Lock()  # parts record from the event loop and from worker threads
 
     def invoked(self) -> None:
@@ -133,11 +134,20 @@ class PeerCost:
 
     async def tick_after_round(self, client: redis.Redis, *, last: bool) -> None:
         """Bring the pod-seconds up to now at the end of a round: the peer's always, its Redis's when
-        ``redis_due`` (in a worker thread); otherwise at the next INFO, at most a second later."""
-        if self.redis_due(last):
-            await asyncio.to_thread(self.tick_redis, client)
-        else:
+        ``redis_due`` (otherwise at the next INFO, at most a second later). The INFO runs in a worker
+        thread behind the next round, one at a time; the run's last round waits for its own."""
+        asking = self._asking
+        if asking is not None and not asking.done():
+            if not last:
+                self.tick(None)
+                return
+            await asking
+        if not self.redis_due(last):
             self.tick(None)
+            return
+        self._asking = asyncio.ensure_future(asyncio.to_thread(self.tick_redis, client))
+        if last:
+            await self._asking
 
     def tick_redis(self, client: redis.Redis) -> None:
         """``tick`` with the uptime of this peer's Redis (blocking: call it from a worker thread)."""

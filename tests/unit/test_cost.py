@@ -3,9 +3,11 @@ and its arithmetic) and ``p2ptrain cost``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +235,29 @@ def test_redis_is_asked_for_its_uptime_at_most_once_a_second_and_in_the_last_rou
         assert ledger.redis_due()
     finally:
         client.close()
+
+
+def test_a_rounds_info_runs_behind_the_next_round_and_the_last_round_waits_for_it(redis_server: RedisServer) -> None:
+    """A slow INFO (here: a real Redis paused with CLIENT PAUSE) must not hold up the round that asks;
+    the run's last round waits for the one in flight and its own, so the figures are complete."""
+    client = redis.Redis(host=redis_server.host, port=redis_server.port, password=redis_server.password)
+    pauser = redis.Redis(host=redis_server.host, port=redis_server.port, password=redis_server.password)
+    ledger = PeerCost(_labels("4"), {}, None)
+
+    async def rounds() -> tuple[float, float]:
+        started = time.monotonic()
+        await ledger.tick_after_round(client, last=False)  # never asked: asks, in the background
+        first = time.monotonic() - started
+        await ledger.tick_after_round(client, last=True)
+        return first, time.monotonic() - started
+
+    try:
+        pauser.execute_command("CLIENT", "PAUSE", 800, "ALL")
+        first, last = asyncio.run(rounds())
+        assert first < 0.4, f"the round waited {first:.2f} s for INFO"
+        assert last >= 0.7, f"the last round returned after {last:.2f} s, before Redis answered"
+        assert not ledger.redis_due()  # it asked, just now
+    finally:
+        pauser.execute_command("CLIENT", "UNPAUSE")
+        client.close()
+        pauser.close()

@@ -24,7 +24,7 @@ from p2ptrain.spec import crd_default
 CHECKPOINT_EVERY_DEFAULT: int = crd_default("training.checkpointEveryRounds")
 
 # One colour per phase, the same in every plot, so a reader compares like with like across figures.
-PHASE_COLOURS = dict(zip(ROUND_PHASES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"), strict=True))
+PHASE_COLOURS = dict(zip(ROUND_PHASES, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"), strict=True))
 DDP_COLOUR = "#444444"
 
 

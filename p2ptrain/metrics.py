@@ -15,7 +15,9 @@ from prometheus_client import Counter, Gauge, Histogram
 PEER_LABELS = ("job", "namespace", "peer")
 FUNCTION_LABELS = ("job", "namespace")
 
-ROUND_PHASES = ("publish", "fanout", "average", "exchange", "aggregate", "update")
+# ``evaluate``: the held-out evaluation (every ``evaluation.everyRounds``; 0 in the rounds between), timed
+# apart from ``update`` (the optimizer step, checkpoint and hash) so that neither hides the other.
+ROUND_PHASES = ("publish", "fanout", "average", "exchange", "aggregate", "update", "evaluate")
 REJECT_REASONS = (
     "malformed",
     "signature",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from p2ptrain.aggregate import AggregationError, CenteredClipping, aggregate, minimum_gradients
+from p2ptrain.aggregate import AggregationError, CenteredClipping, aggregate, mean_of_rows, minimum_gradients
 from p2ptrain.checkpoint import CheckpointError, extra_tensors, pack_state, unpack_state
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.models import build_model
@@ -61,11 +61,14 @@ def aggregate_gradients(
     needed = minimum_gradients(rule.rule, rule.byzantine)
     if len(gradients) < needed:
         raise SkipUpdate("too-few-gradients", f"only {len(gradients)} gradients arrived: {rule.rule} needs {needed}")
-    stacked = _stack(gradients, stack)
+    rows = [gradients[i] for i in sorted(gradients)]
     params: dict[str, Any] = {}
     if rule.rule == "multi-krum" and rule.multi_krum_select is not None:
         params["m"] = min(rule.multi_krum_select, len(gradients))
     try:
+        if rule.rule == "mean":  # the rows as they arrived: no [peers, d] copy for the default rule
+            return mean_of_rows(rows)
+        stacked = _stack(rows, stack)
         if rule.rule == "centered-clipping" and clipping is not None:
             return clipping(stacked, rule.byzantine)
         return aggregate(rule.rule, stacked, rule.byzantine, **params)
@@ -73,8 +76,7 @@ def aggregate_gradients(
         raise SkipUpdate("rule-failed", f"aggregation failed: {exc}") from exc
 
 
-def _stack(gradients: dict[int, np.ndarray], stack: torch.Tensor | None) -> torch.Tensor:
-    rows = [gradients[i] for i in sorted(gradients)]
+def _stack(rows: list[np.ndarray], stack: torch.Tensor | None) -> torch.Tensor:
     if stack is None or stack.shape[0] < len(rows) or any(r.shape != (stack.shape[1],) for r in rows):
         return torch.from_numpy(np.stack(rows))
     target = stack[: len(rows)]
@@ -93,11 +95,12 @@ class Replica:
         self.optimizer = build_optimizer(self.model, spec.optimizer)
         self.numel = sum(p.numel() for p in self.model.parameters())
         self.lock = threading.Lock()  # one thread at a time on the model and optimizer
+        rule = spec.aggregation
         # Reused every round: a fresh [peers, d] matrix per round costs page faults, not just a copy.
-        self.stack = torch.empty(spec.peers, self.numel, dtype=torch.float32)
+        # (The mean needs none: it sums the gradients where they are.)
+        self.stack = None if rule.rule == "mean" else torch.empty(spec.peers, self.numel, dtype=torch.float32)
         # Centered clipping's center is the previous round's aggregate: one instance for the whole job,
         # its center saved in the checkpoint so a restarted peer aggregates exactly as the others do.
-        rule = spec.aggregation
         self.clipping = CenteredClipping(radius=rule.radius) if rule.rule == "centered-clipping" else None
         # aggregation.momentum: this peer's momentum of its own gradients is what it publishes, and
         # state of the run like the center: saved in the checkpoint, adopted on catch-up and resync.

@@ -232,9 +232,10 @@ class Peer:
 
         t0 = time.perf_counter()
         combined = None
-        if self._ps is None:  # the rule's work on a small model costs less than the thread hop
+        if self._ps is None:  # the rule's work on a small model (or the mean's one pass) costs less than the thread hop
             size = sum(g.nbytes for g in gradients.values())
-            combined = await asgi.off_loop_if_large(size, closing.combine, self.ctx, self.replica, gradients)
+            limit = asgi.STREAM_ON_LOOP_MAX_BYTES if spec.aggregation.rule == "mean" else asgi.ON_LOOP_MAX_BYTES
+            combined = await asgi.off_loop_if_large(size, closing.combine, self.ctx, self.replica, gradients, limit=limit)
         if combined is not None and not all_finite(combined):
             self._diverged(Diverged("non-finite-aggregate", round_index,
                                     f"the {spec.aggregation.rule} of {len(gradients)} gradients has non-finite values"))
@@ -248,9 +249,15 @@ class Peer:
             await self.update.synced()
             if (await asyncio.to_thread(self.resync.run, round_index)).adopted:
                 self.update.replica_replaced()
+        phases["update"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         evaluation = None
         if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread((await self.update.synced()).evaluate)
+        phases["evaluate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()  # the rest of the update: checkpoint and hash (of the evaluated parameters)
         hash_due = due(spec.training.hash_every_rounds, round_index, self.rounds)
         if due(spec.training.checkpoint_every_rounds, round_index, self.rounds):
             # Copied (and hashed) and written in the background, off the critical path.
@@ -262,7 +269,7 @@ class Peer:
             else:
                 await closing.record_hash(self.ctx, await self.update.synced(), round_index)
         await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
-        phases["update"] = time.perf_counter() - t0
+        phases["update"] += time.perf_counter() - t0
 
         report = RoundReport(
             round=round_index, loss=loss, samples=samples, phases=phases, peers_used=len(gradients) if self._ps is None else peers_used,

@@ -110,8 +110,9 @@ class RoundUpdate:
         # The checkpoint in flight copies (reads back, packs) the state this step is about to change: wait
         # for its copy; its write to Redis goes on during the step.
         await self.wait_for_pack()
-        if not self.in_database:  # a small model's step costs less than the thread hop
-            await asgi.off_loop_if_large(self.model_bytes, self.replica.apply, gradient)
+        if not self.in_database:  # a step reads the parameters, the gradient and a state (SGD's momentum) once
+            await asgi.off_loop_if_large(3 * self.model_bytes, self.replica.apply, gradient,
+                                         limit=asgi.STREAM_ON_LOOP_MAX_BYTES)
             return
         await asyncio.to_thread(self._step_in_database, round_index, gradient.numpy())
 

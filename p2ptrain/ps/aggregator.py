@@ -132,16 +132,22 @@ class Aggregator:
         t0 = time.perf_counter()
         if combined is not None:
             await asyncio.to_thread(self.replica.apply, combined)
+        phases["update"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         evaluation = None
         if closing.evaluation_due(self.ctx, round_index, self.rounds):
             evaluation = await asyncio.to_thread(self.replica.evaluate)
+        phases["evaluate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         await closing.record_hash(self.ctx, self.replica, round_index)
         # Saved every round, also without an update: the peers wait for this round's checkpoint.
         state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
         await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
         self.ctx.cost.redis_bytes("checkpointWritten", len(state))
         await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
-        phases["update"] = time.perf_counter() - t0
+        phases["update"] += time.perf_counter() - t0
 
         report = RoundReport(
             round=round_index, loss=None, samples=0, phases=phases, peers_used=len(gradients),

@@ -100,7 +100,7 @@ def test_digits_job_converges_and_writes_summary_and_model(tmp_path: Path) -> No
     summary = json.loads(summary_path.read_text())
     assert summary["rounds"] == 100
     assert summary["test_accuracy"] >= 0.95, summary
-    assert set(summary["phases"]) == {"publish", "fanout", "average", "exchange", "aggregate", "update"}
+    assert set(summary["phases"]) == {"publish", "fanout", "average", "exchange", "aggregate", "update", "evaluate"}
     assert all(v > 0 for v in summary["phases"].values())
     assert summary["final_loss"] < 0.5 and summary["wall_seconds"] > 0
     assert summary["function"]["cold_starts"] >= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from p2ptrain.aggregate import (
     all_finite,
     bulyan_select,
     krum_select,
+    mean_of_rows,
     minimum_gradients,
 )
 
@@ -219,3 +221,25 @@ def test_all_finite_is_exact_where_the_sum_shortcut_is_not(as_numpy: bool) -> No
     assert not check([float("inf"), float("-inf")])  # the sum is NaN, and so is the verdict
     # Finite values whose sum overflows: the shortcut fails, the element-wise check answers.
     assert check([3e38, 3e38, 3e38])
+
+
+def test_mean_of_rows_is_the_mean_rule_to_the_bit_without_a_matrix() -> None:
+    grads = honest(5, d=1000, spread=3.0)
+    rows = [np.frombuffer(row.numpy().tobytes(), dtype=np.float32) for row in grads]  # read-only, as decoded
+    assert not rows[0].flags.writeable
+    result = mean_of_rows(rows)
+    assert result.dtype == torch.float32
+    assert torch.equal(result, aggregate("mean", grads, 0))
+    assert all(np.array_equal(row, grads[i].numpy()) for i, row in enumerate(rows))  # inputs untouched
+
+
+def test_mean_of_rows_refuses_non_finite_rows_by_name_and_leaves_an_overflow_to_the_caller() -> None:
+    grads = honest(4).numpy().copy()
+    grads[1, 3] = np.inf
+    grads[3, 0] = np.nan
+    with pytest.raises(AggregationError, match=r"rows \[1, 3\] contain NaN or Inf"):
+        mean_of_rows(list(grads))
+    with pytest.raises(AggregationError, match="equal-length vectors"):
+        mean_of_rows([np.ones(3, np.float32), np.ones(4, np.float32)])
+    # Every row finite, the sum not: the result says so (the round then skips it as non-finite).
+    assert not all_finite(mean_of_rows([np.full(3, 3e38, np.float32)] * 4))

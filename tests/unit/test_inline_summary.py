@@ -15,7 +15,7 @@ def _spec(mode: str):  # type: ignore[no-untyped-def]
 
 
 def _summary(mode: str) -> dict:
-    phases = {p: 0.001 for p in ("publish", "fanout", "average", "exchange", "aggregate", "update")}
+    phases = {p: 0.001 for p in ("publish", "fanout", "average", "exchange", "aggregate", "update", "evaluate")}
     return {
         "job": "d", "mode": mode, "rounds": 10, "peers": 4, "functions_per_peer": 3, "aggregation": "mean",
         "wall_seconds": 5.0, "test_accuracy": 0.95, "final_loss": 0.2, "round_seconds": 0.006, "phases": phases,

@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _run(peers: int, mode: str, round_ms: float, ddp_ms: float, **extra: Any) -> dict[str, Any]:
     # Phases in the proportions of a real digits round: fan-out first, exchange second.
-    shares = {"publish": 0.04, "fanout": 0.5, "average": 0.04, "exchange": 0.3, "aggregate": 0.02, "update": 0.1}
+    shares = {"publish": 0.04, "fanout": 0.5, "average": 0.04, "exchange": 0.28, "aggregate": 0.02, "update": 0.1, "evaluate": 0.02}
     phases = {p: round_ms / 1000 * s for p, s in shares.items()}
     return {
         "name": f"synthetic-{peers}-{mode}", "mode": mode, "peers": peers, "functions_per_peer": 2,
@@ -100,7 +100,7 @@ def test_missed_targets_name_the_phase_where_the_time_goes(results: dict[str, An
     doc = tmp_path / "performance.md"
     perfreport.render(results, doc, tmp_path / "img")
     page = doc.read_text(encoding="utf-8")
-    assert "- digits 4x2 inline: round / DDP step: the round is mostly fanout (15.0 ms, 50%) and exchange (9.0 ms, 30%)." in page
+    assert "- digits 4x2 inline: round / DDP step: the round is mostly fanout (15.0 ms, 50%) and exchange (8.4 ms, 28%)." in page
     assert "- MLP 1.13M: aggregate + update: aggregate 2.0 ms + update 10.0 ms per round." in page
     assert "- MLP 1.13M: round / DDP step: the round is mostly fanout (50.0 ms, 50%)" in page
     assert "- digits 4x2: round / DDP step:" not in page  # met: no explanation owed
@@ -187,7 +187,7 @@ def test_cpu_per_round_is_tabled_and_named_where_a_target_is_missed(results: dic
     # 4 peers inline: 58 ms of CPU a round, 2 cores x 30 ms = 60 ms, DDP 16 ms: 3.6x
     assert "| 4 peers x 2 inline | 30.0 | 20.0 | 5.0 | 3.0 | 58.0 | 60.0 | 16.0 | 3.6x |" in page
     assert ("- digits 4x2 inline: round / DDP step: the round is mostly fanout (15.0 ms, 50%) and exchange "
-            "(9.0 ms, 30%); it used 58.0 ms of CPU a round (peers 30.0, functions 20.0, front door + runner 5.0, "
+            "(8.4 ms, 28%); it used 58.0 ms of CPU a round (peers 30.0, functions 20.0, front door + runner 5.0, "
             "Redis 3.0) against 16.0 ms a DDP step.") in page
 
 

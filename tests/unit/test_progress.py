@@ -21,7 +21,7 @@ def _statuses(done: int, rounds: int = 100, peers: int = 4) -> list[StatusDict]:
     for peer in range(peers):
         status = PeerStatus(peer=peer, round=done, rounds=rounds, loss=1.0 + peer, accuracy=0.9123)
         status.phases_last = {"publish": 0.0012, "fanout": 0.123, "average": 0.004, "exchange": 0.0456,
-                              "aggregate": 0.0007, "update": 0.0101}
+                              "aggregate": 0.0007, "update": 0.0101, "evaluate": 0.0023}
         out.append(status.as_dict())
     return out
 
@@ -102,7 +102,7 @@ def _summary(**changes: Any) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "job": "j", "rounds": 3, "peers": 2, "functions_per_peer": 1, "aggregation": "mean", "wall_seconds": 1.0,
         "test_accuracy": 0.5, "final_loss": 2.5, "round_seconds": 0.1, "first_round_seconds": 1.0,
-        "phases": dict.fromkeys(["publish", "fanout", "average", "exchange", "aggregate", "update"], 0.01),
+        "phases": dict.fromkeys(["publish", "fanout", "average", "exchange", "aggregate", "update", "evaluate"], 0.01),
         "function": {"cold_starts": 2, "cold_start_seconds_mean": 1.0, "max_instances": 2, "scaled_to_zero": 0,
                      "warm_request_seconds_mean": 0.01},
         "model": "m.safetensors", "rejected_events": {}, "excluded_peers": {},

@@ -39,7 +39,7 @@ class Accumulator:
     kind: Literal["module", "lua"]
 
     def add(
-        self, client: redis.Redis, acc_key: str, meta_key: str, part: str, weight: float, blob: bytes,
+        self, client: redis.Redis, acc_key: str, meta_key: str, part: str, weight: float, blob: bytes | memoryview,
         *, ttl_seconds: int = ROUND_KEY_TTL_SECONDS,
     ) -> bool:
         """Add ``weight * blob`` (raw float32) once per ``part``; False when ``part`` was already added.

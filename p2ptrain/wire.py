@@ -79,12 +79,12 @@ def encode_tensor(values: torch.Tensor | np.ndarray, dtype: str = "float32", com
     if compression not in _COMPRESSIONS:
         raise ValueError(f"compression must be one of {sorted(_COMPRESSIONS)}, got {compression!r}")
     tensor = torch.as_tensor(values).detach().reshape(-1).to(_DTYPES[dtype][1]).contiguous()
-    # Little-endian on every platform we build for; view as bytes without a copy through numpy.
-    payload = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    # Little-endian on every platform we build for; viewed as bytes through numpy, no copy until the join.
+    payload: bytes | memoryview = tensor.view(torch.uint8).numpy().data if tensor.numel() else b""
     if compression == "zstd":
         payload = zstandard.ZstdCompressor(level=3).compress(payload)
     header = _HEADER.pack(_MAGIC, _FORMAT_VERSION, _DTYPES[dtype][0], _COMPRESSIONS[compression], tensor.numel())
-    return header + payload
+    return b"".join((header, payload))  # one copy of the payload (header + bytes() made two)
 
 
 def decode_tensor(data: bytes, *, expected_numel: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
@@ -131,9 +131,11 @@ def decode_tensor(data: bytes, *, expected_numel: int | None = None, max_bytes: 
     return array
 
 
-def raw_float32(values: torch.Tensor | np.ndarray) -> bytes:
-    """Headerless little-endian float32 bytes: the layout of Redis accumulators."""
-    return np.ascontiguousarray(torch.as_tensor(values).detach().reshape(-1).numpy(), dtype="<f4").tobytes()
+def raw_float32(values: torch.Tensor | np.ndarray) -> memoryview:
+    """Headerless little-endian float32 bytes: the layout of Redis accumulators. A byte view of the
+    values (no copy when they are float32 already), which redis-py sends as it is."""
+    array = np.ascontiguousarray(torch.as_tensor(values).detach().reshape(-1).numpy(), dtype="<f4")
+    return array.view(np.uint8).data
 
 
 # ---------------------------------------------------------------------------------------------------

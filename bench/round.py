@@ -85,8 +85,8 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
         optimizer.step()
         step_seconds.append(time.perf_counter() - t0)
         step_cpu += time.process_time() - c0
-        # Evaluated as often as the p2ptrain job evaluates, outside the timed step (as the peers' clock
-        # counts evaluation inside "update", this favours DDP slightly).
+        # Evaluated as often as the p2ptrain job evaluates, outside the timed step (a p2ptrain round
+        # includes its "evaluate" phase: this favours DDP slightly).
         if rank == 0 and ((r + 1) % spec.evaluation.every_rounds == 0 or r + 1 == rounds):
             record_milestones(reached, accuracy(), r + 1, sum(step_seconds))
     cpu = torch.tensor([step_cpu], dtype=torch.float64)

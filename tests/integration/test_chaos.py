@@ -12,6 +12,8 @@ from p2ptrain.spec import JobSpec
 from .chaos import FunctionFaults, crash_redis, drill, lowest_round, wait_for
 from .harness import make_spec
 
+_BASE_TRAINING = {"hashEveryRounds": 1, "resyncEveryRounds": 5}
+
 
 def _spec(name: str, **overrides: object) -> JobSpec:
     base: dict[str, object] = {
@@ -19,7 +21,7 @@ def _spec(name: str, **overrides: object) -> JobSpec:
         "exchange": {"quorum": 2, "roundDeadlineSeconds": 30},
         "function": {"maxScale": 2, "idleSeconds": 30},
         "evaluation": {"everyRounds": 5},
-        "training": {"hashEveryRounds": 1, "resyncEveryRounds": 5},
+        "training": _BASE_TRAINING,
     }
     return make_spec(name=name, **{**base, **overrides})
 
@@ -54,7 +56,9 @@ async def test_a_fifth_of_function_calls_failing_or_timing_out_loses_and_doubles
 
 
 async def test_a_peer_redis_killed_and_restarted_with_aof_loses_no_round(tmp_path: Path) -> None:
-    spec = _spec("redisaof", rounds=40, redis={"persistence": "aof"})
+    # A checkpoint after every round (the default is every 4): the AOF must give back the latest one.
+    spec = _spec("redisaof", rounds=40, redis={"persistence": "aof"},
+                 training={**_BASE_TRAINING, "checkpointEveryRounds": 1})
     crashed_at: list[int] = []
     kept: list[int | None] = []  # the checkpoint round the restarted Redis loaded from its AOF
 
@@ -65,5 +69,8 @@ async def test_a_peer_redis_killed_and_restarted_with_aof_loses_no_round(tmp_pat
 
     result = await drill(spec, tmp_path, chaos=chaos, timeout=400)
     _assert_clean(result)
-    # It crashed mid-run, and came back with the peer's committed checkpoint (0-based round) from its AOF.
-    assert crashed_at[0] < spec.rounds and kept[0] is not None and kept[0] >= crashed_at[0] - 1, (crashed_at, kept)
+    # It crashed mid-run, and came back with the peer's committed checkpoint (0-based round) from its AOF:
+    # while the peer runs round r, round r - 1's checkpoint may still be on its way (written in the
+    # background), so the AOF holds round r - 2's at least. (The peer may be well past the others' round 3
+    # when the crash comes: the other two make the quorum without the slowest.)
+    assert crashed_at[0] < spec.rounds and kept[0] is not None and kept[0] >= crashed_at[0] - 2, (crashed_at, kept)

@@ -82,7 +82,7 @@ def _known(rule: str) -> None:
 @register("mean", minimum=lambda f: 1)
 def mean(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     """The plain average: optimal with honest peers, broken by a single Byzantine one."""
-    return _row_mean(grads, range(grads.shape[0]))
+    return _mean_of(list(grads))
 
 
 @register("median", minimum=lambda f: 2 * f + 1)
@@ -143,7 +143,7 @@ def mean_of_rows(rows: Sequence[np.ndarray]) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only buffers (decoded events), only read here
         warnings.simplefilter("ignore", UserWarning)
         tensors = [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in rows]
-    result = _sum_into(torch.empty(rows[0].shape[0], dtype=torch.float32), tensors).mul_(1.0 / len(rows))
+    result = _mean_of(tensors)
     if not all_finite(result) and (bad := [i for i, t in enumerate(tensors) if not all_finite(t)]):
         raise AggregationError(f"gradient rows {bad} contain NaN or Inf")
     return result
@@ -157,11 +157,9 @@ def _sum_into(out: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _row_mean(grads: torch.Tensor, rows: Sequence[int] | range) -> torch.Tensor:
-    """The mean of the chosen rows of ``grads``, without gathering them into a copy first."""
-    result = torch.empty(grads.shape[1], dtype=grads.dtype)
-    _sum_into(result, [grads[i] for i in rows])
-    return result.mul_(1.0 / len(rows))
+def _mean_of(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean of equal-length vectors (rows of a matrix, or separate ones), without gathering them first."""
+    return _sum_into(torch.empty_like(rows[0]), rows).mul_(1.0 / len(rows))
 
 
 def squared_distances(grads: torch.Tensor) -> torch.Tensor:
@@ -215,7 +213,7 @@ def multi_krum(grads: torch.Tensor, f: int, m: int | None = None, **params: Any)
     m = n - f if m is None else m
     if not 1 <= m <= n:
         raise AggregationError(f"multi-krum m must lie in [1, {n}], got {m}")
-    return _row_mean(grads, krum_select(grads, f, m).tolist())
+    return _mean_of([grads[i] for i in krum_select(grads, f, m).tolist()])
 
 
 def bulyan_select(grads: torch.Tensor, f: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """CUDA against CPU for the gradient function's computation: the same micro-batch's gradient on both
 devices (max abs difference, allclose) and the speed-up, for the mlp and cnn models on digits.
 
-``p2ptrain.gradient.compute_gradient`` is what a function instance runs; here it runs at the same
+``p2ptrain.models.GradientModel`` is what a function instance runs; here it runs at the same
 parameters and samples on the CPU and, when torch sees one, on a CUDA GPU. Without CUDA only the CPU
 path runs, checked against plain ``loss.backward()`` on the module, and the report says so. Exit code 1
 when the gradients disagree. Usage: ``python bench/gpu_check.py [--batch N] [--repeats N] [--cpu-only]``.
@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from p2ptrain.data import load_dataset
-from p2ptrain.gradient import compute_gradient
-from p2ptrain.models import build_model
+from p2ptrain.models import GradientModel, build_model
 from p2ptrain.spec import DatasetSpec, ModelSpec
 
 MODELS = (ModelSpec("mlp", {"hidden": 64}), ModelSpec("cnn", {"channels": 16, "hidden": 64}))
@@ -57,17 +56,18 @@ def check(spec: ModelSpec, batch: int, repeats: int, use_cuda: bool) -> tuple[li
     indices = np.random.default_rng(0).choice(len(data.y_train), size=batch, replace=False)
     x, y = data.x_train[indices], data.y_train[indices]
 
-    loss_cpu, correct_cpu, grad_cpu = compute_gradient(model, flat, x, y)
-    cpu_seconds = median_seconds(lambda: compute_gradient(model, flat, x, y)[2].cpu(), repeats, lambda: None)
+    on_cpu = GradientModel(model)
+    loss_cpu, correct_cpu, grad_cpu = on_cpu.gradient(flat, x, y)
+    cpu_seconds = median_seconds(lambda: on_cpu.gradient(flat, x, y)[2].cpu(), repeats, lambda: None)
     if not use_cuda:
         other, what = reference_gradient(model, flat, x, y), "plain backward (CPU)"
         other_seconds = None
     else:
-        gpu_model, gpu_flat = model.to("cuda"), flat.to("cuda")
-        loss_gpu, correct_gpu, grad_gpu = compute_gradient(gpu_model, gpu_flat, x, y)
+        on_gpu, gpu_flat = GradientModel(model.to("cuda")), flat.to("cuda")
+        loss_gpu, correct_gpu, grad_gpu = on_gpu.gradient(gpu_flat, x, y)
         other, what = grad_gpu.cpu(), "CUDA"
         # timed as the function runs it: samples to the GPU, gradient back to the CPU for Redis
-        other_seconds = median_seconds(lambda: compute_gradient(gpu_model, gpu_flat, x, y)[2].cpu(), repeats,
+        other_seconds = median_seconds(lambda: on_gpu.gradient(gpu_flat, x, y)[2].cpu(), repeats,
                                        torch.cuda.synchronize)
         if correct_gpu != correct_cpu or abs(loss_gpu - loss_cpu) > ATOL + RTOL * abs(loss_cpu):
             return [f"| {spec.name} | loss/correct differ: CPU {loss_cpu}/{correct_cpu}, CUDA {loss_gpu}/{correct_gpu} |"], False

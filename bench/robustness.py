@@ -5,7 +5,7 @@ once per rule with no attack, the clean reference) and reports the test accuracy
 plots) and a rule x attack table of final accuracy. Writes docs/robustness.md and its plots.
 
 The peers are simulated in one process with the peer's own code: each peer's minibatch of its own
-shard (``shard_indices``, ``batch_indices``), its real torch gradient (``compute_gradient``, what the
+shard (``shard_indices``, ``batch_indices``), its real torch gradient (``GradientModel``, what the
 gradient function runs), the attackers' ``p2ptrain.attack.Attacker`` (label-flip: the same
 ``flip_labels``), the rule through ``Replica.aggregate`` (with its centered-clipping state) and the step and evaluation of a
 ``Replica`` (same model, optimizer, seed). With worker momentum (the **+wm** rows) each peer keeps
@@ -20,7 +20,6 @@ Usage: ``python bench/robustness.py [--rounds 100] [--out docs/robustness.md]``.
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from report import publish
 from p2ptrain.aggregate import MINIMUM, RULES
 from p2ptrain.attack import KINDS, Attacker, flip_labels
 from p2ptrain.data import batch_indices, shard_indices
-from p2ptrain.gradient import compute_gradient
+from p2ptrain.models import GradientModel
 from p2ptrain.momentum import WorkerMomentum
 from p2ptrain.peer.replica import Replica, SkipUpdate
 from p2ptrain.spec import JobSpec, parse_manifest
@@ -105,7 +104,7 @@ def admissible(rule: str, n: int, f: int) -> bool:
 def train(spec: JobSpec, label: str) -> Run:
     replica = Replica(spec)
     data = replica.dataset
-    skeleton = copy.deepcopy(replica.model)
+    computer = GradientModel(replica.model)
     n, attack = spec.peers, spec.evaluation.attack
     shards = [shard_indices(len(data.y_train), n, p, spec.dataset.split_seed) for p in range(n)]
     attackers: dict[int, Attacker] = {}
@@ -129,7 +128,7 @@ def train(spec: JobSpec, label: str) -> Run:
             labels = data.y_train[indices]
             if p in attackers and attackers[p].kind == "label-flip":
                 labels = flip_labels(labels, data.num_classes)
-            _, _, gradient = compute_gradient(skeleton, params, data.x_train[indices], labels)
+            _, _, gradient = computer.gradient(params, data.x_train[indices], labels)
             own[p] = gradient.numpy() if momenta is None else momenta[p].step(round_index, gradient.numpy())
         honest_peers = [p for p in range(n) if p not in attackers]
         gradients = {p: own[p] for p in honest_peers}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import copy
 import logging
 import os
 import queue
@@ -37,7 +36,7 @@ from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
 from p2ptrain.config import CONFIG_ENV, ConfigError, RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.data import Dataset, load_dataset
 from p2ptrain.device import pick_device
-from p2ptrain.models import build_model
+from p2ptrain.models import GradientModel, build_model
 from p2ptrain.store import Keys, connect
 
 log = logging.getLogger(__name__)
@@ -89,9 +88,9 @@ class GradientFunction:
         self._versions = VersionCache(_MODEL_CACHE_VERSIONS)
         self._dataset: Dataset | None = None
         self._model: torch.nn.Module | None = None
-        # functional_call swaps parameters into the module it is given for the duration of the call,
-        # so two requests computing at once need two modules: idle skeletons wait here for reuse.
-        self._skeletons: queue.SimpleQueue[torch.nn.Module] = queue.SimpleQueue()
+        # A GradientModel computes one gradient at a time, so two requests computing at once need two:
+        # idle ones wait here for reuse.
+        self._computers: queue.SimpleQueue[GradientModel] = queue.SimpleQueue()
         self._labels: dict[str, str] = {}
         self._device = torch.device("cpu")
         self._failure: str | None = None  # why start failed: what readiness reports
@@ -274,19 +273,20 @@ class GradientFunction:
         }
 
     def gradient(self, flat_params: torch.Tensor, indices: np.ndarray) -> tuple[float, int, torch.Tensor]:
-        """``compute_gradient`` on these training samples, safe to call from concurrent threads."""
+        """The gradient on these training samples (``GradientModel.gradient``), safe to call from
+        concurrent threads."""
         assert self._dataset is not None and self._model is not None
         try:
-            skeleton = self._skeletons.get_nowait()
+            computer = self._computers.get_nowait()
         except queue.Empty:
-            skeleton = copy.deepcopy(self._model)  # one more request computing at once than ever before
+            computer = GradientModel(self._model)  # one more request computing at once than ever before
         try:
-            loss, correct, gradient = compute_gradient(
-                skeleton, flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices]
+            loss, correct, gradient = computer.gradient(
+                flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices]
             )
             return loss, correct, gradient.cpu()
         finally:
-            self._skeletons.put(skeleton)
+            self._computers.put(computer)
 
     def _client(self, address: RedisAddress) -> tuple[redis.Redis, Accumulator]:
         with self._lock:
@@ -358,29 +358,6 @@ def cpu_clock() -> float:
     ``P2PTRAIN_TORCH_THREADS=1``) that is all of its compute, and requests served at once are told
     apart; with more torch threads the work spreads over torch's pool, so the whole process is counted."""
     return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
-
-
-def compute_gradient(
-    model: torch.nn.Module, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray
-) -> tuple[float, int, torch.Tensor]:
-    """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params``, computed on
-    ``flat_params``'s device (``model`` must be there too; the gradient stays there).
-
-    ``torch.func.functional_call`` swaps ``flat_params`` into ``model`` for the call and back: the result
-    depends only on the arguments, but one ``model`` must not serve two calls at the same time
-    (``GradientFunction.gradient`` gives each concurrent call its own).
-    """
-    names = [name for name, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    pieces = torch.split(flat_params, [s.numel() for s in shapes])
-    params = {n: piece.view(s).detach().requires_grad_(True) for n, piece, s in zip(names, pieces, shapes, strict=True)}
-    inputs = torch.from_numpy(np.ascontiguousarray(x)).to(flat_params.device)
-    targets = torch.from_numpy(np.ascontiguousarray(y)).to(flat_params.device)
-    logits = torch.func.functional_call(model, params, (inputs,))
-    loss = torch.nn.functional.cross_entropy(logits, targets)
-    grads = torch.autograd.grad(loss, list(params.values()))
-    correct = int((logits.argmax(dim=1) == targets).sum())
-    return float(loss.detach()), correct, torch.cat([g.reshape(-1) for g in grads])
 
 
 async def _reply_error(send: Send, status: int, reason: str, message: str) -> None:

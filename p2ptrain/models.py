@@ -6,11 +6,13 @@ the caller seeds torch first, so initialisation is identical everywhere.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,3 +120,48 @@ def import_factory(name: str) -> Callable[..., Any]:
     if not callable(factory):
         raise ModelError(f"module {module_name!r} has no callable {attribute!r}")
     return factory
+
+
+class GradientModel:
+    """A private copy of a model whose parameters and their gradients are views of two flat tensors.
+
+    Computing a gradient at a flat parameter vector is then one copy into the first, a forward and a
+    backward pass, which writes the flat gradient straight into the second: no per-call swap of the
+    parameters into the module, no split of the vector, no concatenation of the gradients. One
+    instance computes one gradient at a time (callers computing at once each hold their own); the
+    result is a fresh tensor, free to keep. Buffers (batch-norm statistics) are the copy's own, as a
+    module's are.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = copy.deepcopy(model)
+        self.module.train()
+        parameters = list(self.module.parameters())
+        if not parameters:
+            raise ModelError("the model has no parameters to compute a gradient for")
+        first = parameters[0]
+        self.params = torch.empty(sum(p.numel() for p in parameters), dtype=first.dtype, device=first.device)
+        self.grads = torch.zeros_like(self.params)
+        offset = 0
+        with torch.no_grad():
+            for p in parameters:
+                size = p.numel()
+                self.params[offset:offset + size].copy_(p.reshape(-1))
+                p.data = self.params[offset:offset + size].view_as(p)
+                p.grad = self.grads[offset:offset + size].view_as(p)
+                offset += size
+
+    def gradient(self, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray) -> tuple[float, int, torch.Tensor]:
+        """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params`` on the
+        samples ``x`` (labels ``y``), computed on this model's device (the gradient stays there)."""
+        if flat_params.shape != self.params.shape:
+            raise ValueError(f"expected {self.params.numel()} parameters, got a tensor of shape {tuple(flat_params.shape)}")
+        self.params.copy_(flat_params)
+        self.grads.zero_()  # backward adds into it
+        inputs = torch.from_numpy(np.ascontiguousarray(x)).to(self.params.device)
+        targets = torch.from_numpy(np.ascontiguousarray(y)).to(self.params.device)
+        logits = self.module(inputs)
+        loss = nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        correct = int((logits.argmax(dim=1) == targets).sum())
+        return float(loss.detach()), correct, self.grads.clone()

@@ -16,7 +16,6 @@ micro-batches, so the function sees the same load as from an honest peer.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
 
@@ -25,7 +24,7 @@ import torch
 
 from p2ptrain import metrics, retry
 from p2ptrain.attack import Attacker, flip_labels
-from p2ptrain.gradient import compute_gradient
+from p2ptrain.models import GradientModel
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.inbox import Inbox
 from p2ptrain.peer.replica import Replica
@@ -45,8 +44,8 @@ class PeerAttack(PeerPart):
             attack.kind, factor=attack.factor, sigma=attack.sigma, z=attack.z, epsilon=attack.epsilon,
             stale_rounds=attack.stale_rounds, seed=self.spec.seed * 1_000_003 + self.index,
         )
-        # A skeleton of its own: functional_call must not borrow the replica's model (GET /model reads it).
-        self._skeleton = copy.deepcopy(replica.model) if attack.kind == "label-flip" else None
+        # A copy of its own: the replica's model is read meanwhile (GET /model).
+        self._computer = GradientModel(replica.model) if attack.kind == "label-flip" else None
         self.status.attack = attack.kind
         metrics.PEER_ATTACKING.labels(**self.labels, kind=attack.kind).set(1)
         log.warning("EVALUATION ONLY: peer %d is a Byzantine attacker (%s) as spec.evaluation.attack says; "
@@ -79,10 +78,10 @@ class PeerAttack(PeerPart):
 
     def _flipped_gradient(self, indices: np.ndarray) -> np.ndarray:
         """The gradient of this round's minibatch with flipped labels, at the round's parameters."""
-        assert self._skeleton is not None
+        assert self._computer is not None
         data = self.replica.dataset
         params = torch.from_numpy(self.replica.parameters())
         labels = flip_labels(data.y_train[indices], data.num_classes)
-        _, _, gradient = compute_gradient(self._skeleton, params, data.x_train[indices], labels)
+        _, _, gradient = self._computer.gradient(params, data.x_train[indices], labels)
         result: np.ndarray = gradient.numpy().astype(np.float32, copy=False)
         return result

@@ -3,7 +3,7 @@ the traditional P2P baseline, with no gradient function, no activator and no Kna
 
 ``InlineGradients`` offers the round what ``FunctionClient`` offers (``publish``, ``fan_out``,
 ``average``) and does what a function does for each micro-batch, with the function's own code:
-``gradient.compute_gradient`` in a worker thread, each micro-batch's mean gradient weighted by its
+``models.GradientModel`` in a worker thread, each micro-batch's mean gradient weighted by its
 sample count, as a function's ``P2P.ACCUM`` weighs it. The sum stays in the peer's memory: nothing but
 this peer adds to it, so the Redis accumulator (there for concurrent function instances and retried
 calls) would only cost round trips (four a round, ``bench/round.py``). A round re-run after a Redis
@@ -15,7 +15,6 @@ or with ``training.onDivergence: skipRound`` the micro-batch is left out and cou
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 
 from p2ptrain.aggregate import all_finite
 from p2ptrain.data import Dataset, split_micro_batches
-from p2ptrain.gradient import compute_gradient
+from p2ptrain.models import GradientModel
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.functions import Receipt, left_out_non_finite
@@ -40,10 +39,9 @@ class InlineGradients(PeerPart):
         super().__init__(ctx)
         self.store = store
         self.dataset: Dataset = replica.dataset
-        # compute_gradient swaps the parameters into the module it is given for the call; the replica's
-        # own model is read meanwhile (GET /model, evaluation), so the micro-batches get their own copy.
-        self._skeleton = copy.deepcopy(replica.model)
-        self._skeleton.train()
+        # The replica's own model is read meanwhile (GET /model, evaluation): the micro-batches are
+        # computed on a copy of their own.
+        self._computer = GradientModel(replica.model)
         self._params: tuple[int, torch.Tensor] | None = None
         self._average: tuple[int, tuple[np.ndarray, float, int] | None] | None = None  # (round, its mean)
 
@@ -87,7 +85,7 @@ class InlineGradients(PeerPart):
         weight = 0.0
         x, y = self.dataset.x_train, self.dataset.y_train
         for n, part in enumerate(parts):
-            loss, _, gradient = compute_gradient(self._skeleton, params, x[part], y[part])
+            loss, _, gradient = self._computer.gradient(params, x[part], y[part])
             if not all_finite(gradient):
                 non_finite.append(f"the gradient of micro-batch {round_index}:{n} has non-finite values")
                 continue

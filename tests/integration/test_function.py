@@ -22,7 +22,8 @@ from prometheus_client import REGISTRY
 from p2ptrain import wire
 from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.function_server import FunctionFront
-from p2ptrain.gradient import GradientFunction, GradientRequest, RequestError, compute_gradient
+from p2ptrain.gradient import GradientFunction, GradientRequest, RequestError
+from p2ptrain.models import GradientModel
 from p2ptrain.store import Keys, PeerStore
 
 from .harness import make_spec
@@ -64,7 +65,7 @@ async def test_health_and_readiness_follow_start(redis_server) -> None:
 
 def test_concurrent_requests_get_the_gradient_of_their_own_model_version(redis_server) -> None:
     """containerConcurrency > 1 runs requests in parallel threads of one instance: each must see only
-    its own parameters (functional_call swaps them into the module it is given)."""
+    its own parameters (a GradientModel holds one request's parameters at a time)."""
     spec = make_spec(name="fnthreads", peers=1, functionsPerPeer=1, batchSize=16, rounds=1)
     config = RuntimeConfig(spec, ("http://127.0.0.1:1",), (RedisAddress(redis_server.host, redis_server.port),), "http://x")
     function = GradientFunction(config, Secrets(redis_server.password, secrets.token_bytes(16)))
@@ -74,7 +75,8 @@ def test_concurrent_requests_get_the_gradient_of_their_own_model_version(redis_s
     generator = torch.Generator().manual_seed(0)
     versions = [torch.randn(numel, generator=generator) * 0.1 for _ in range(4)]
     indices = np.arange(16)
-    expected = [compute_gradient(function.model, flat, function.dataset.x_train[indices], function.dataset.y_train[indices])[2] for flat in versions]  # type: ignore[union-attr]
+    reference = GradientModel(function.model)
+    expected = [reference.gradient(flat, function.dataset.x_train[indices], function.dataset.y_train[indices])[2] for flat in versions]  # type: ignore[union-attr]
 
     def check(version: int) -> int:
         wrong = 0

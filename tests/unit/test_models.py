@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from p2ptrain.models import ModelError, build_model
+from p2ptrain.models import GradientModel, ModelError, build_model
 from p2ptrain.spec import ModelSpec
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar": (3, 32, 32), "tabular": (20,)}
@@ -70,3 +71,45 @@ def test_user_factory_is_imported_and_called(tmp_path: Path, monkeypatch: pytest
 def test_bad_model_specs_are_clear_errors(spec: ModelSpec, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         build_model(spec, (1, 8, 8), 10)
+
+
+def _plain_gradient(model: torch.nn.Module, flat: torch.Tensor, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+    """The textbook way: parameters written into the module, ``zero_grad``, ``loss.backward()``."""
+    torch.nn.utils.vector_to_parameters(flat, model.parameters())
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("spec", [ModelSpec("mlp", {"hidden": [32, 16]}), ModelSpec("cnn", {"channels": 4, "hidden": 16})])
+def test_gradient_model_equals_plain_backward_call_after_call(spec: ModelSpec) -> None:
+    """Flat parameter and gradient views give the plain backward's gradient to the bit, every call:
+    the gradient of one call neither leaks into the next nor changes when the next one runs."""
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 8, 8), 10)
+    computer = GradientModel(model)
+    rng = np.random.default_rng(0)
+    numel = sum(p.numel() for p in model.parameters())
+    results = []
+    for _ in range(3):
+        flat = torch.from_numpy(rng.normal(0, 0.1, numel).astype(np.float32))
+        x = rng.normal(size=(6, 1, 8, 8)).astype(np.float32)
+        y = rng.integers(0, 10, 6)
+        loss, correct, gradient = computer.gradient(flat, x, y)
+        expected = _plain_gradient(model, flat, x, y)
+        assert torch.equal(gradient, expected)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(x))
+        assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y))))
+        assert correct == int((logits.argmax(1) == torch.from_numpy(y)).sum())
+        results.append((gradient, expected.clone()))
+    assert all(torch.equal(kept, expected) for kept, expected in results), "a later call changed an earlier result"
+
+
+def test_gradient_model_refuses_a_parameter_vector_of_another_size() -> None:
+    model = build_model(ModelSpec("mlp", {"hidden": 8}), (1, 8, 8), 10)
+    computer = GradientModel(model)
+    numel = sum(p.numel() for p in model.parameters())
+    x, y = np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)
+    with pytest.raises(ValueError, match=f"expected {numel} parameters"):
+        computer.gradient(torch.zeros(numel + 1), x, y)

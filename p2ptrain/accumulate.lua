@@ -15,9 +15,36 @@ local function pack(values, first, last)
   return struct.pack('<' .. string.rep('f', last - first + 1), unpack(values, first, last))
 end
 
+local function finite(x)
+  return x == x and x ~= math.huge and x ~= -math.huge
+end
+
+local function ttl_arg(args, fixed)
+  if #args == fixed then return 0 end
+  local seconds = tonumber(args[fixed + 2])
+  if #args ~= fixed + 2 or string.lower(args[fixed + 1]) ~= 'ex' or seconds == nil or seconds <= 0
+      or seconds ~= math.floor(seconds) or seconds > 100000000 then
+    return nil, redis.error_reply('ERR expected an optional `EX seconds` (a positive integer) at the end')
+  end
+  return seconds
+end
+
+local function expire_both(acc, meta, ttl)
+  if ttl > 0 then
+    redis.call('EXPIRE', acc, ttl)
+    redis.call('EXPIRE', meta, ttl)
+  end
+end
+
+-- P2P.ACCUM acc meta part weight blob [EX seconds]: with EX both keys get that TTL, also when the
+-- part was already added.
 local function add(keys, args)
   local acc, meta = keys[1], keys[2]
   local part, weight, blob = args[1], tonumber(args[2]), args[3]
+  local ttl, bad_ttl = ttl_arg(args, 3)
+  if ttl == nil then
+    return bad_ttl
+  end
   if weight == nil or weight ~= weight or weight <= 0 or weight == math.huge then
     return redis.error_reply('ERR weight must be a finite positive number')
   end
@@ -31,6 +58,7 @@ local function add(keys, args)
     return redis.error_reply('ERR shape mismatch: accumulator has ' .. (string.len(current) / 4) .. ' floats, got ' .. n)
   end
   if redis.call('HEXISTS', meta, part) == 1 then
+    expire_both(acc, meta, ttl)
     return 0
   end
   local out = {}
@@ -52,6 +80,7 @@ local function add(keys, args)
   redis.call('HSET', meta, part, args[2])
   redis.call('HINCRBYFLOAT', meta, '~weight', args[2])
   redis.call('HINCRBY', meta, '~parts', 1)
+  expire_both(acc, meta, ttl)
   return 1
 end
 
@@ -79,10 +108,6 @@ end
 -- Model update (SPIRT's AI.ModelUpdate). Models are p2ptrain wire tensors: a 16-byte header
 -- (magic P2PT, version 1, dtype 1 = float32, compression 0, pad, u64 element count) then float32.
 
-local function finite(x)
-  return x == x and x ~= math.huge and x ~= -math.huge
-end
-
 local function number_arg(value, name, valid, expected)
   local x = tonumber(value)
   if x == nil or not finite(x) or not valid(x) then
@@ -95,16 +120,6 @@ local function flag_arg(value, name, expected)
   if value == '0' then return 0 end
   if value == '1' then return 1 end
   return nil, redis.error_reply('ERR ' .. name .. ' must be ' .. expected)
-end
-
-local function ttl_arg(args, fixed)
-  if #args == fixed then return 0 end
-  local seconds = tonumber(args[fixed + 2])
-  if #args ~= fixed + 2 or string.lower(args[fixed + 1]) ~= 'ex' or seconds == nil or seconds <= 0
-      or seconds ~= math.floor(seconds) or seconds > 100000000 then
-    return nil, redis.error_reply('ERR expected an optional `EX seconds` (a positive integer) after the hyper-parameters')
-  end
-  return seconds
 end
 
 local function model_header(n)

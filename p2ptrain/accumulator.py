@@ -47,23 +47,14 @@ class Accumulator:
         Both keys get ``ttl_seconds`` on every add: a function call that arrives after the peer cleared
         the round recreates them, and they must expire rather than stay forever.
         """
-        # One round trip: the add and both TTLs in one pipeline (a function call pays for each trip).
-        pipe = client.pipeline(transaction=False)
-        if self.kind == "module":
-            pipe.execute_command("P2P.ACCUM", acc_key, meta_key, part, repr(float(weight)), blob)
-        else:
-            pipe.fcall("p2p_accum", 2, acc_key, meta_key, part, repr(float(weight)), blob)
-        pipe.expire(acc_key, ttl_seconds)
-        pipe.expire(meta_key, ttl_seconds)
-        reply = pipe.execute(raise_on_error=False)[0]
+        # One command: the add and both TTLs (a function call pays for each round trip, and for each
+        # command redis-py packs: a three-command pipeline cost 0.1 ms more here).
+        args = (part, repr(float(weight)), blob, "EX", ttl_seconds)
         try:
-            if isinstance(reply, redis.ResponseError) and self.kind == "lua" and _missing_function(reply):
-                # Redis restarted empty: load the library, add again, and set the TTLs on the new keys.
-                reply = _fcall(client, "p2p_accum", acc_key, meta_key, part, repr(float(weight)), blob)
-                client.expire(acc_key, ttl_seconds)
-                client.expire(meta_key, ttl_seconds)
-            elif isinstance(reply, redis.ResponseError):
-                raise reply
+            if self.kind == "module":
+                reply = client.execute_command("P2P.ACCUM", acc_key, meta_key, *args)
+            else:  # loads the library first if Redis restarted empty
+                reply = _fcall(client, "p2p_accum", acc_key, meta_key, *args)
         except redis.ResponseError as exc:
             raise AccumulatorError(f"accumulating into {acc_key} failed: {exc}") from exc
         return bool(reply)

@@ -1,9 +1,10 @@
 /*
  * p2ptrain Redis module: gradients averaged and the model updated inside Redis at memory speed.
  *
- *   P2P.ACCUM acc meta part weight blob   -> 1 added, 0 if `part` was already added
+ *   P2P.ACCUM acc meta part weight blob [EX seconds]   -> 1 added, 0 if `part` was already added
  *       acc += weight * blob (raw little-endian float32), once per part id; meta (a hash) records
- *       each part's weight plus the running totals `~weight` and `~parts`.
+ *       each part's weight plus the running totals `~weight` and `~parts`. With EX, both keys get
+ *       that TTL (also when the part was already added): one command where a pipeline took three.
  *   P2P.MEAN acc meta                     -> [acc / ~weight as float32 bytes, ~weight, ~parts] or nil
  *   P2P.SGD src dst buf grad lr momentum dampening weight_decay nesterov [EX seconds]
  *       -> 1 stepped, 0 if `dst` already exists (the step for that version was taken)
@@ -209,6 +210,8 @@ static int valid_model_header(const char *data, size_t len, size_t n) {
     return data[4] == 1 && data[5] == 1 && data[6] == 0 && numel == n; /* version 1, float32, uncompressed */
 }
 
+static void expire(RedisModuleCtx *ctx, RedisModuleString *name, long long ttl_ms);
+
 static StepState start_accum(RedisModuleCtx *ctx, Job *job) {
     size_t acc_len;
     RedisModuleKey *acc = open_string(ctx, job->keys[0], REDISMODULE_READ | REDISMODULE_WRITE, &acc_len);
@@ -231,6 +234,10 @@ static StepState start_accum(RedisModuleCtx *ctx, Job *job) {
     }
     if (RedisModule_CallReplyInteger(seen) == 1) {
         RedisModule_CloseKey(acc);
+        if (job->ttl_ms > 0) {
+            expire(ctx, job->keys[0], job->ttl_ms);
+            expire(ctx, job->keys[1], job->ttl_ms);
+        }
         job->result = 0;
         return STEP_DONE;
     }
@@ -439,6 +446,10 @@ static void finish(RedisModuleCtx *ctx, Job *job) {
         RedisModule_Call(ctx, "HSETNX", "ssb", job->keys[1], job->part, weight_text, weight_len);
         RedisModule_Call(ctx, "HINCRBYFLOAT", "scb", job->keys[1], "~weight", weight_text, weight_len);
         RedisModule_Call(ctx, "HINCRBY", "scc", job->keys[1], "~parts", "1");
+        if (job->ttl_ms > 0) {
+            expire(ctx, job->keys[0], job->ttl_ms);
+            expire(ctx, job->keys[1], job->ttl_ms);
+        }
         break;
     case OP_ADAM: {
         RedisModuleKey *key = RedisModule_OpenKey(ctx, job->keys[2], REDISMODULE_READ | REDISMODULE_WRITE);
@@ -680,12 +691,15 @@ static int gradient_length(RedisModuleCtx *ctx, Job *job, RedisModuleString *blo
     return 1;
 }
 
+static int parse_ttl(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, int fixed, long long *ttl_ms);
+
 static int accum_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 6) return RedisModule_WrongArity(ctx);
+    if (argc != 6 && argc != 8) return RedisModule_WrongArity(ctx);
     RedisModule_AutoMemory(ctx);
     Job job = {.kind = OP_ACCUM, .keys = {argv[1], argv[2]}, .key_count = 2, .part = argv[3], .weight_text = argv[4]};
     if (!parse_double(argv[4], &job.weight) || job.weight <= 0)
         return RedisModule_ReplyWithError(ctx, "ERR weight must be a finite positive number");
+    if (!parse_ttl(ctx, argv, argc, 6, &job.ttl_ms)) return REDISMODULE_OK;
     if (!gradient_length(ctx, &job, argv[5])) return REDISMODULE_OK;
     return submit(ctx, &job);
 }
@@ -701,7 +715,8 @@ static int mean_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     return submit(ctx, &job);
 }
 
-/* Optional trailing `EX seconds`: the TTL the new model version and the state get. */
+/* Optional trailing `EX seconds`: the TTL the written keys get (ACCUM: both; SGD/ADAM: the new model
+ * version and the state). */
 static int parse_ttl(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, int fixed, long long *ttl_ms) {
     *ttl_ms = 0;
     if (argc == fixed) return 1;
@@ -711,7 +726,7 @@ static int parse_ttl(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, in
     if (argc != fixed + 2 || len != 2 || (word[0] | 32) != 'e' || (word[1] | 32) != 'x' ||
         RedisModule_StringToLongLong(argv[fixed + 1], &seconds) != REDISMODULE_OK || seconds <= 0 ||
         seconds > 100000000) {
-        RedisModule_ReplyWithError(ctx, "ERR expected an optional `EX seconds` (a positive integer) after the hyper-parameters");
+        RedisModule_ReplyWithError(ctx, "ERR expected an optional `EX seconds` (a positive integer) at the end");
         return 0;
     }
     *ttl_ms = seconds * 1000;

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from p2ptrain.accumulator import AccumulatorError, detect
 from p2ptrain.native import module_path
@@ -155,3 +156,30 @@ def test_accumulator_keys_expire_even_when_a_late_call_recreates_them(accumulati
     store.clear_round(3)
     assert store.add_gradient(3, "3:1", 2.0, grad)  # the late call
     assert all(0 < client.ttl(key) <= ROUND_KEY_TTL_SECONDS for key in (acc, meta))
+
+
+def _accum(client, kind: str, *args: object) -> object:
+    """P2P.ACCUM as a client in any language sends it: the module's command or the Lua function."""
+    if kind == "module":
+        return client.execute_command("P2P.ACCUM", *args)
+    return client.fcall("p2p_accum", 2, *args)
+
+
+def test_accum_ex_sets_both_ttls_in_the_one_command_and_a_bad_ex_changes_nothing(accumulating_redis) -> None:
+    kind, server = accumulating_redis
+    client = server.client()
+    detect(client)  # loads the Lua library where there is no module
+    grad = np.arange(4, dtype="<f4").tobytes()
+    assert _accum(client, kind, "acc", "meta", "a", "1", grad, "EX", 100) == 1
+    assert 90 < client.ttl("acc") <= 100 and 90 < client.ttl("meta") <= 100
+    client.persist("acc")
+    client.persist("meta")
+    assert _accum(client, kind, "acc", "meta", "a", "1", grad, "ex", 50) == 0  # a retried part: TTLs still set
+    assert 40 < client.ttl("acc") <= 50 and 40 < client.ttl("meta") <= 50
+    before = (client.get("acc"), client.hgetall("meta"))
+    for bad in (("EX", 0), ("EX", "soon"), ("PX", 10), ("EX",)):
+        with pytest.raises(redis.ResponseError, match="EX seconds|wrong number of arguments"):
+            _accum(client, kind, "acc", "meta", "b", "1", grad, *bad)
+    assert (client.get("acc"), client.hgetall("meta")) == before
+    assert _accum(client, kind, "acc2", "meta2", "a", "1", grad) == 1  # without EX: no TTL, as before
+    assert client.ttl("acc2") == -1 and client.ttl("meta2") == -1

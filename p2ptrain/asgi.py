@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any, TypeVar
 
@@ -101,6 +102,30 @@ async def off_loop_if_large(size: int, work: Callable[..., T], *args: Any, limit
     if size <= limit:
         return work(*args)
     return await asyncio.to_thread(work, *args)
+
+
+class OnLoopWhileQuick:
+    """Runs one kind of work (a peer's own micro-batch gradients) on the event loop while its last run
+    took at most ``limit_seconds`` of CPU, and in a worker thread otherwise, and the first time. Its
+    size says little in advance (a convolution costs more per parameter than a linear layer); its last
+    run says a lot, as the same work comes back every round. CPU, not wall time: a run preempted on a
+    busy machine still counts as quick."""
+
+    def __init__(self, limit_seconds: float = 0.003) -> None:
+        self.limit_seconds = limit_seconds
+        self.last_seconds: float | None = None
+
+    async def __call__(self, work: Callable[..., T], *args: Any) -> T:
+        if self.last_seconds is not None and self.last_seconds <= self.limit_seconds:
+            return self._timed(work, *args)
+        return await asyncio.to_thread(self._timed, work, *args)
+
+    def _timed(self, work: Callable[..., T], *args: Any) -> T:
+        started = time.thread_time()
+        try:
+            return work(*args)
+        finally:
+            self.last_seconds = time.thread_time() - started
 
 
 def listener(bind: str) -> socket.socket:

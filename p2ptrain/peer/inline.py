@@ -3,7 +3,8 @@ the traditional P2P baseline, with no gradient function, no activator and no Kna
 
 ``InlineGradients`` offers the round what ``FunctionClient`` offers (``publish``, ``fan_out``,
 ``average``) and does what a function does for each micro-batch, with the function's own code:
-``models.GradientModel`` in a worker thread, each micro-batch's mean gradient weighted by its
+``models.GradientModel`` (in a worker thread, or on the event loop while a round's micro-batches
+take under 3 ms of CPU: ``asgi.OnLoopWhileQuick``), each micro-batch's mean gradient weighted by its
 sample count, as a function's ``P2P.ACCUM`` weighs it. The sum stays in the peer's memory: nothing but
 this peer adds to it, so the Redis accumulator (there for concurrent function instances and retried
 calls) would only cost round trips (four a round, ``bench/round.py``). A round re-run after a Redis
@@ -14,12 +15,12 @@ or with ``training.onDivergence: skipRound`` the micro-batch is left out and cou
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import numpy as np
 import torch
 
+from p2ptrain import asgi
 from p2ptrain.aggregate import all_finite
 from p2ptrain.data import Dataset, split_micro_batches
 from p2ptrain.models import GradientModel
@@ -42,6 +43,7 @@ class InlineGradients(PeerPart):
         # The replica's own model is read meanwhile (GET /model, evaluation): the micro-batches are
         # computed on a copy of their own.
         self._computer = GradientModel(replica.model)
+        self._off_loop = asgi.OnLoopWhileQuick()  # a small model's micro-batches cost less than the hop
         self._params: tuple[int, torch.Tensor] | None = None
         self._average: tuple[int, tuple[np.ndarray, float, int] | None] | None = None  # (round, its mean)
 
@@ -62,7 +64,7 @@ class InlineGradients(PeerPart):
         if self._params is None or self._params[0] != round_index:
             raise RuntimeError(f"fan_out of round {round_index + 1} before its parameters were published")
         parts = split_micro_batches(indices, self.spec.functions_per_peer)
-        receipts, non_finite, average = await asyncio.to_thread(self._compute, round_index, self._params[1], parts)
+        receipts, non_finite, average = await self._off_loop(self._compute, round_index, self._params[1], parts)
         self._average = (round_index, average)
         if non_finite and not skip_non_finite:
             raise Diverged("non-finite-gradient", round_index, non_finite[0])

@@ -88,6 +88,7 @@ class GradientFunction:
         self._versions = VersionCache(_MODEL_CACHE_VERSIONS)
         self._dataset: Dataset | None = None
         self._model: torch.nn.Module | None = None
+        self._numel = 0  # the model's parameter count, once it is built
         # A GradientModel computes one gradient at a time, so two requests computing at once need two:
         # idle ones wait here for reuse.
         self._computers: queue.SimpleQueue[GradientModel] = queue.SimpleQueue()
@@ -124,6 +125,7 @@ class GradientFunction:
         self._dataset = load_dataset(spec.dataset)
         torch.manual_seed(spec.seed)
         self._model = build_model(spec.model, self._dataset.input_shape, self._dataset.num_classes).to(self._device)
+        self._numel = sum(p.numel() for p in self._model.parameters())
         self._model.train()
         self._ready = True
         metrics.FUNCTION_INSTANCE_START_TIME_SECONDS.labels(**self._labels).set_to_current_time()
@@ -306,7 +308,7 @@ class GradientFunction:
         if blob is None:
             raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
         assert self._model is not None
-        numel = sum(p.numel() for p in self._model.parameters())
+        numel = self._numel
         # Cached on the compute device: a version crosses to the GPU once, not once per micro-batch.
         flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel)).to(self._device)
         metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()

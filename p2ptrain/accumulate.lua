@@ -45,7 +45,7 @@ local function add(keys, args)
   if ttl == nil then
     return bad_ttl
   end
-  if weight == nil or weight ~= weight or weight <= 0 or weight == math.huge then
+  if weight == nil or not finite(weight) or weight <= 0 then
     return redis.error_reply('ERR weight must be a finite positive number')
   end
   local len = string.len(blob)

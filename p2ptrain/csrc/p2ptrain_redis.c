@@ -210,7 +210,18 @@ static int valid_model_header(const char *data, size_t len, size_t n) {
     return data[4] == 1 && data[5] == 1 && data[6] == 0 && numel == n; /* version 1, float32, uncompressed */
 }
 
-static void expire(RedisModuleCtx *ctx, RedisModuleString *name, long long ttl_ms);
+static void expire(RedisModuleCtx *ctx, RedisModuleString *name, long long ttl_ms) {
+    RedisModuleKey *key = RedisModule_OpenKey(ctx, name, REDISMODULE_READ | REDISMODULE_WRITE);
+    if (RedisModule_KeyType(key) != REDISMODULE_KEYTYPE_EMPTY) RedisModule_SetExpire(key, ttl_ms);
+    RedisModule_CloseKey(key);
+}
+
+/* ACCUM's `EX`: both keys get the TTL, whether the part was added now or before. */
+static void expire_accum(RedisModuleCtx *ctx, const Job *job) {
+    if (job->ttl_ms <= 0) return;
+    expire(ctx, job->keys[0], job->ttl_ms);
+    expire(ctx, job->keys[1], job->ttl_ms);
+}
 
 static StepState start_accum(RedisModuleCtx *ctx, Job *job) {
     size_t acc_len;
@@ -234,10 +245,7 @@ static StepState start_accum(RedisModuleCtx *ctx, Job *job) {
     }
     if (RedisModule_CallReplyInteger(seen) == 1) {
         RedisModule_CloseKey(acc);
-        if (job->ttl_ms > 0) {
-            expire(ctx, job->keys[0], job->ttl_ms);
-            expire(ctx, job->keys[1], job->ttl_ms);
-        }
+        expire_accum(ctx, job);
         job->result = 0;
         return STEP_DONE;
     }
@@ -431,12 +439,6 @@ static StepState slice(RedisModuleCtx *ctx, Job *job, size_t lo, size_t hi) {
     return hi == job->n ? STEP_DONE : STEP_MORE;
 }
 
-static void expire(RedisModuleCtx *ctx, RedisModuleString *name, long long ttl_ms) {
-    RedisModuleKey *key = RedisModule_OpenKey(ctx, name, REDISMODULE_READ | REDISMODULE_WRITE);
-    if (RedisModule_KeyType(key) != REDISMODULE_KEYTYPE_EMPTY) RedisModule_SetExpire(key, ttl_ms);
-    RedisModule_CloseKey(key);
-}
-
 static void finish(RedisModuleCtx *ctx, Job *job) {
     size_t weight_len;
     const char *weight_text;
@@ -446,10 +448,7 @@ static void finish(RedisModuleCtx *ctx, Job *job) {
         RedisModule_Call(ctx, "HSETNX", "ssb", job->keys[1], job->part, weight_text, weight_len);
         RedisModule_Call(ctx, "HINCRBYFLOAT", "scb", job->keys[1], "~weight", weight_text, weight_len);
         RedisModule_Call(ctx, "HINCRBY", "scc", job->keys[1], "~parts", "1");
-        if (job->ttl_ms > 0) {
-            expire(ctx, job->keys[0], job->ttl_ms);
-            expire(ctx, job->keys[1], job->ttl_ms);
-        }
+        expire_accum(ctx, job);
         break;
     case OP_ADAM: {
         RedisModuleKey *key = RedisModule_OpenKey(ctx, job->keys[2], REDISMODULE_READ | REDISMODULE_WRITE);

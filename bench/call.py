@@ -329,7 +329,7 @@ def serve_empty(kind: str, port: int) -> None:
         config.bind, config.accesslog, config.errorlog = [f"127.0.0.1:{port}"], None, None
         await hypercorn.asyncio.serve(empty_app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
-    asyncio.run(main())
+    asgi.run(main())
 
 
 async def exchange_hops(spec: JobSpec, n: int = 500) -> tuple[str, str, str]:
@@ -419,7 +419,7 @@ def in_round(spec: JobSpec, rounds: int) -> dict[str, Any]:
     spec = dataclasses.replace(spec, rounds=rounds, epochs=None)
     with tempfile.TemporaryDirectory() as tmp:
         options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True, workdir=Path(tmp) / "logs")
-        result = asyncio.run(LocalRun(spec, options, out=io.StringIO()).run())
+        result = asgi.run(LocalRun(spec, options, out=io.StringIO()).run())  # as `p2ptrain run` does
         posts = []
         for log in sorted((Path(tmp) / "logs").glob("peer-*.log")):
             found = re.search(r"exchange posts: (\d+) answered, median ([\d.]+) ms, p10 ([\d.]+) ms, p90 ([\d.]+) ms",
@@ -445,8 +445,8 @@ def main() -> int:
         return 0
     spec = load_manifest(args.manifest)
     with tempfile.TemporaryDirectory() as tmp:
-        alone = asyncio.run(function_alone(spec, args.requests, Path(tmp)))
-    exchange, statuses = asyncio.run(exchange_alone(spec, args.requests))
+        alone = asgi.run(function_alone(spec, args.requests, Path(tmp)))
+    exchange, statuses = asgi.run(exchange_alone(spec, args.requests))
     job = in_round(spec, args.rounds)
     posts = job["posts"]
     post_row = {k: statistics.fmean(p[k] for p in posts) for k in ("median", "p10", "p90")} if posts else None

@@ -41,14 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def run_p2ptrain(spec: JobSpec, mode: str | None = None, workdir: Path | None = None) -> dict:
     """The local runner's summary of one run (``mode`` overrides function.mode); ``workdir`` keeps the
     processes' logs (removed otherwise)."""
-    import asyncio
+    from p2ptrain import asgi
 
     if mode is not None:
         spec = dataclasses.replace(spec, function=dataclasses.replace(spec.function, mode=mode))
     with tempfile.TemporaryDirectory() as tmp:
         options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True, workdir=workdir)
         runner = LocalRun(spec, options, out=io.StringIO())
-        return asyncio.run(runner.run())
+        return asgi.run(runner.run())  # the event loop `p2ptrain run` uses
 
 
 def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str) -> None:

@@ -7,7 +7,6 @@ below re-reads the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -336,7 +335,9 @@ def _serve_trainer(args: argparse.Namespace, *, aggregator: bool) -> int:
         logging.getLogger("p2ptrain.ps" if index is None else "p2ptrain.peer").error("%s cannot start: %s", name, exc)
         print(f"error: {name} cannot start: {exc}", file=sys.stderr)
         return 1
-    return asyncio.run(
+    from p2ptrain import asgi
+
+    return asgi.run(
         serve_peer(process, host=args.listen, port=args.port, metrics_port=args.metrics_port,
                    linger=not args.exit_when_done)
     )

@@ -91,4 +91,4 @@ def serve() -> None:
             loop.add_signal_handler(sig, stop.set)
         await asgi.serve(app, bind(), stop, graceful_timeout=5)
 
-    asyncio.run(main())
+    asgi.run(main())

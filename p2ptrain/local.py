@@ -377,7 +377,7 @@ def run_job(spec: JobSpec, options: RunOptions, out: TextIO = sys.stderr) -> int
         return await runner.run()
 
     try:
-        summary = asyncio.run(main())
+        summary = asgi.run(main())
     except asyncio.CancelledError:
         left = runner.process_count()
         sig = received[0] if received else signal.SIGINT

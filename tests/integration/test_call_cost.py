@@ -65,11 +65,13 @@ async def test_sequential_posts_reuse_one_keep_alive_connection(counting_server)
     assert len(connections) == 1
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 @pytest.mark.parametrize("form", ["host:port", "fd://N"])
-async def test_the_servers_accepted_connections_have_nagle_off(form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_servers_accepted_connections_have_nagle_off(form: str, loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``asgi.serve`` hands its listeners to uvicorn, which accepts through ``loop.create_server(sock=...)``,
-    as done here. asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP: with Nagle
-    left on, a reply written as headers then body waits ~40 ms for the client's delayed ACK."""
+    as done here, on the loop every p2ptrain process runs (``asgi.run``: uvloop) and on asyncio's own.
+    asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP: with Nagle left on, a reply
+    written as headers then body waits ~40 ms for the client's delayed ACK."""
     port = free_port()
     if form == "fd://N":  # what ``p2ptrain function`` serves on: sockets bound by func-python
         from func_python.sock import bind
@@ -78,23 +80,36 @@ async def test_the_servers_accepted_connections_have_nagle_off(form: str, monkey
         (address,) = bind()
     else:
         address = f"127.0.0.1:{port}"
-    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    class Record(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            sock = transport.get_extra_info("socket")
-            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-            transport.close()
+    async def nodelay_of_accepted() -> int:
+        accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
-    listener = asgi.listener(address)
-    server = await asyncio.get_running_loop().create_server(Record, sock=listener)
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        assert await asyncio.wait_for(accepted, timeout=10) != 0
-        writer.close()
-    finally:
-        server.close()
-        await server.wait_closed()
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Record, sock=asgi.listener(address))
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            result = await asyncio.wait_for(accepted, timeout=10)
+            writer.close()
+            return result
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    if loop == "uvloop":
+        assert type(asgi.run(_loop_type())).__module__.startswith("uvloop"), "asgi.run must run uvloop's loop"
+        assert asgi.run(nodelay_of_accepted()) != 0
+    else:
+        with asyncio.Runner() as runner:
+            assert runner.run(nodelay_of_accepted()) != 0
+
+
+async def _loop_type() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
 
 
 def test_a_bad_bind_address_is_refused_naming_the_forms_accepted() -> None:

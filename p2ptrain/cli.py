@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from p2ptrain import __version__, logs, memory
+from p2ptrain import __version__, asgi, logs, memory
 from p2ptrain.config import (
     CONFIG_ENV,
     PEER_PORT,
@@ -335,8 +335,6 @@ def _serve_trainer(args: argparse.Namespace, *, aggregator: bool) -> int:
         logging.getLogger("p2ptrain.ps" if index is None else "p2ptrain.peer").error("%s cannot start: %s", name, exc)
         print(f"error: {name} cannot start: {exc}", file=sys.stderr)
         return 1
-    from p2ptrain import asgi
-
     return asgi.run(
         serve_peer(process, host=args.listen, port=args.port, metrics_port=args.metrics_port,
                    linger=not args.exit_when_done)

@@ -10,8 +10,10 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, MutableMapping
 from typing import Any, TypeVar
+
+import uvloop
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +155,12 @@ def listener(bind: str) -> socket.socket:
     return sock
 
 
-def run(main: Awaitable[T]) -> T:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a fresh event loop, as ``asyncio.run`` does, with uvloop's loop
-    (libuv under asyncio's API) where it is installed: every p2ptrain process spends most of its CPU in
-    HTTP and Redis I/O callbacks, and uvloop runs those with less Python per callback."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; a platform without it keeps asyncio's
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)  # type: ignore[arg-type]
+    (libuv under asyncio's API): every p2ptrain process spends most of its CPU in HTTP and Redis I/O
+    callbacks, and uvloop runs those with less Python per callback."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def uvicorn_config(app: App, *, graceful_timeout: float) -> Any:

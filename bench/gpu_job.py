@@ -10,7 +10,8 @@ for one micro-batch, here for whole jobs.
 
 Without a CUDA device the ``cuda`` runs become ``auto`` runs, which fall back to the CPU, and the report
 says so (that path is what a CPU-only machine can check). Every function instance of a local run shares
-the one GPU. Usage: ``python bench/gpu_job.py [--digits-rounds N] [--cnn-rounds N] [--json FILE]``.
+the one GPU. Usage: ``python bench/gpu_job.py [--digits-rounds N] [--cnn-rounds N] [--cnn-functions 1,2,4]
+[--json FILE]``.
 """
 
 from __future__ import annotations
@@ -75,12 +76,12 @@ def compare_digits(gpu_device: str, rounds: int) -> dict[str, Any]:
             "runs": {device: {"summary": run["summary"], "wall": run["wall"]} for device, run in runs.items()}}
 
 
-def compare_cnn(gpu_device: str, rounds: int) -> dict[str, Any]:
+def compare_cnn(gpu_device: str, rounds: int, functions: list[int]) -> dict[str, Any]:
     common = {"peers": 1, "rounds": rounds, "batchSize": performance.CNN_BATCH,
               "model": {"name": "cnn", "args": performance.CNN_ARGS}}
     rows = []
     for device in ("cpu", gpu_device):
-        for n in (1, 2, 4):
+        for n in functions:
             spec = performance.job(f"gpu-cnn-{device}-{n}", common | {
                 "functionsPerPeer": n,
                 "function": {"containerConcurrency": 1, "maxScale": n, "device": device, "resources": GPU_LIMIT}})
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--digits-rounds", type=int, default=100)
     parser.add_argument("--cnn-rounds", type=int, default=10)
+    parser.add_argument("--cnn-functions", default="1,2,4", help="functionsPerPeer values for the CNN, comma-separated")
     parser.add_argument("--json", type=Path, help="write every figure here as JSON")
     args = parser.parse_args(argv)
     if torch.cuda.is_available():
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch sees no CUDA device (torch {torch.__version__}): the 'cuda' runs are function.device=auto, "
               "which computes on the CPU here; no GPU figure is measured.")
     results = {"device": gpu_device, "digits": compare_digits(gpu_device, args.digits_rounds),
-               "cnn": compare_cnn(gpu_device, args.cnn_rounds)}
+               "cnn": compare_cnn(gpu_device, args.cnn_rounds, [int(n) for n in args.cnn_functions.split(",")])}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return 0

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,34 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import performance
+import round as round_bench
 import torch
-import yaml
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 GPU_LIMIT = {"limits": {"nvidia.com/gpu": 1}}  # function.device: cuda needs it in the manifest (ignored locally)
 
 
 def run_digits(device: str, rounds: int) -> dict[str, Any]:
-    """``p2ptrain run`` of examples/digits.yaml with ``function.device`` set: summary, model, wall time."""
-    manifest = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text(encoding="utf-8"))
-    manifest["metadata"]["name"] = f"digits-{device}"
-    manifest["spec"]["rounds"] = rounds
-    manifest["spec"]["function"] |= {"device": device, "resources": GPU_LIMIT}
+    """The digits example run as ``p2ptrain run`` runs it, with ``function.device`` set: summary, model,
+    wall time."""
+    spec = performance.job(f"digits-{device}", {"rounds": rounds, "function": {"device": device, "resources": GPU_LIMIT}})
     with tempfile.TemporaryDirectory(prefix="gpu-job-") as tmp:
-        path, summary, model = Path(tmp, "job.yaml"), Path(tmp, "summary.json"), Path(tmp, "model.safetensors")
-        path.write_text(yaml.safe_dump(manifest), encoding="utf-8")
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        model = Path(tmp, "model.safetensors")
         started = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, "-m", "p2ptrain", "run", str(path), "--quiet", "--summary", str(summary), "-o", str(model)],
-            capture_output=True, text=True, env=env, check=False,
-        )
-        wall = time.perf_counter() - started
-        if result.returncode != 0:
-            raise SystemExit(f"digits job with function.device={device} failed (exit {result.returncode}):\n"
-                             f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-        return {"summary": json.loads(summary.read_text(encoding="utf-8")), "model": load_file(str(model)), "wall": wall}
+        summary = round_bench.run_p2ptrain(spec, output=model)
+        return {"summary": summary, "model": load_file(str(model)), "wall": time.perf_counter() - started}
 
 
 def compare_digits(gpu_device: str, rounds: int) -> dict[str, Any]:

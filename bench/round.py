@@ -38,15 +38,16 @@ from p2ptrain.status import Milestone, record_milestones
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_p2ptrain(spec: JobSpec, mode: str | None = None, workdir: Path | None = None) -> dict:
+def run_p2ptrain(spec: JobSpec, mode: str | None = None, workdir: Path | None = None,
+                 output: Path | None = None) -> dict:
     """The local runner's summary of one run (``mode`` overrides function.mode); ``workdir`` keeps the
-    processes' logs (removed otherwise)."""
+    processes' logs and ``output`` the trained model (both removed otherwise)."""
     from p2ptrain import asgi
 
     if mode is not None:
         spec = dataclasses.replace(spec, function=dataclasses.replace(spec.function, mode=mode))
     with tempfile.TemporaryDirectory() as tmp:
-        options = RunOptions(output=Path(tmp) / "model.safetensors", quiet=True, workdir=workdir)
+        options = RunOptions(output=output or Path(tmp) / "model.safetensors", quiet=True, workdir=workdir)
         runner = LocalRun(spec, options, out=io.StringIO())
         return asgi.run(runner.run())  # the event loop `p2ptrain run` uses
 

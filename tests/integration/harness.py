@@ -21,6 +21,7 @@ from p2ptrain.gradient import GradientFunction
 from p2ptrain.peer import Peer
 from p2ptrain.redis_server import RedisServer, free_port
 from p2ptrain.spec import JobSpec, parse_manifest
+from p2ptrain.store import checkpoint_round
 
 
 def make_spec(name: str = "itest", **spec: Any) -> JobSpec:
@@ -53,6 +54,13 @@ async def wait_until(check: Callable[[], object], timeout: float = 30.0) -> None
     deadline = asyncio.get_running_loop().time() + timeout
     while not check() and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
+
+
+def checkpointed(peer: Peer) -> int:
+    """The round of the latest checkpoint in this peer's Redis (-1: none). A peer starting round n has
+    not necessarily written the checkpoint after round n-1: that is done in the background."""
+    reached = checkpoint_round(peer.store.client, peer.store.keys)
+    return -1 if reached is None else reached
 
 
 async def _serve(app: Any, port: int, stop: asyncio.Event) -> None:

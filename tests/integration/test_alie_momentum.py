@@ -20,9 +20,8 @@ import numpy as np
 
 from p2ptrain.peer import Peer
 from p2ptrain.spec import JobSpec
-from p2ptrain.store import checkpoint_round
 
-from .harness import make_spec, running_job, wait_until
+from .harness import checkpointed, make_spec, running_job, wait_until
 from .test_resync import slow_down
 from .test_topology_ps import _finish, _start, _write_job
 
@@ -71,11 +70,6 @@ async def test_centered_clipping_over_worker_momenta_trains_through_alie() -> No
 # --- the momentum is state of the run: catch-up and resync carry it ---------------------------------------
 
 
-def _checkpointed(peer: Peer) -> int:
-    reached = checkpoint_round(peer.store.client, peer.store.keys)
-    return -1 if reached is None else reached
-
-
 async def test_a_late_peer_adopts_the_others_momentum_with_their_model() -> None:
     spec = make_spec(
         name="wm-rejoin", peers=3, functionsPerPeer=1, batchSize=32, rounds=12,
@@ -84,8 +78,7 @@ async def test_a_late_peer_adopts_the_others_momentum_with_their_model() -> None
     )
     async with running_job(spec) as job:
         early = [asyncio.create_task(peer.run()) for peer in job.peers[:2]]
-        # Round 4 starting is not enough: the checkpoint after round 4 is written in the background.
-        await wait_until(lambda: _checkpointed(job.peers[0]) >= 3 or any(t.done() for t in early))
+        await wait_until(lambda: checkpointed(job.peers[0]) >= 3 or any(t.done() for t in early))
         late = job.peers[2]
         assert late.replica.momentum is not None and late.replica.momentum.state_after(0) is None
         start = await late.catch_up(0)

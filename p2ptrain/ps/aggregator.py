@@ -98,6 +98,8 @@ class Aggregator:
             if start == 0:
                 start = await asyncio.to_thread(self.others.catch_up, self.replica, start)
                 behind = self.spec.training.checkpoint_every_rounds
+                if start > 0:
+                    await asyncio.to_thread(self._republish, start - 1)
             if start > 0:
                 self._outboxes_first_until = start + behind
             self.status.state = PeerState.TRAINING
@@ -109,6 +111,17 @@ class Aggregator:
         self.status.state = PeerState.SUCCEEDED
         self.status.message = f"served {self.rounds} rounds"
         return reports
+
+    def _republish(self, round_index: int) -> None:
+        """Write the state adopted from the peers as this aggregator's checkpoint after ``round_index``.
+        A peer still waiting for that round's model (it was behind the others when the aggregator and its
+        Redis were lost) finds it and sends the next round's gradient; without it, that peer would wait for
+        a later round, which waits for its gradient: a round deadline lost. The gradients that round used
+        are not known here (``peersUsed`` 0)."""
+        state = self.replica.pack({"round": round_index})
+        self.store.save_checkpoint(round_index, state, {"peersUsed": 0, "adoptedFromPeers": True})
+        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
+        log.info("republished the model after round %d (adopted from the peers)", round_index + 1)
 
     def _close_clients(self) -> None:
         self.others.close()

@@ -8,6 +8,7 @@ import contextlib
 import time
 
 import pytest
+import torch
 
 from p2ptrain.cli import main
 from p2ptrain.config import ConfigError, RedisAddress, RuntimeConfig, Secrets, cluster_config
@@ -134,6 +135,52 @@ async def test_a_peer_whose_aggregator_checkpoint_vanishes_waits_for_the_next_on
     store = PeerStore(client, keys, key_ttl_seconds=600)
     assert store.save_checkpoint(3, published.pack({"round": 3}), {"peersUsed": 3})
     assert await asyncio.wait_for(exchanging, timeout=60) == (3, 3)
+
+
+async def test_an_aggregator_restarted_empty_republishes_the_model_it_adopts_from_the_peers(
+        redis_server: RedisServer) -> None:
+    """Its Redis came back empty: it adopts the peers' checkpoint after round 4 and writes it as its own
+    at once. A peer that was a round behind the others still waits for the model after round 4; without it,
+    that peer would wait for round 5's, which waits for that peer's gradient (a lost round deadline)."""
+    from p2ptrain.peer.replica import Replica
+    from p2ptrain.store import Keys, PeerStore, read_checkpoint
+
+    spec = _spec(topology="ps", exchange={"roundDeadlineSeconds": 60})
+    here = RedisAddress(redis_server.host, redis_server.port)
+    config = RuntimeConfig(  # the peers' Redis and the aggregator's: one server, different keys
+        spec=spec, peer_urls=tuple(f"http://127.0.0.1:{9000 + i}" for i in range(spec.peers)),
+        redis=(here,) * spec.peers, function_url="http://127.0.0.1:1/",
+        aggregator_url="http://127.0.0.1:9999", aggregator_redis=here,
+    )
+    trained = Replica(spec)
+    with torch.no_grad():
+        for parameter in trained.model.parameters():
+            parameter.add_(0.25)
+    state = trained.pack({"round": 3})
+    client = redis_server.client()
+    for peer in range(spec.peers):
+        assert PeerStore(client, Keys(spec.name, peer), key_ttl_seconds=600).save_checkpoint(3, state, {})
+    aggregator = Aggregator(config, Secrets(redis_server.password, b"k" * 32))
+    running = asyncio.ensure_future(aggregator.run())
+    try:
+        deadline = time.monotonic() + 60
+        while checkpoint_round(client, aggregator_keys(spec.name, spec.peers)) is None and time.monotonic() < deadline:
+            assert not running.done(), running.result()
+            await asyncio.sleep(0.02)
+        saved = read_checkpoint(client, aggregator_keys(spec.name, spec.peers))
+        assert saved is not None, "the aggregator did not republish the model it adopted"
+        assert saved[0] == 3, saved[0]
+        published = Replica(spec)
+        published.load(saved[1])
+        for ours, theirs in zip(published.model.parameters(), trained.model.parameters(), strict=True):
+            assert torch.equal(ours, theirs)
+        await asyncio.sleep(0.5)
+        assert not running.done() and aggregator.status.round == 4  # it waits for round 5's gradients
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        client.close()
 
 
 async def test_the_aggregator_closes_a_round_without_any_gradient_at_its_deadline(redis_server: RedisServer) -> None:

@@ -24,6 +24,26 @@ def test_digits_are_8x8_images_in_unit_range_with_a_seeded_split() -> None:
     assert not np.array_equal(data.y_test, other.y_test)
 
 
+def test_digits_read_without_importing_sklearn_are_sklearns_digits() -> None:
+    """The file scikit-learn ships, read directly (a function instance's cold start skips the import), and
+    the fallback through ``load_digits`` give the same arrays."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from p2ptrain import data as data_module
+
+    images, target = data_module._digits()
+    reference = load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(target, reference.target)
+    code = ("import sys; from p2ptrain.data import load_dataset; from p2ptrain.spec import DatasetSpec; "
+            "load_dataset(DatasetSpec('digits')); print('sklearn' in sys.modules)")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "False"
+
+
 def test_synthetic_set_follows_its_arguments() -> None:
     data = load_dataset(DatasetSpec("synthetic", args={"samples": 500, "features": 6, "classes": 3}))
     assert data.input_shape == (6,) and data.num_classes == 3

@@ -33,10 +33,12 @@ def _spec(**extra: object):
     })
 
 
-def _local_config(spec, aggregator: RedisAddress | None) -> RuntimeConfig:
+def _local_config(spec, aggregator: RedisAddress | None, peers_redis: RedisAddress | None = None) -> RuntimeConfig:
+    """Peers' Redis: ``peers_redis`` for all (different keys), else addresses that answer nothing."""
     return RuntimeConfig(
         spec=spec, peer_urls=tuple(f"http://127.0.0.1:{9000 + i}" for i in range(spec.peers)),
-        redis=tuple(RedisAddress("127.0.0.1", 7000 + i) for i in range(spec.peers)), function_url="http://127.0.0.1:1/",
+        redis=tuple(peers_redis or RedisAddress("127.0.0.1", 7000 + i) for i in range(spec.peers)),
+        function_url="http://127.0.0.1:1/",
         aggregator_url="http://127.0.0.1:9999" if aggregator else None, aggregator_redis=aggregator,
     )
 
@@ -147,11 +149,7 @@ async def test_an_aggregator_restarted_empty_republishes_the_model_it_adopts_fro
 
     spec = _spec(topology="ps", exchange={"roundDeadlineSeconds": 60})
     here = RedisAddress(redis_server.host, redis_server.port)
-    config = RuntimeConfig(  # the peers' Redis and the aggregator's: one server, different keys
-        spec=spec, peer_urls=tuple(f"http://127.0.0.1:{9000 + i}" for i in range(spec.peers)),
-        redis=(here,) * spec.peers, function_url="http://127.0.0.1:1/",
-        aggregator_url="http://127.0.0.1:9999", aggregator_redis=here,
-    )
+    config = _local_config(spec, here, peers_redis=here)  # the peers' Redis and the aggregator's: one server
     trained = Replica(spec)
     with torch.no_grad():
         for parameter in trained.model.parameters():

@@ -10,15 +10,13 @@ checked against ``MINIMUM`` by tests/unit/test_rule_admission.py. A rule with st
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-# Columns per block in the coordinate-wise and distance passes: n rows of a block stay in the L2 cache
-# while they are sorted or compared, so each gradient is read from memory once, not once per step.
-BLOCK_COLUMNS = 32768
+from p2ptrain.sorting import BLOCK_COLUMNS, ordered_blocks
 
 
 class AggregationError(ValueError):
@@ -90,11 +88,11 @@ def median(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     """Coordinate-wise median (Yin et al. 2018); the mean of the two middle values for even n."""
     n, d = grads.shape
     result = torch.empty(d, dtype=grads.dtype)
-    for columns, ordered in sorted_blocks(grads):
+    for columns, middle in ordered_blocks(grads, ranks=((n - 1) // 2, n // 2)):
         if n % 2:
-            result[columns].copy_(ordered[n // 2])
+            result[columns].copy_(middle[0])
         else:
-            torch.add(ordered[n // 2 - 1], ordered[n // 2], out=result[columns]).mul_(0.5)
+            torch.add(middle[0], middle[1], out=result[columns]).mul_(0.5)
     return result
 
 
@@ -103,35 +101,9 @@ def trimmed_mean(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     """Coordinate-wise mean after dropping the f largest and f smallest values (Yin et al. 2018)."""
     n, d = grads.shape
     result = torch.empty(d, dtype=grads.dtype)
-    for columns, ordered in sorted_blocks(grads):
-        _sum_into(result[columns], ordered[f : n - f]).mul_(1.0 / (n - 2 * f))
+    for columns, kept in ordered_blocks(grads, ranks=(f, n - f - 1)):
+        _sum_into(result[columns], kept).mul_(1.0 / (n - 2 * f))
     return result
-
-
-def sorted_blocks(grads: torch.Tensor, rows: Sequence[int] | None = None) -> Iterator[tuple[slice, list[torch.Tensor]]]:
-    """Per block of columns, the chosen ``rows`` (default all) sorted per coordinate, smallest first.
-
-    A sorting network (odd-even transposition: n passes of compare-exchange, each a vectorised
-    minimum and maximum) on a cache-sized block is several times faster than ``sort`` along dim 0,
-    which sorts every column on its own. The rows yielded are reused buffers, valid until the next block.
-    """
-    chosen = list(range(grads.shape[0])) if rows is None else list(rows)
-    n, d = len(chosen), grads.shape[1]
-    width = min(BLOCK_COLUMNS, d)
-    buffers = torch.empty(n + 1, width, dtype=grads.dtype)
-    for start in range(0, d, width):
-        stop = min(d, start + width)
-        views = list(buffers[:, : stop - start])
-        for slot, row in enumerate(chosen):
-            views[slot].copy_(grads[row, start:stop])
-        order, spare = views[:n], views[n]
-        for step in range(n):
-            for j in range(step % 2, n - 1, 2):
-                low, high = order[j], order[j + 1]
-                torch.minimum(low, high, out=spare)
-                torch.maximum(low, high, out=high)
-                order[j], spare = spare, low  # swap buffers instead of copying the minimum back
-        yield slice(start, stop), order
 
 
 def mean_of_rows(rows: Sequence[np.ndarray]) -> torch.Tensor:
@@ -268,7 +240,7 @@ def bulyan(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
         torch.empty(width, dtype=grads.dtype) for _ in range(5)
     )
     nearer_mask = torch.empty(width, dtype=torch.bool)
-    for columns, ordered in sorted_blocks(grads, chosen):
+    for columns, ordered in ordered_blocks(grads, chosen):
         w = columns.stop - columns.start
         c, r, wr, wm, tmp, mask = centre[:w], reach[:w], window_reach[:w], window_mean[:w], nearer[:w], nearer_mask[:w]
         if selected % 2:

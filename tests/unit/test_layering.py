@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 # Lowest first. A module may import modules of lower layers only; the peer package's parts are
 # ordered among themselves the same way.
 LAYERS: list[set[str]] = [
+    {"sorting"},
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
      "status", "attack", "poster", "momentum", "memory", "bulkread"},
     {"aggregation_spec"},

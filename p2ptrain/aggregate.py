@@ -16,7 +16,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from p2ptrain.sorting import BLOCK_COLUMNS, ordered_blocks
+from p2ptrain import sorting
+from p2ptrain.sorting import ordered_blocks
+
+# Columns per block of the distance pass: a float64 copy of n rows of a block stays in the L2 cache.
+DISTANCE_BLOCK_COLUMNS = 32768
 
 
 class AggregationError(ValueError):
@@ -144,7 +148,7 @@ def squared_distances(grads: torch.Tensor) -> torch.Tensor:
     total = torch.zeros(n, n, dtype=torch.float64)
     rows, cols = torch.triu_indices(n, n, offset=1)
     pairs = torch.zeros(rows.numel(), dtype=torch.float64)
-    width = max(1, min(BLOCK_COLUMNS, d))
+    width = max(1, min(DISTANCE_BLOCK_COLUMNS, d))
     wide = torch.empty(n, width, dtype=torch.float64)
     for start in range(0, d, width):
         block = wide[:, : min(d, start + width) - start]
@@ -235,7 +239,7 @@ def bulyan(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     keep = selected - 2 * f
     middle = selected // 2
     result = torch.empty(grads.shape[1], dtype=grads.dtype)
-    width = min(BLOCK_COLUMNS, grads.shape[1])
+    width = min(sorting.BLOCK_COLUMNS, grads.shape[1])  # the blocks ordered_blocks yields
     centre, reach, window_reach, window_mean, nearer = (
         torch.empty(width, dtype=grads.dtype) for _ in range(5)
     )

@@ -56,3 +56,14 @@ def test_every_rank_range_and_the_whole_order_match_torch_sort_across_blocks(n: 
 def test_ranks_outside_the_rows_are_refused() -> None:
     with pytest.raises(ValueError, match=r"ranks \(2, 4\) outside 0..3"):
         next(ordered_blocks(torch.zeros(4, 8), ranks=(2, 4)))
+
+
+@pytest.mark.parametrize("rule,n,f", [("median", 6, 1), ("trimmed-mean", 7, 2), ("bulyan", 7, 1)])
+def test_the_rules_give_the_same_result_in_many_blocks_as_in_one(rule: str, n: int, f: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2ptrain.aggregate import aggregate
+
+    grads = torch.randn(n, 300, generator=torch.Generator().manual_seed(7))
+    whole = aggregate(rule, grads, f)
+    monkeypatch.setattr(sorting, "BLOCK_COLUMNS", 64)
+    torch.testing.assert_close(aggregate(rule, grads, f), whole, rtol=0, atol=0)

@@ -118,10 +118,14 @@ class Aggregator:
         Redis were lost) finds it and sends the next round's gradient; without it, that peer would wait for
         a later round, which waits for its gradient: a round deadline lost. The gradients that round used
         are not known here (``peersUsed`` 0)."""
-        state = self.replica.pack({"round": round_index})
-        self.store.save_checkpoint(round_index, state, {"peersUsed": 0, "adoptedFromPeers": True})
-        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
+        self._checkpoint(round_index, {"peersUsed": 0, "adoptedFromPeers": True})
         log.info("republished the model after round %d (adopted from the peers)", round_index + 1)
+
+    def _checkpoint(self, round_index: int, meta: dict[str, object]) -> None:
+        """The model and optimizer after ``round_index`` to this aggregator's Redis, where the peers read it."""
+        state = self.replica.pack({"round": round_index})
+        self.store.save_checkpoint(round_index, state, meta)
+        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
 
     def _close_clients(self) -> None:
         self.others.close()
@@ -156,9 +160,7 @@ class Aggregator:
         t0 = time.perf_counter()
         await closing.record_hash(self.ctx, self.replica, round_index)
         # Saved every round, also without an update: the peers wait for this round's checkpoint.
-        state = await asyncio.to_thread(self.replica.pack, {"round": round_index})
-        await asyncio.to_thread(self.store.save_checkpoint, round_index, state, {"peersUsed": len(gradients)})
-        self.ctx.cost.redis_bytes("checkpointWritten", len(state))
+        await asyncio.to_thread(self._checkpoint, round_index, {"peersUsed": len(gradients)})
         await self.ctx.cost.tick_after_round(self.redis, last=round_index + 1 == self.rounds)
         phases["update"] += time.perf_counter() - t0
 

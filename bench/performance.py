@@ -133,6 +133,29 @@ def first_round_done(logs: Path, peers: int, round_number: int = 1) -> float | N
     return max(done)
 
 
+def rounds_of(logs: Path, peers: int, phases: tuple[str, ...]) -> list[float]:
+    """Every peer's seconds in ``phases`` (summed) for each round after the first, from its logs' round lines."""
+    samples = []
+    for index in range(peers):
+        path = logs / f"peer-{index}.log"
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []:
+            if " round done " not in line or " round=1 " in line:
+                continue
+            fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+            with contextlib.suppress(KeyError, ValueError):
+                samples.append(sum(float(fields[name]) for name in phases))
+    return samples
+
+
+def distribution(samples: list[float]) -> dict[str, float]:
+    """Median and 90th percentile of per-round samples, and the share of them over the 10 ms target."""
+    if not samples:
+        return {}
+    ordered = sorted(samples)
+    return {"median": ordered[len(ordered) // 2], "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "over_target": sum(1 for s in ordered if s > 0.010) / len(ordered), "count": len(ordered)}
+
+
 def measure(spec: JobSpec, mode: str, ddp: bool = True) -> dict[str, Any]:
     """One p2ptrain run and, with ``ddp``, the DDP baseline right after it, as a results row, with the
     CPU-seconds of every process of the run (sampled from /proc ten times a second) and of DDP's steps."""
@@ -144,6 +167,9 @@ def measure(spec: JobSpec, mode: str, ddp: bool = True) -> dict[str, Any]:
         wall = time.perf_counter() - started
         steady_from = first_round_done(Path(logs), spec.peers)
         steady_to = first_round_done(Path(logs), spec.peers, p2p["rounds"])
+        # The phases' means above include rounds where a peer waited for a core (on 2 cores every process
+        # of the run shares them): the per-round distribution tells the operation's cost from those waits.
+        aggregate_update_rounds = distribution(rounds_of(Path(logs), spec.peers, ("aggregate", "update")))
     phases = p2p["phases"]
     row: dict[str, Any] = {
         "name": spec.name, "mode": mode, "peers": spec.peers, "functions_per_peer": spec.functions_per_peer,
@@ -153,6 +179,7 @@ def measure(spec: JobSpec, mode: str, ddp: bool = True) -> dict[str, Any]:
         "round_seconds": p2p["round_seconds"], "first_round_seconds": p2p["first_round_seconds"],
         "accuracy": p2p["test_accuracy"], "wall_seconds": wall,
         "aggregate_update_seconds": phases["aggregate"] + phases["update"],
+        "aggregate_update_rounds": aggregate_update_rounds,
         "gradient_seconds": phases["fanout"] + phases["average"],
         "max_instances": p2p["function"]["max_instances"],
         "cold_start_seconds_mean": p2p["function"]["cold_start_seconds_mean"],

@@ -110,25 +110,32 @@ def trimmed_mean(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     return result
 
 
-def mean_of_rows(rows: Sequence[np.ndarray]) -> torch.Tensor:
+def mean_of_rows(rows: Sequence[np.ndarray], out: torch.Tensor | None = None) -> torch.Tensor:
     """``mean`` (to the float32 bit) over the gradients where they are, no [n, d] matrix gathered first.
     A finite sum proves every row finite: only a non-finite one looks for the rows to name (an overflow
-    of finite rows is left to the caller's check of the result)."""
+    of finite rows is left to the caller's check of the result). ``out``: a float32 vector of the rows'
+    length to write the mean into (a buffer reused every round: no fresh allocation); ignored otherwise."""
     if not rows or any(r.ndim != 1 or r.shape != rows[0].shape for r in rows):
         raise AggregationError(f"gradients must be equal-length vectors, got shapes {[r.shape for r in rows]}")
     with warnings.catch_warnings():  # read-only buffers (decoded events), only read here
         warnings.simplefilter("ignore", UserWarning)
         tensors = [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in rows]
-    result = _mean_of(tensors)
+    if out is not None and out.dtype == torch.float32 and out.shape == tensors[0].shape:
+        result = _sum_into(out, tensors).mul_(1.0 / len(tensors))
+    else:
+        result = _mean_of(tensors)
     if not all_finite(result) and (bad := [i for i, t in enumerate(tensors) if not all_finite(t)]):
         raise AggregationError(f"gradient rows {bad} contain NaN or Inf")
     return result
 
 
 def _sum_into(out: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``out`` = the sum of ``rows``, one pass per row and no [k, d] temporary."""
-    out.copy_(rows[0])
-    for row in rows[1:]:
+    """``out`` = the sum of ``rows`` in their order, one pass per row after the first two (which one
+    ``add`` reads together) and no [k, d] temporary."""
+    if len(rows) == 1:
+        return out.copy_(rows[0])
+    torch.add(rows[0], rows[1], out=out)
+    for row in rows[2:]:
         out.add_(row)
     return out
 
@@ -138,13 +145,15 @@ def _mean_of(rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return _sum_into(torch.empty_like(rows[0]), rows).mul_(1.0 / len(rows))
 
 
-def squared_distances(grads: torch.Tensor) -> torch.Tensor:
+def squared_distances(grads: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     """The [n, n] matrix of squared Euclidean distances, in float64 so that close scores still order.
 
     Block by block of columns (a float64 copy of one block, not of the whole matrix); differences
-    are taken directly, not through a Gram matrix, so equal rows are exactly 0 apart.
+    are taken directly, not through a Gram matrix, so equal rows are exactly 0 apart. ``extra``: one
+    more point (a [d] vector) taken as row n, giving an [n + 1, n + 1] matrix.
     """
-    n, d = grads.shape
+    d = grads.shape[1]
+    n = grads.shape[0] + (extra is not None)
     total = torch.zeros(n, n, dtype=torch.float64)
     rows, cols = torch.triu_indices(n, n, offset=1)
     pairs = torch.zeros(rows.numel(), dtype=torch.float64)
@@ -152,7 +161,9 @@ def squared_distances(grads: torch.Tensor) -> torch.Tensor:
     wide = torch.empty(n, width, dtype=torch.float64)
     for start in range(0, d, width):
         block = wide[:, : min(d, start + width) - start]
-        block.copy_(grads[:, start : start + width])
+        block[: grads.shape[0]].copy_(grads[:, start : start + width])
+        if extra is not None:
+            block[-1].copy_(extra[start : start + width])
         pairs += torch.pdist(block).square_()  # direct differences, upper triangle only
     total[rows, cols] = pairs
     total[cols, rows] = pairs
@@ -267,9 +278,16 @@ def bulyan(grads: torch.Tensor, f: int, **params: Any) -> torch.Tensor:
     return result
 
 
-def _distances_to(grads: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of every row to ``point``, computed without an [n, d] difference matrix."""
-    return torch.stack([torch.dist(row, point) for row in grads])
+def _combination_distances(distances: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Distance of every point to the affine combination ``sum(weights_j p_j)`` (weights summing to 1),
+    from the points' squared pairwise ``distances`` alone: ``|p_i - z|^2 = sum_j w_j D_ij - w.D.w / 2``.
+
+    So an iterative rule whose iterates are combinations of the inputs runs in the space of its n
+    weights, and reads the [n, d] inputs twice in all (the distances, then the result) instead of
+    several times an iteration. In float64 from directly taken differences: the cancellation left is
+    on the scale of the distances themselves (clamped at 0), never on that of the points' norms.
+    """
+    return (distances @ weights - 0.5 * weights.dot(distances @ weights)).clamp_min_(0.0).sqrt_()
 
 
 @register("geometric-median", minimum=lambda f: 2 * f + 1)
@@ -286,23 +304,26 @@ def geometric_median(
     Starts at the mean and repeats ``z <- sum(w_i x_i) / sum(w_i)`` with ``w_i = 1 / max(smoothing,
     |x_i - z|)`` until a step is shorter than ``tolerance`` times the median distance to the inputs, or
     after ``iterations`` steps. Breakdown point 1/2: n >= 2f + 1. Every iterate is a convex combination of
-    the inputs, so the result lies in their convex hull.
+    the inputs, so the result lies in their convex hull. The iterations run on the combination's n
+    weights (``_combination_distances``): one pass over the inputs for their distances, one for the result.
     """
     _positive("geometric-median", iterations=iterations, smoothing=smoothing)
     if not tolerance >= 0:
         raise AggregationError(f"geometric-median tolerance must be >= 0, got {tolerance}")
-    estimate = mean(grads, f)
-    previous = torch.empty_like(estimate)
+    n = grads.shape[0]
+    pairwise = squared_distances(grads)
+    alpha = torch.full((n,), 1.0 / n, dtype=torch.float64)  # the mean
     for _ in range(iterations):
-        distances = _distances_to(grads, estimate).clamp_min(smoothing)
+        distances = _combination_distances(pairwise, alpha).clamp_min_(smoothing)
         weights = 1.0 / distances
-        # Two buffers take turns as the estimate: no new [d] tensor per iteration.
-        previous, estimate = estimate, torch.mv(grads.t(), weights / weights.sum(), out=previous)
+        previous, alpha = alpha, weights / weights.sum()
         # Stop on the step measured against the median distance (the honest points' scale): a
         # relative change of the objective stops early when far outliers dominate the objective.
-        if torch.dist(estimate, previous) <= tolerance * distances.median():
+        # (The step's squared length, for weights summing to 0: -step.D.step / 2.)
+        step = alpha - previous
+        if float(-0.5 * step.dot(pairwise @ step)) <= float(tolerance * distances.median()) ** 2:
             break
-    return estimate
+    return torch.mv(grads.t(), alpha.to(grads.dtype))
 
 
 @register("centered-clipping", minimum=lambda f: 2 * f + 1)
@@ -326,20 +347,23 @@ def centered_clipping(
     _positive("centered-clipping", radius=radius, iterations=iterations)
     n, d = grads.shape
     if center is None:
-        estimate = median(grads, f)
+        start = median(grads, f)
     else:
         if center.shape != (d,) or not torch.isfinite(center).all():
             raise AggregationError(f"centered-clipping center must be a finite vector of {d} values, got shape {tuple(center.shape)}")
-        estimate = center.float()
-    spare = torch.empty_like(estimate)
+        start = center.float()
+    # Every iterate is an affine combination of the inputs and the start (weights summing to 1, the
+    # start's last): the iterations run on those n + 1 weights (``_combination_distances``), and the
+    # result is one addmv, written into a new vector (never into ``center``).
+    pairwise = squared_distances(grads, extra=start)
+    weights = torch.zeros(n + 1, dtype=torch.float64)
+    weights[n] = 1.0
     for _ in range(iterations):
-        # scale_i = min(1, radius / |x_i - c|); c + mean(scale_i (x_i - c)) without an [n, d] temporary,
-        # as one addmv into the buffer the previous estimate is not in.
-        scale = (radius / _distances_to(grads, estimate)).clamp_max(1.0)
-        next_estimate = spare if spare is not center else torch.empty_like(estimate)
-        torch.addmv(estimate, grads.t(), scale / n, beta=float(1.0 - scale.mean()), out=next_estimate)
-        spare, estimate = estimate, next_estimate
-    return estimate
+        # scale_i = min(1, radius / |x_i - c|); c <- c + mean(scale_i (x_i - c))
+        scale = (radius / _combination_distances(pairwise, weights)[:n]).clamp_max_(1.0)
+        weights.mul_(1.0 - float(scale.mean()))
+        weights[:n] += scale / n
+    return torch.addmv(start, grads.t(), weights[:n].to(grads.dtype), beta=float(weights[n]))
 
 
 class CenteredClipping:

@@ -56,7 +56,8 @@ def aggregate_gradients(
     """The configured robust rule over the round's gradients (ordered by peer); raises ``SkipUpdate``.
 
     ``stack``: a preallocated [peers, d] float32 matrix the gradients are copied into (one copy, no
-    new allocation per round). ``clipping``: the job's centered-clipping state, used for that rule.
+    new allocation per round); for the mean, a [d] vector the mean is written into (the result is then
+    that buffer, valid until the next call). ``clipping``: the job's centered-clipping state.
     """
     needed = minimum_gradients(rule.rule, rule.byzantine)
     if len(gradients) < needed:
@@ -67,7 +68,7 @@ def aggregate_gradients(
         params["m"] = min(rule.multi_krum_select, len(gradients))
     try:
         if rule.rule == "mean":  # the rows as they arrived: no [peers, d] copy for the default rule
-            return mean_of_rows(rows)
+            return mean_of_rows(rows, out=stack)
         stacked = _stack(rows, stack)
         if rule.rule == "centered-clipping" and clipping is not None:
             return clipping(stacked, rule.byzantine)
@@ -97,8 +98,10 @@ class Replica:
         self.lock = threading.Lock()  # one thread at a time on the model and optimizer
         rule = spec.aggregation
         # Reused every round: a fresh [peers, d] matrix per round costs page faults, not just a copy.
-        # (The mean needs none: it sums the gradients where they are.)
-        self.stack = None if rule.rule == "mean" else torch.empty(spec.peers, self.numel, dtype=torch.float32)
+        # The mean gathers nothing (it sums the gradients where they are): its buffer is the one vector
+        # it sums into, which the round's step reads before the next round's mean overwrites it.
+        shape = (self.numel,) if rule.rule == "mean" else (spec.peers, self.numel)
+        self.stack = torch.empty(shape, dtype=torch.float32)
         # Centered clipping's center is the previous round's aggregate: one instance for the whole job,
         # its center saved in the checkpoint so a restarted peer aggregates exactly as the others do.
         self.clipping = CenteredClipping(radius=rule.radius) if rule.rule == "centered-clipping" else None

@@ -18,6 +18,7 @@ from p2ptrain.aggregate import (
     krum_select,
     mean_of_rows,
     minimum_gradients,
+    squared_distances,
 )
 
 ROBUST = ["median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median", "centered-clipping"]
@@ -233,6 +234,22 @@ def test_mean_of_rows_is_the_mean_rule_to_the_bit_without_a_matrix() -> None:
     assert all(np.array_equal(row, grads[i].numpy()) for i, row in enumerate(rows))  # inputs untouched
 
 
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_mean_of_rows_into_a_reused_buffer_is_the_same_mean_and_a_wrong_buffer_is_not_used(n: int) -> None:
+    grads = honest(n, d=1000, spread=3.0, seed=n)
+    rows = [row.numpy() for row in grads]
+    buffer = torch.full((1000,), 7.0)
+    result = mean_of_rows(rows, out=buffer)
+    assert result.data_ptr() == buffer.data_ptr()  # written where it was asked, no fresh vector
+    assert torch.equal(result, aggregate("mean", grads, 0))
+    again = mean_of_rows([r * 2 for r in rows], out=buffer)  # the next round overwrites it whole
+    assert torch.equal(again, aggregate("mean", grads * 2, 0))
+    for wrong in (torch.zeros(999), torch.zeros(1000, dtype=torch.float64), torch.zeros(2, 1000)):
+        kept = wrong.clone()
+        assert torch.equal(mean_of_rows(rows, out=wrong), aggregate("mean", grads, 0))
+        assert torch.equal(wrong, kept)  # a buffer that does not fit is left alone
+
+
 def test_mean_of_rows_refuses_non_finite_rows_by_name_and_leaves_an_overflow_to_the_caller() -> None:
     grads = honest(4).numpy().copy()
     grads[1, 3] = np.inf
@@ -243,3 +260,54 @@ def test_mean_of_rows_refuses_non_finite_rows_by_name_and_leaves_an_overflow_to_
         mean_of_rows([np.ones(3, np.float32), np.ones(4, np.float32)])
     # Every row finite, the sum not: the result says so (the round then skips it as non-finite).
     assert not all_finite(mean_of_rows([np.full(3, 3e38, np.float32)] * 4))
+
+
+def _weiszfeld(x: torch.Tensor, iterations: int, smoothing: float = 1e-6) -> torch.Tensor:
+    """The textbook iteration in float64 on the [n, d] points themselves: the reference."""
+    z = x.double().mean(dim=0)
+    for _ in range(iterations):
+        w = 1.0 / (x.double() - z).norm(dim=1).clamp_min(smoothing)
+        z = (w[:, None] * x.double()).sum(dim=0) / w.sum()
+    return z
+
+
+def _clipped(x: torch.Tensor, start: torch.Tensor, radius: float, iterations: int) -> torch.Tensor:
+    c = start.double()
+    for _ in range(iterations):
+        deviations = x.double() - c
+        scale = (radius / deviations.norm(dim=1)).clamp_max(1.0)
+        c = c + (scale[:, None] * deviations).mean(dim=0)
+    return c
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_weight_space_iterations_give_what_iterating_on_the_points_gives(seed: int) -> None:
+    # geometric-median and centered-clipping iterate on the weights of a combination of the inputs,
+    # reading the [n, d] points only for their distances and for the result: the same iterates as the
+    # textbook iteration on the points, with far outliers, duplicates and several scales.
+    generator = torch.Generator().manual_seed(seed)
+    n, d = 3 + seed, 50 + 700 * seed
+    x = torch.randn(n, d, generator=generator) * (0.01 + 3 * seed)
+    if seed % 2:
+        x[0] = 1e4  # a far outlier: the cancellation stays on the distances' scale, not the norms'
+    if seed % 3 == 0:
+        x[1] = x[2]
+    f = (n - 1) // 2
+    gm = aggregate("geometric-median", x, f, iterations=40, tolerance=0.0)
+    torch.testing.assert_close(gm.double(), _weiszfeld(x, 40), rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    center = torch.randn(d, generator=generator)
+    for start, radius in ((center, 0.5), (None, 2.0)):
+        cc = aggregate("centered-clipping", x, f, center=start, radius=radius, iterations=3)
+        expected = _clipped(x, aggregate("median", x, f) if start is None else start, radius, 3)
+        torch.testing.assert_close(cc.double(), expected, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    assert cc.data_ptr() != center.data_ptr()
+
+
+def test_squared_distances_with_an_extra_point_take_it_as_the_last_row() -> None:
+    x = honest(4, d=300, spread=2.0)
+    extra = torch.randn(300)
+    together = squared_distances(x, extra=extra)
+    expected = torch.cdist(torch.cat([x, extra[None]]).double(), torch.cat([x, extra[None]]).double()).square()
+    torch.testing.assert_close(together, expected)
+    torch.testing.assert_close(together[:4, :4], squared_distances(x))
+    assert torch.equal(together.diagonal(), torch.zeros(5, dtype=torch.float64))

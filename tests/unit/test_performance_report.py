@@ -207,3 +207,37 @@ def test_the_target_is_read_from_the_default_run_and_the_checkpoint_every_round_
     assert _target_rows(page)["MLP 1.13M: round / DDP step"] == "**missed**"  # 5x from the default run, not 3x
     assert "| 1.13e+06 params, 2 peers, checkpoint every round | " in page
     assert "| 1.13e+06 params, 2 peers | " in page
+
+
+def test_the_per_round_spread_of_aggregate_and_update_is_read_from_the_peers_logs(tmp_path: Path) -> None:
+    import performance  # imports torch and the benches: only this test needs it
+
+    def line(peer: int, round_number: int, aggregate: float, update: float) -> str:
+        return (f"2026-11-28 12:57:26,060 INFO p2ptrain.peer.report round done job=j peer={peer} "
+                f"round={round_number} of=40 loss=2.3 seconds=0.3 publish=0.02 aggregate={aggregate} "
+                f"update={update} evaluate=0")
+
+    # Round 1 (cold starts) is left out; a peer whose log is missing or has a torn line adds nothing.
+    (tmp_path / "peer-0.log").write_text("\n".join([
+        line(0, 1, 0.5, 0.5), line(0, 2, 0.003, 0.002), line(0, 3, 0.004, 0.003), "peer 0 started",
+        line(0, 4, 0.030, 0.020)]) + "\n", encoding="utf-8")
+    (tmp_path / "peer-1.log").write_text(line(1, 2, 0.002, 0.002) + "\n" + line(1, 3, 0.003, 0.003).replace(
+        "update=0.003", "update=x") + "\n", encoding="utf-8")
+    samples = performance.rounds_of(tmp_path, 3, ("aggregate", "update"))
+    assert samples == pytest.approx([0.005, 0.007, 0.050, 0.004])
+    spread = performance.distribution(samples)
+    assert spread["median"] == pytest.approx(0.007)
+    assert spread["p90"] == pytest.approx(0.050)
+    assert spread["over_target"] == pytest.approx(0.25)
+    assert spread["count"] == 4
+    assert performance.distribution([]) == {}
+
+
+def test_a_missed_aggregate_target_shows_its_per_round_median_and_p90(results: dict[str, Any], tmp_path: Path) -> None:
+    big = results["sizes"][1]
+    big["aggregate_update_rounds"] = {"median": 0.0071, "p90": 0.0254, "over_target": 0.18, "count": 156}
+    doc = tmp_path / "performance.md"
+    perfreport.render(results, doc, tmp_path / "img")
+    page = doc.read_text(encoding="utf-8")
+    assert "mean of 156 peer-rounds; median 7.1 ms, p90 25.4 ms, 18% over 10 ms" in page
+    assert "aggregate 2.0 ms + update 10.0 ms per round; per round, median 7.1 ms and p90 25.4 ms" in page

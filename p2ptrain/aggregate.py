@@ -349,7 +349,7 @@ def centered_clipping(
     if center is None:
         start = median(grads, f)
     else:
-        if center.shape != (d,) or not torch.isfinite(center).all():
+        if center.shape != (d,) or not all_finite(center):
             raise AggregationError(f"centered-clipping center must be a finite vector of {d} values, got shape {tuple(center.shape)}")
         start = center.float()
     # Every iterate is an affine combination of the inputs and the start (weights summing to 1, the

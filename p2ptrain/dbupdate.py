@@ -171,13 +171,15 @@ def write_state(
     if not (step >= 1 and step == int(step)):
         raise ModelUpdateError(f"Adam state step={step!r} must be a whole number >= 1")
     header = _ADAM_MAGIC + np.array([step], dtype="<f8").tobytes()
-    moments = _float32_blob(np.asarray(state["exp_avg"])) + _float32_blob(np.asarray(state["exp_avg_sq"]))
-    client.set(state_key, header + moments)
+    moments = (_float32_blob(np.asarray(state[name])) for name in ("exp_avg", "exp_avg_sq"))
+    client.set(state_key, b"".join((header, *moments)))
 
 
-def _float32_blob(gradient: np.ndarray) -> bytes:
+def _float32_blob(gradient: np.ndarray) -> memoryview:
+    """The gradient's little-endian float32 bytes, as a view when it already is that (no copy: redis-py
+    sends a large memoryview argument as it is)."""
     array = np.ascontiguousarray(gradient, dtype="<f4").reshape(-1)
-    return array.tobytes()
+    return memoryview(array.data).cast("B")
 
 
 def _fcall(client: redis.Redis, function: str, keys: tuple[str, ...], arguments: list[object]) -> Any:

@@ -191,3 +191,25 @@ def test_state_reads_as_torch_names_it_and_restores(accumulating_redis, settings
     optimizer.step()
     assert updater.step(client, settings, "model:2", "model:3", "state", grads[2])
     np.testing.assert_allclose(read_model(client, "model:3"), param.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_large_gradient_is_sent_as_it_is_and_any_layout_is_accepted(accumulating_redis) -> None:
+    # Over redis-py's 6000-byte buffer cutoff a float32 gradient goes out as a view of its own memory
+    # (no copy); float64 and strided gradients are converted first. Every one steps as torch does.
+    _, server = accumulating_redis
+    client, updater = _updater(server)
+    settings = SgdSettings(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    size = 100_003
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal(size).astype(np.float32)
+    client.set("model:0", wire.encode_tensor(start))
+    param = torch.nn.Parameter(torch.tensor(start))
+    optimizer = _torch_optimizer(settings, param)
+    wide = rng.standard_normal((size, 2)).astype(np.float32)
+    for version, grad in enumerate([rng.standard_normal(size).astype(np.float32),
+                                    rng.standard_normal(size),  # float64
+                                    wide[:, 1]]):  # a strided view
+        param.grad = torch.tensor(np.asarray(grad, dtype=np.float32))
+        optimizer.step()
+        assert updater.step(client, settings, f"model:{version}", f"model:{version + 1}", "state", grad)
+        np.testing.assert_allclose(read_model(client, f"model:{version + 1}"), param.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -63,6 +63,7 @@ def main() -> None:
     gradients = {i: rng.standard_normal(d, dtype=np.float32) for i in range(args.n)}
     gradients[0] *= 100  # one far row, so that selection and clipping do real work
     stack = torch.empty(args.n, d)
+    mean_buffer = torch.empty(d)  # what the peer's replica keeps for the mean (Replica.stack)
     byzantine = {
         rule: max((f for f in range(args.f + 1) if minimum_gradients(rule, f) <= args.n), default=-1) for rule in RULES
     }
@@ -73,7 +74,7 @@ def main() -> None:
     def one_round(rule: str) -> tuple[float, float]:
         spec = AggregationSpec(rule=rule, byzantine=byzantine[rule])
         t0 = time.perf_counter()
-        combined = aggregate_gradients(spec, gradients, stack=stack, clipping=clipping)
+        combined = aggregate_gradients(spec, gradients, stack=mean_buffer if rule == "mean" else stack, clipping=clipping)
         t1 = time.perf_counter()
         _step(model, optimizer, combined)
         return t1 - t0, time.perf_counter() - t1

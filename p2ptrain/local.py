@@ -38,7 +38,7 @@ from p2ptrain.ps.local import (
     aggregator_summary,
     write_model,
 )
-from p2ptrain.redis_server import RedisServer, free_port
+from p2ptrain.redis_server import RedisServer, free_ports
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerState, ReplicaCheck, StatusError, parse_status
 from p2ptrain.summary import (
@@ -136,9 +136,7 @@ class LocalRun:
             await _finish_even_if_cancelled(asyncio.to_thread(server.start))
 
         secrets_env = {REDIS_PASSWORD_ENV: self.password, SIGNING_KEY_ENV: self.signing_key}
-        function_port = free_port()
-        peer_ports = [free_port() for _ in range(spec.peers)]
-        aggregator_port = free_port()
+        function_port, aggregator_port, *peer_ports = free_ports(spec.peers + 2)  # distinct: one job's servers
         config = RuntimeConfig(
             spec=spec,
             peer_urls=tuple(f"http://127.0.0.1:{p}" for p in peer_ports),

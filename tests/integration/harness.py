@@ -19,7 +19,7 @@ from p2ptrain.config import RedisAddress, RuntimeConfig, Secrets
 from p2ptrain.function_server import FunctionFront
 from p2ptrain.gradient import GradientFunction
 from p2ptrain.peer import Peer
-from p2ptrain.redis_server import RedisServer, free_port
+from p2ptrain.redis_server import RedisServer, free_ports
 from p2ptrain.spec import JobSpec, parse_manifest
 from p2ptrain.store import checkpoint_round
 
@@ -89,8 +89,7 @@ async def running_job(spec: JobSpec, *, module: Any = None) -> AsyncIterator[Job
     try:
         for server in servers:
             await asyncio.to_thread(server.start)
-        function_port = free_port()
-        peer_ports = [free_port() for _ in range(spec.peers)]
+        function_port, *peer_ports = free_ports(spec.peers + 1)  # distinct (see free_ports)
         config = RuntimeConfig(
             spec=spec,
             peer_urls=tuple(f"http://127.0.0.1:{p}" for p in peer_ports),

@@ -120,10 +120,8 @@ def mean_of_rows(rows: Sequence[np.ndarray], out: torch.Tensor | None = None) ->
     with warnings.catch_warnings():  # read-only buffers (decoded events), only read here
         warnings.simplefilter("ignore", UserWarning)
         tensors = [torch.from_numpy(np.asarray(r, dtype=np.float32)) for r in rows]
-    if out is not None and out.dtype == torch.float32 and out.shape == tensors[0].shape:
-        result = _sum_into(out, tensors).mul_(1.0 / len(tensors))
-    else:
-        result = _mean_of(tensors)
+    fits = out is not None and out.dtype == torch.float32 and out.shape == tensors[0].shape
+    result = _mean_of(tensors, out if fits else None)
     if not all_finite(result) and (bad := [i for i, t in enumerate(tensors) if not all_finite(t)]):
         raise AggregationError(f"gradient rows {bad} contain NaN or Inf")
     return result
@@ -140,9 +138,10 @@ def _sum_into(out: torch.Tensor, rows: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _mean_of(rows: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The mean of equal-length vectors (rows of a matrix, or separate ones), without gathering them first."""
-    return _sum_into(torch.empty_like(rows[0]), rows).mul_(1.0 / len(rows))
+def _mean_of(rows: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean of equal-length vectors (rows of a matrix, or separate ones), without gathering them
+    first; into ``out`` when given, else into a new vector."""
+    return _sum_into(torch.empty_like(rows[0]) if out is None else out, rows).mul_(1.0 / len(rows))
 
 
 def squared_distances(grads: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 from report import publish
@@ -218,7 +219,8 @@ async def measure_suspects(
                  "asyncio server/client sockets {server}/{client}, redis-py {redis-py}".format(**found),
                  "unchanged: already set on every hop, so no 40 ms stall (ruled out)"))
 
-    # The server (hypercorn before, uvicorn + httptools now) and the client (httpx before, aiohttp now),
+    # The server (hypercorn before, uvicorn + httptools now) and the client (httpx, then aiohttp, now
+    # p2ptrain.poster: asyncio connections whose replies httptools parses),
     # against an empty app in its own process, as every p2ptrain server runs: in the client's process
     # the two would share one event loop and one core and the figures would not be those of a hop.
     empty_port, old_port = free_port(), free_port()
@@ -227,11 +229,21 @@ async def measure_suspects(
     url, old_url = f"http://127.0.0.1:{empty_port}/", f"http://127.0.0.1:{old_port}/"
     headers, body = signed(wire.GRADIENT_REQUESTED, gradient_request(spec, address, model_key, 0))
     try:
-        async with httpx.AsyncClient() as old, Poster() as new:
+        async with httpx.AsyncClient() as old, Poster() as new, aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(), trust_env=False, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        ) as aio:
+
+            async def aio_post() -> Any:
+                async with aio.post(url, headers=headers, data=body) as response:
+                    await response.read()
+                    return response
+
             await wait_for_port(old, url)
             await wait_for_port(old, old_url)
             closing = {**headers, "connection": "close"}
             before: list[float] = []
+            middle: list[float] = []
             after: list[float] = []
             fresh: list[float] = []
             hyper: list[float] = []
@@ -241,14 +253,16 @@ async def measure_suspects(
             # turns, 0.6 ms strictly alternating).
             for _ in range(max(1, n // 25)):
                 for post, out in ((lambda: old.post(url, headers=headers, content=body), before),
+                                  (aio_post, middle),
                                   (lambda: new.post(url, headers=headers, content=body), after),
                                   (lambda: new.post(url, headers=closing, content=body), fresh),
                                   (lambda: new.post(old_url, headers=headers, content=body), hyper)):
                     out.extend(await timed(post, 25, warmup=1))
-            rows.append(("HTTP server per request (empty app in its own process, aiohttp client)",
+            rows.append(("HTTP server per request (empty app in its own process, p2ptrain.poster client)",
                          ms(hyper) + " hypercorn (h11)", ms(after) + " uvicorn + httptools (p2ptrain.asgi.serve)"))
-            rows.append(("HTTP client per request (same server, empty app)", ms(before) + " httpx",
-                         ms(after) + " aiohttp (p2ptrain.poster)"))
+            rows.append(("HTTP client per request (same server, empty app)",
+                         ms(before) + " httpx, " + ms(middle) + " aiohttp",
+                         ms(after) + " p2ptrain.poster (asyncio + httptools)"))
             rows.append(("connection reuse", ms(fresh) + " new connection per request",
                          ms(after) + " keep-alive pool (peer, activator: one pool each)"))
     finally:
@@ -529,8 +543,16 @@ suspect alone (the table above, old and new alternately in this run).
   32.9 ms per round, inline 20.3 / 26.3 / 21.5 ms, the inline exchange phase 10.9 / 15.9 / 10.9 ms.
   As ratios to the DDP step of each run (itself 7.8-8.6 ms and load-sensitive): serverless 4.8x / 6.1x
   / 4.0x, inline 2.4x / 3.4x / 2.6x; in a quieter moment (load 3.2) 3.5x and 2.2x.
-- **Earlier, still in place**: aiohttp keep-alive client (`p2ptrain.poster`) instead of httpx; one
-  Redis round trip per micro-batch; the reply encoded once by `wire.to_http`.
+- **The client** (2026-11-28): `p2ptrain.poster` dropped aiohttp for asyncio connections whose replies
+  httptools parses (the 'HTTP client' suspect row: aiohttp's request machinery, its cookies, redirects,
+  proxies, URL objects and timers, cost 0.3-0.45 ms of CPU a request, this 0.1-0.14 ms; prototype
+  against uvicorn with a 19 kB body). In whole rounds (bench/round.py through performance.py's
+  measure, 100 rounds, runs alternated with the aiohttp tree in one sitting): inline 4 peers 37.7 /
+  35.2 ms -> 24.7 / 21.8 ms a round (3.3x / 3.1x -> 2.3x / 1.9x the DDP step), the peers' CPU 64 ->
+  42-47 ms a round; serverless 4 x 2 71.6 / 68.9 -> 53.5 / 58.7 ms (6.1x / 6.2x -> 4.4x / 5.3x), all
+  processes' CPU 128-137 -> 104-115 ms a round.
+- **Earlier, still in place**: a keep-alive client instead of httpx (aiohttp, now p2ptrain.poster's
+  own connections); one Redis round trip per micro-batch; the reply encoded once by `wire.to_http`.
 - **Kept**: the function's thread hop (compute off the event loop, so liveness/readiness answer during
   long batches), HMAC signatures on every event, JSON sample indices (microseconds), retries and limits.
 - **Left**: on 2 cores shared by 4 peers, 4 Redis servers, up to 4 function instances and the activator

@@ -169,7 +169,7 @@ def uvicorn_config(app: App, *, graceful_timeout: float) -> Any:
     httptools parses requests in C; no access log, no Date/Server headers, no proxy-header rewriting
     (nothing here reads the client address); uvicorn's loggers keep our formatter (``log_config=None``)
     and speak only for warnings and errors. Idle keep-alive connections are kept longer than the
-    client's pool keeps them (aiohttp: 15 s), so the client, not the server, closes an idle one and a
+    client's pool keeps them (p2ptrain.poster: 15 s), so the client, not the server, closes an idle one and a
     request is never written into a connection the server is closing.
     """
     import uvicorn

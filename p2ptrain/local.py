@@ -202,7 +202,7 @@ class LocalRun:
         )
 
     async def _train(self) -> None:
-        # aiohttp, not httpx: four GETs every half second cost this process 17 % of its CPU with httpx.
+        # p2ptrain.poster, not httpx: four GETs every half second cost this process 17 % of its CPU with httpx.
         async with Poster(max_connections=len(self.processes) + 1, timeout_seconds=2) as http:
             while True:
                 for peer in self.processes:

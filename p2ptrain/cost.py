@@ -92,7 +92,7 @@ class PeerCost:
         """One gradient function call attempt (billed whether or not it succeeds)."""
         with self._lock:
             self.figures["functionInvocations"] += 1
-        metrics.COST_FUNCTION_INVOCATIONS_TOTAL.labels(**self.labels).inc()
+        metrics.child(metrics.COST_FUNCTION_INVOCATIONS_TOTAL, **self.labels).inc()
 
     def computed(self, reply_cost: Mapping[str, Any], cold: bool) -> None:
         """A successful reply: its CPU and wall seconds, GB-seconds and the Redis bytes it moved."""
@@ -105,9 +105,9 @@ class PeerCost:
             f["functionWallSeconds"] += wall
             f["functionGbSeconds"] += memory / GB * wall
             f["functionColdStarts"] += int(cold)
-        metrics.COST_FUNCTION_CPU_SECONDS_TOTAL.labels(**self.labels).inc(cpu)
-        metrics.COST_FUNCTION_WALL_SECONDS_TOTAL.labels(**self.labels).inc(wall)
-        metrics.COST_FUNCTION_MEMORY_BYTE_SECONDS_TOTAL.labels(**self.labels).inc(memory * wall)
+        metrics.child(metrics.COST_FUNCTION_CPU_SECONDS_TOTAL, **self.labels).inc(cpu)
+        metrics.child(metrics.COST_FUNCTION_WALL_SECONDS_TOTAL, **self.labels).inc(wall)
+        metrics.child(metrics.COST_FUNCTION_MEMORY_BYTE_SECONDS_TOTAL, **self.labels).inc(memory * wall)
         if cold:
             metrics.COST_FUNCTION_COLD_STARTS_TOTAL.labels(**self.labels).inc()
         self.redis_bytes("modelRead", int(reply_cost.get("modelReadBytes", 0)))
@@ -117,13 +117,13 @@ class PeerCost:
         """Bytes moved between peers (``PEER_PATHS``)."""
         with self._lock:
             self.figures["peerBytes"][path] += n
-        metrics.COST_PEER_BYTES_TOTAL.labels(**self.labels, path=_METRIC_PATH[path]).inc(n)
+        metrics.child(metrics.COST_PEER_BYTES_TOTAL, **self.labels, path=_METRIC_PATH[path]).inc(n)
 
     def redis_bytes(self, path: str, n: int) -> None:
         """Bytes moved to or from Redis (``REDIS_PATHS``)."""
         with self._lock:
             self.figures["redisBytes"][path] += n
-        metrics.COST_REDIS_BYTES_TOTAL.labels(**self.labels, path=_METRIC_PATH[path]).inc(n)
+        metrics.child(metrics.COST_REDIS_BYTES_TOTAL, **self.labels, path=_METRIC_PATH[path]).inc(n)
 
     def redis_due(self, last: bool = False) -> bool:
         """Whether ``tick_redis`` should ask Redis again: INFO's uptime counts whole seconds, so asking
@@ -165,7 +165,7 @@ class PeerCost:
         with self._lock:
             added = now - self.figures["peerPodSeconds"]
             self.figures["peerPodSeconds"] = now
-        metrics.COST_POD_SECONDS_TOTAL.labels(**self.labels, component="peer").inc(max(0.0, added))
+        metrics.child(metrics.COST_POD_SECONDS_TOTAL, **self.labels, component="peer").inc(max(0.0, added))
         if redis_uptime_seconds is None:
             return
         before = self._redis_uptime

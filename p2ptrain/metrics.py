@@ -9,8 +9,10 @@ follow Prometheus conventions (base units, ``_total``, ``_seconds``, ``_bytes``)
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 PEER_LABELS = ("job", "namespace", "peer")
 FUNCTION_LABELS = ("job", "namespace")
@@ -201,6 +203,20 @@ COST_PEER_BYTES_TOTAL = Counter(
 COST_REDIS_BYTES_TOTAL = Counter(
     "p2ptrain_cost_redis_bytes_total", "Bytes moved to and from Redis for this peer, by path.", (*PEER_LABELS, "path")
 )
+
+
+_CHILDREN: dict[tuple[int, tuple[tuple[str, str], ...]], Any] = {}
+
+
+def child(metric: MetricWrapperBase, **labels: str) -> Any:
+    """``metric.labels(**labels)``, made once per label set: prometheus_client checks the names and
+    takes a lock on every ``labels`` call, and a round's hot paths make dozens of them. The label sets
+    are bounded (see above), so is this cache."""
+    key = (id(metric), tuple(labels.items()))
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(**labels)
+    return found
 
 
 def peer_labels(job: str, namespace: str, peer: int) -> dict[str, str]:

@@ -53,7 +53,7 @@ class EventReceiver(PeerPart):
             self.status.count_rejected(exc.reason)
             log.warning("rejected event: %s", exc, extra={"reason": exc.reason})
             return REJECT_STATUS.get(exc.reason, 400), exc.reason, f"{exc.reason}: {exc}"
-        metrics.EXCHANGE_RECEIVED_BYTES_TOTAL.labels(**self.labels).inc(len(payload))
+        metrics.child(metrics.EXCHANGE_RECEIVED_BYTES_TOTAL, **self.labels).inc(len(payload))
         return 202, "accepted", "accepted"
 
     def _verified_event(self, headers: dict[str, str], body: bytes) -> wire.Incoming:

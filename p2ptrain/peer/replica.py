@@ -94,7 +94,8 @@ class Replica:
         torch.manual_seed(spec.seed)  # identical initial replicas on every peer
         self.model = build_model(spec.model, self.dataset.input_shape, self.dataset.num_classes)
         self.optimizer = build_optimizer(self.model, spec.optimizer)
-        self.numel = sum(p.numel() for p in self.model.parameters())
+        self._params = [(p, p.numel()) for p in self.model.parameters()]  # the step walks them every round
+        self.numel = sum(n for _, n in self._params)
         self.lock = threading.Lock()  # one thread at a time on the model and optimizer
         rule = spec.aggregation
         # Reused every round: a fresh [peers, d] matrix per round costs page faults, not just a copy.
@@ -134,13 +135,13 @@ class Replica:
         """One optimizer step with ``gradient`` (flat) as every parameter's gradient."""
         with self.lock:
             offset = 0
-            for p in self.model.parameters():
-                n = p.numel()
+            for p, n in self._params:
                 # A view, not a copy: torch's optimizers read ``grad`` and never write into it.
                 p.grad = gradient[offset : offset + n].view_as(p)
                 offset += n
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            for p, _ in self._params:  # zero_grad(set_to_none=True) without its per-call wrappers
+                p.grad = None
 
     def evaluate(self) -> tuple[float, float] | None:
         """(accuracy, mean loss) on the held-out split; None when the data set has none."""

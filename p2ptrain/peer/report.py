@@ -30,9 +30,9 @@ def record_round(
     status: PeerStatus, labels: dict[str, str], rounds: int, report: RoundReport, total_seconds: float
 ) -> None:
     for phase, seconds in report.phases.items():
-        metrics.ROUND_PHASE_SECONDS.labels(**labels, phase=phase).observe(seconds)
-    metrics.ROUND_SECONDS.labels(**labels).observe(total_seconds)
-    metrics.ROUNDS_TOTAL.labels(**labels).inc()
+        metrics.child(metrics.ROUND_PHASE_SECONDS, **labels, phase=phase).observe(seconds)
+    metrics.child(metrics.ROUND_SECONDS, **labels).observe(total_seconds)
+    metrics.child(metrics.ROUNDS_TOTAL, **labels).inc()
     # The first round of a run pays the functions' cold starts: reported apart from the steady state.
     if not status.phases_first:
         status.phases_first = dict(report.phases)
@@ -44,7 +44,7 @@ def record_round(
     status.round = report.round + 1
     status.training_seconds += total_seconds
     if report.loss is not None:
-        metrics.LOSS.labels(**labels).set(report.loss)
+        metrics.child(metrics.LOSS, **labels).set(report.loss)
         status.loss = report.loss
     if report.accuracy is not None and report.test_loss is not None:
         status.accuracy, status.test_loss = report.accuracy, report.test_loss

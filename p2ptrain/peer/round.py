@@ -173,7 +173,7 @@ class Peer:
         self.inbox.current_round = round_index
         self.status.round = round_index
         self.status.epoch = round_index * spec.batch_size / max(1, len(self.shard))
-        metrics.ROUND.labels(**self.labels).set(round_index)
+        metrics.child(metrics.ROUND, **self.labels).set(round_index)
         phases: dict[str, float] = {}
         round_started = time.perf_counter()
         deadline = time.monotonic() + spec.exchange.round_deadline_seconds

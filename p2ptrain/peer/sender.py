@@ -69,7 +69,7 @@ class GradientSender(PeerPart):
             sending = asyncio.create_task(self._post(peer, round_index, headers, body))
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
-        metrics.EXCHANGE_SENT_BYTES_TOTAL.labels(**self.labels).inc(len(blob) * len(others))
+        metrics.child(metrics.EXCHANGE_SENT_BYTES_TOTAL, **self.labels).inc(len(blob) * len(others))
         await parking  # done already for an event by dataref
         self.cost.redis_bytes("outboxWritten", len(blob))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable, Iterator
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
 import uvloop
@@ -20,6 +22,22 @@ def runner(request: pytest.FixtureRequest) -> Iterator[asyncio.Runner]:
     """Both loops: p2ptrain's processes run uvloop (asgi.run), the tests' harness asyncio's own."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop if request.param == "uvloop" else None) as loop:
         yield loop
+
+
+def on_both_loops(case: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """A synchronous test that runs the coroutine ``case`` on the ``runner`` fixture's loop: pytest sees
+    the case's own parameters plus ``runner``, so each case runs once per loop."""
+
+    def test(*args: Any, runner: asyncio.Runner, **kwargs: Any) -> None:
+        runner.run(case(*args, **kwargs))
+
+    signature = inspect.signature(case)
+    runner_parameter = inspect.Parameter("runner", inspect.Parameter.KEYWORD_ONLY)
+    test.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), runner_parameter]
+    )
+    test.__name__, test.__qualname__, test.__doc__ = case.__name__, case.__qualname__, case.__doc__
+    return test
 
 
 class Server:
@@ -77,11 +95,8 @@ async def echo(path: str, headers: dict[str, str], body: bytes, writer: asyncio.
     return True
 
 
-def test_keep_alive_reuses_one_connection_and_delivers_body_headers_and_status(runner: asyncio.Runner) -> None:
-    runner.run(_keep_alive_reuses_one_connection_and_delivers_body_headers_and_status())
-
-
-async def _keep_alive_reuses_one_connection_and_delivers_body_headers_and_status() -> None:
+@on_both_loops
+async def test_keep_alive_reuses_one_connection_and_delivers_body_headers_and_status() -> None:
     async with Server(echo) as server, Poster() as poster:
         bodies = [bytes([i]) * (1000 * i) for i in range(1, 6)] + [b"z" * 3_000_000]  # the last: two writes
         for i, body in enumerate(bodies):
@@ -92,11 +107,8 @@ async def _keep_alive_reuses_one_connection_and_delivers_body_headers_and_status
         assert server.connections == 1
 
 
-def test_chunked_and_close_delimited_bodies_are_read_whole(runner: asyncio.Runner) -> None:
-    runner.run(_chunked_and_close_delimited_bodies_are_read_whole())
-
-
-async def _chunked_and_close_delimited_bodies_are_read_whole() -> None:
+@on_both_loops
+async def test_chunked_and_close_delimited_bodies_are_read_whole() -> None:
     async def chunked(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         if path == "/chunked":
             writer.write(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
@@ -114,11 +126,8 @@ async def _chunked_and_close_delimited_bodies_are_read_whole() -> None:
         assert server.connections == 2
 
 
-def test_connection_close_reply_is_not_reused(runner: asyncio.Runner) -> None:
-    runner.run(_connection_close_reply_is_not_reused())
-
-
-async def _connection_close_reply_is_not_reused() -> None:
+@on_both_loops
+async def test_connection_close_reply_is_not_reused() -> None:
     async def closing(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         reply(writer, b"bye", extra="Connection: close\r\n")
         return False
@@ -129,11 +138,8 @@ async def _connection_close_reply_is_not_reused() -> None:
         assert server.connections == 3
 
 
-def test_an_idle_connection_the_server_closed_is_replaced(runner: asyncio.Runner) -> None:
-    runner.run(_an_idle_connection_the_server_closed_is_replaced())
-
-
-async def _an_idle_connection_the_server_closed_is_replaced() -> None:
+@on_both_loops
+async def test_an_idle_connection_the_server_closed_is_replaced() -> None:
     async def once(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         reply(writer, b"ok")  # claims keep-alive, then closes anyway
         return False
@@ -145,11 +151,8 @@ async def _an_idle_connection_the_server_closed_is_replaced() -> None:
         assert server.connections == 3
 
 
-def test_no_reply_in_time_is_a_timeout_post_error_and_the_connection_is_dropped(runner: asyncio.Runner) -> None:
-    runner.run(_no_reply_in_time_is_a_timeout_post_error_and_the_connection_is_dropped())
-
-
-async def _no_reply_in_time_is_a_timeout_post_error_and_the_connection_is_dropped() -> None:
+@on_both_loops
+async def test_no_reply_in_time_is_a_timeout_post_error_and_the_connection_is_dropped() -> None:
     async def slow(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         if path == "/slow":
             await asyncio.sleep(5)
@@ -168,11 +171,8 @@ async def _no_reply_in_time_is_a_timeout_post_error_and_the_connection_is_droppe
         assert server.connections == 2
 
 
-def test_refused_connection_is_a_connect_error(runner: asyncio.Runner) -> None:
-    runner.run(_refused_connection_is_a_connect_error())
-
-
-async def _refused_connection_is_a_connect_error() -> None:
+@on_both_loops
+async def test_refused_connection_is_a_connect_error() -> None:
     async with Server(echo) as server:
         url = server.url
     await asyncio.sleep(0.05)
@@ -186,11 +186,8 @@ async def _refused_connection_is_a_connect_error() -> None:
     b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part of it",  # closed mid-body
     b"",  # closed without a word
 ])
-def test_a_connection_that_breaks_before_the_reply_is_whole_is_a_post_error(answer: bytes, runner: asyncio.Runner) -> None:
-    runner.run(_a_connection_that_breaks_before_the_reply_is_whole_is_a_post_error(answer))
-
-
-async def _a_connection_that_breaks_before_the_reply_is_whole_is_a_post_error(answer: bytes) -> None:
+@on_both_loops
+async def test_a_connection_that_breaks_before_the_reply_is_whole_is_a_post_error(answer: bytes) -> None:
     async def broken(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         writer.write(answer)
         return False
@@ -200,11 +197,8 @@ async def _a_connection_that_breaks_before_the_reply_is_whole_is_a_post_error(an
             await poster.post(server.url, headers={}, content=b"x")
 
 
-def test_a_malformed_reply_is_a_post_error_and_the_poster_keeps_working(runner: asyncio.Runner) -> None:
-    runner.run(_a_malformed_reply_is_a_post_error_and_the_poster_keeps_working())
-
-
-async def _a_malformed_reply_is_a_post_error_and_the_poster_keeps_working() -> None:
+@on_both_loops
+async def test_a_malformed_reply_is_a_post_error_and_the_poster_keeps_working() -> None:
     async def garbage(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         if path == "/bad":
             writer.write(b"NOT HTTP AT ALL\r\n\r\n")
@@ -218,11 +212,8 @@ async def _a_malformed_reply_is_a_post_error_and_the_poster_keeps_working() -> N
         assert (await poster.post(f"{server.url}/good", headers={}, content=b"x")).content == b"fine"
 
 
-def test_at_most_max_connections_requests_are_in_flight(runner: asyncio.Runner) -> None:
-    runner.run(_at_most_max_connections_requests_are_in_flight())
-
-
-async def _at_most_max_connections_requests_are_in_flight() -> None:
+@on_both_loops
+async def test_at_most_max_connections_requests_are_in_flight() -> None:
     async def slowish(path: str, headers: dict[str, str], body: bytes, writer: asyncio.StreamWriter) -> bool:
         await asyncio.sleep(0.05)
         reply(writer, body)
@@ -235,22 +226,16 @@ async def _at_most_max_connections_requests_are_in_flight() -> None:
 
 
 @pytest.mark.parametrize("headers", [{"x-evil": "a\r\nInjected: 1"}, {"bad\nname": "v"}, {"x-uni": "snow \u2603"}])
-def test_a_header_that_cannot_be_sent_is_refused_before_anything_is_written(headers: dict[str, str], runner: asyncio.Runner) -> None:
-    runner.run(_a_header_that_cannot_be_sent_is_refused_before_anything_is_written(headers))
-
-
-async def _a_header_that_cannot_be_sent_is_refused_before_anything_is_written(headers: dict[str, str]) -> None:
+@on_both_loops
+async def test_a_header_that_cannot_be_sent_is_refused_before_anything_is_written(headers: dict[str, str]) -> None:
     async with Server(echo) as server, Poster() as poster:
         with pytest.raises(ValueError, match="header"):
             await poster.post(server.url, headers=headers, content=b"x")
         assert server.connections == 0
 
 
-def test_a_url_that_is_not_http_is_refused(runner: asyncio.Runner) -> None:
-    runner.run(_a_url_that_is_not_http_is_refused())
-
-
-async def _a_url_that_is_not_http_is_refused() -> None:
+@on_both_loops
+async def test_a_url_that_is_not_http_is_refused() -> None:
     async with Poster() as poster:
         with pytest.raises(ValueError, match="not an http"):
             await poster.get("ftp://example.invalid/x")

@@ -43,7 +43,7 @@ RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="/src/${PIP_CA_BUNDLE}"; 
     && /opt/p2ptrain/bin/pip check \
     && /opt/p2ptrain/bin/python -c 'import torch; assert torch.__version__ == "2.13.0+cpu", torch.__version__' \
     && mkdir -p /out \
-    && gcc -O3 -fPIC -shared -std=c11 -Wall -Wextra -Werror \
+    && gcc -O3 -fno-math-errno -fPIC -shared -std=c11 -Wall -Wextra -Werror -DP2PTRAIN_CLONES \
         -o /out/p2ptrain_redis.so p2ptrain/csrc/p2ptrain_redis.c -lm
 
 FROM ${BASE_IMAGE}

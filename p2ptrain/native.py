@@ -24,6 +24,9 @@ CACHE_ENV = "P2PTRAIN_CACHE"
 SOURCES = ("p2ptrain_redis.c", "redismodule_min.h")
 # -fno-math-errno: sqrtf in the Adam loop may then vectorise (errno is never read here).
 CFLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared", "-std=c11", "-Wall", "-Wextra", "-Werror")
+# Kernels built for AVX2 and for the baseline CPU, picked at load time (see the C source); tried first,
+# left out where the toolchain has no ifunc support (musl, for one).
+CLONES = ("-DP2PTRAIN_CLONES",)
 
 
 def cache_dir() -> Path:
@@ -44,7 +47,7 @@ def module_path(build: bool = True) -> Path | None:
 def _build(cache: str) -> Path | None:
     source_dir = resources.files("p2ptrain").joinpath("csrc")
     texts = {name: source_dir.joinpath(name).read_bytes() for name in SOURCES}
-    digest = hashlib.sha256(b"".join(texts[n] for n in SOURCES) + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(texts[n] for n in SOURCES) + " ".join(CFLAGS + CLONES).encode()).hexdigest()[:16]
     target = Path(cache) / f"p2ptrain_redis-{digest}.so"
     if target.is_file():
         return target
@@ -57,10 +60,14 @@ def _build(cache: str) -> Path | None:
         for name, text in texts.items():
             (Path(tmp) / name).write_bytes(text)
         output = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *CFLAGS, "-o", str(output), str(Path(tmp) / "p2ptrain_redis.c"), "-lm"],
-            capture_output=True, text=True, check=False,
-        )
+        for flags in (CFLAGS + CLONES, CFLAGS):
+            result = subprocess.run(
+                [compiler, *flags, "-o", str(output), str(Path(tmp) / "p2ptrain_redis.c"), "-lm"],
+                capture_output=True, text=True, check=False,
+            )
+            if result.returncode == 0:
+                break
+            log.debug("building the p2ptrain Redis module with %s failed:\n%s", " ".join(flags), result.stderr)
         if result.returncode != 0:
             log.warning("building the p2ptrain Redis module failed, using the Lua fallback:\n%s", result.stderr)
             return None

@@ -49,9 +49,22 @@ typedef uint32_t __attribute__((aligned(1), may_alias)) ubits;
 #define ADAM_HEADER 16
 
 /* ------------------------------------------------------------------------------------------------
- * Kernels: one pass over memory each, simple loops the compiler vectorises. */
+ * Kernels: one pass over memory each, simple loops the compiler vectorises.
+ *
+ * With P2PTRAIN_CLONES (p2ptrain.native defines it where the compiler and libc support ifuncs) each
+ * kernel is compiled twice on x86-64, for AVX2 and for the baseline ISA, and the loader picks one
+ * for the CPU it runs on: 256-bit loops without building for one machine (-march=native would break
+ * an image moved to an older CPU). The elementwise loops round identically either way (ISO C mode
+ * keeps a*b+c unfused), so results do not depend on the CPU. 8 ACCUMs and a MEAN of 1M floats took
+ * 17% less server time with the clones on this machine (6.7 vs 8.1 ms, one run alternated). */
 
-static int all_finite(const ufloat *values, size_t n) {
+#if defined(P2PTRAIN_CLONES) && defined(__x86_64__)
+#define KERNEL __attribute__((target_clones("avx2", "default")))
+#else
+#define KERNEL
+#endif
+
+KERNEL static int all_finite(const ufloat *values, size_t n) {
     /* Exponent bits all ones is Inf or NaN: an integer test vectorises where isfinite() may not. */
     const ubits *bits = (const ubits *)values;
     uint32_t bad = 0;
@@ -59,11 +72,11 @@ static int all_finite(const ufloat *values, size_t n) {
     return !bad;
 }
 
-static void axpy(ufloat *restrict sum, const ufloat *restrict x, float w, size_t n) {
+KERNEL static void axpy(ufloat *restrict sum, const ufloat *restrict x, float w, size_t n) {
     for (size_t i = 0; i < n; i++) sum[i] += w * x[i];
 }
 
-static void scaled(ufloat *restrict out, const ufloat *restrict x, float w, size_t n) {
+KERNEL static void scaled(ufloat *restrict out, const ufloat *restrict x, float w, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = w * x[i];
 }
 
@@ -73,7 +86,7 @@ typedef struct {
 } SgdParams;
 
 /* torch.optim.SGD (single-tensor path), element by element; `out` may alias `in` (in place). */
-static void sgd_kernel(ufloat *out, const ufloat *in, ufloat *restrict buf, const ufloat *restrict g, size_t n,
+KERNEL static void sgd_kernel(ufloat *out, const ufloat *in, ufloat *restrict buf, const ufloat *restrict g, size_t n,
                        SgdParams h) {
     const float keep = 1.0f - h.dampening;
     if (h.momentum == 0.0f) {
@@ -107,7 +120,7 @@ typedef struct {
 } AdamParams;
 
 /* torch.optim.Adam / AdamW (single-tensor path, amsgrad off). */
-static void adam_kernel(ufloat *out, const ufloat *in, ufloat *restrict m, ufloat *restrict v,
+KERNEL static void adam_kernel(ufloat *out, const ufloat *in, ufloat *restrict m, ufloat *restrict v,
                         const ufloat *restrict g, size_t n, AdamParams h) {
     const float decay = h.decoupled ? 1.0f - h.lr * h.weight_decay : 1.0f;
     const float coupled = h.decoupled ? 0.0f : h.weight_decay;

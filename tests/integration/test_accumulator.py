@@ -140,6 +140,63 @@ def test_module_builds_from_a_clean_cache(tmp_path: Path, monkeypatch: pytest.Mo
         assert detect(server.client()).kind == "module"
 
 
+def _built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, clones: tuple[str, ...]) -> Path:
+    from p2ptrain import native
+
+    monkeypatch.setenv("P2PTRAIN_CACHE", str(tmp_path / name))
+    monkeypatch.delenv("P2PTRAIN_REDIS_MODULE", raising=False)
+    monkeypatch.setattr(native, "CLONES", clones)
+    native._build.cache_clear()
+    try:
+        built = module_path()
+    finally:
+        native._build.cache_clear()
+    assert built is not None
+    return built
+
+
+def test_module_builds_without_the_cpu_clones_where_the_compiler_refuses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A toolchain without ifunc support refuses target_clones: the module is built without them
+    rather than falling back to Lua (a flag no compiler knows stands in for that refusal here)."""
+    built = _built(tmp_path, monkeypatch, "refused", ("-DP2PTRAIN_CLONES", "--no-such-flag-p2ptrain"))
+    with RedisServer(password="pw", module=built) as server:
+        client = server.client()
+        accumulator = detect(client)
+        assert accumulator.kind == "module"
+        accumulator.add(client, "acc", "meta", "a", 2.0, np.array([1.0, 2.0], dtype="<f4").tobytes())
+        result = accumulator.mean(client, "acc", "meta")
+        assert result is not None and result[0].tolist() == [1.0, 2.0]
+
+
+def test_cpu_clones_compute_the_same_bits_as_the_baseline_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AVX2 kernels the loader picks on this CPU and the baseline ones round identically: a job's
+    result does not depend on the CPU its Redis runs on."""
+    from p2ptrain import wire
+    from p2ptrain.dbupdate import AdamSettings, ModelUpdater, SgdSettings
+    from p2ptrain.native import CLONES
+
+    arrays = _grads(5, 10_001, seed=3)  # odd length: vector tails too
+    results = []
+    for name, clones in (("clones", CLONES), ("baseline", ())):
+        with RedisServer(password="pw", module=_built(tmp_path, monkeypatch, name, clones)) as server:
+            client = server.client()
+            for n, array in enumerate(arrays):
+                client.execute_command("P2P.ACCUM", "acc", "meta", f"p{n}", repr(0.5 + n), array.tobytes())
+            mean = client.execute_command("P2P.MEAN", "acc", "meta")[0]
+            updater = ModelUpdater("module")
+            steps: tuple[SgdSettings | AdamSettings, ...] = (
+                SgdSettings(lr=0.1, momentum=0.9, weight_decay=1e-4), AdamSettings(lr=0.01, weight_decay=1e-2))
+            for kind, settings in enumerate(steps):
+                client.set(f"m{kind}:0", wire.encode_tensor(arrays[0]))
+                for version, gradient in enumerate(arrays[1:]):
+                    updater.step(client, settings, f"m{kind}:{version}", f"m{kind}:{version + 1}", f"s{kind}", gradient)
+            results.append((mean, client.get("m0:4"), client.get("m1:4"), client.get("s0"), client.get("s1")))
+    assert len(results[0][0]) == 10_001 * 4 and all(value for value in results[0])
+    assert results[0] == results[1]
+
+
 def test_accumulator_keys_expire_even_when_a_late_call_recreates_them(accumulating_redis) -> None:
     """The peer clears a round's keys after reading its mean; a function call that arrives later
     recreates them, and they must carry a TTL rather than stay forever."""

@@ -96,6 +96,16 @@ def test_module_is_built_from_the_packaged_source_where_redis_expects_it() -> No
     assert any(op == "RUN" and "redis-server" in arg for op, arg in _stages()[1])
 
 
+def test_module_is_built_with_the_flags_of_a_local_build() -> None:
+    # The image and `p2ptrain run` must run the same arithmetic: same optimisation, the AVX2 clones.
+    from p2ptrain import native
+
+    build = next(arg for op, arg in _instructions() if op == "RUN" and "p2ptrain_redis.c" in arg)
+    command = build[build.index("gcc "):].split()
+    missing = [flag for flag in (*native.CFLAGS, *native.CLONES) if flag not in command]
+    assert not missing, f"the Dockerfile builds the module without {missing}"
+
+
 def test_every_copied_path_exists() -> None:
     for op, arg in _instructions():
         if op == "COPY" and not arg.startswith("--from"):

@@ -128,24 +128,14 @@ def test_mean_of_nothing_is_none(accumulating_redis) -> None:
     assert detect(server.client()).mean(server.client(), "absent", "absent-meta") is None
 
 
-def test_module_builds_from_a_clean_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("P2PTRAIN_CACHE", str(tmp_path))
-    monkeypatch.delenv("P2PTRAIN_REDIS_MODULE", raising=False)
+def _built(monkeypatch: pytest.MonkeyPatch, cache: Path, clones: tuple[str, ...] | None = None) -> Path:
+    """The module built afresh into ``cache`` (with ``clones`` as the CPU-clone flags, when given)."""
     from p2ptrain import native
 
-    native._build.cache_clear()
-    built = module_path()
-    assert built is not None and built.parent == tmp_path and built.stat().st_size > 0
-    with RedisServer(password="pw", module=built) as server:
-        assert detect(server.client()).kind == "module"
-
-
-def _built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, clones: tuple[str, ...]) -> Path:
-    from p2ptrain import native
-
-    monkeypatch.setenv("P2PTRAIN_CACHE", str(tmp_path / name))
+    monkeypatch.setenv("P2PTRAIN_CACHE", str(cache))
     monkeypatch.delenv("P2PTRAIN_REDIS_MODULE", raising=False)
-    monkeypatch.setattr(native, "CLONES", clones)
+    if clones is not None:
+        monkeypatch.setattr(native, "CLONES", clones)
     native._build.cache_clear()
     try:
         built = module_path()
@@ -155,12 +145,19 @@ def _built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, clones: t
     return built
 
 
+def test_module_builds_from_a_clean_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _built(monkeypatch, tmp_path)
+    assert built is not None and built.parent == tmp_path and built.stat().st_size > 0
+    with RedisServer(password="pw", module=built) as server:
+        assert detect(server.client()).kind == "module"
+
+
 def test_module_builds_without_the_cpu_clones_where_the_compiler_refuses_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A toolchain without ifunc support refuses target_clones: the module is built without them
     rather than falling back to Lua (a flag no compiler knows stands in for that refusal here)."""
-    built = _built(tmp_path, monkeypatch, "refused", ("-DP2PTRAIN_CLONES", "--no-such-flag-p2ptrain"))
+    built = _built(monkeypatch, tmp_path, ("-DP2PTRAIN_CLONES", "--no-such-flag-p2ptrain"))
     with RedisServer(password="pw", module=built) as server:
         client = server.client()
         accumulator = detect(client)
@@ -180,7 +177,7 @@ def test_cpu_clones_compute_the_same_bits_as_the_baseline_build(tmp_path: Path, 
     arrays = _grads(5, 10_001, seed=3)  # odd length: vector tails too
     results = []
     for name, clones in (("clones", CLONES), ("baseline", ())):
-        with RedisServer(password="pw", module=_built(tmp_path, monkeypatch, name, clones)) as server:
+        with RedisServer(password="pw", module=_built(monkeypatch, tmp_path / name, clones)) as server:
             client = server.client()
             for n, array in enumerate(arrays):
                 client.execute_command("P2P.ACCUM", "acc", "meta", f"p{n}", repr(0.5 + n), array.tobytes())

@@ -60,7 +60,7 @@ LOSS = Gauge("p2ptrain_loss", "Training loss of the peer's last round (mean over
 # The parameter hash as a number (its first 48 bits: exact in a float64) and the round it was taken
 # after: replicas are identical when, for one round, every peer shows the same value, e.g.
 # count(count_values("h", p2ptrain_params_hash) by (job)) > 1 while p2ptrain_params_hash_round agrees.
-PARAMS_HASH = Gauge("p2ptrain_params_hash", "First 48 bits of the SHA-256 of the peer's parameters.", PEER_LABELS)
+PARAMS_HASH = Gauge("p2ptrain_params_hash", "First 48 bits of the XXH3-128 hash of the peer's parameters.", PEER_LABELS)
 PARAMS_HASH_ROUND = Gauge("p2ptrain_params_hash_round", "The round after which p2ptrain_params_hash was taken.",
                           PEER_LABELS)
 TEST_LOSS = Gauge("p2ptrain_test_loss", "Loss on the held-out split at the last evaluation.", PEER_LABELS)

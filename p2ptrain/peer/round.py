@@ -264,7 +264,7 @@ class Peer:
             await self.update.checkpoint(round_index, loss, functools.partial(closing.note_hash, self.ctx, round_index)
                                          if hash_due else None)
         elif hash_due:  # no checkpoint this round (training.checkpointEveryRounds): a restart re-runs it
-            if self.update.model_bytes > asgi.ON_LOOP_MAX_BYTES:  # a large model's SHA-256 leaves the critical path
+            if self.update.model_bytes > asgi.ON_LOOP_MAX_BYTES:  # a large model's hash leaves the critical path
                 await self.update.hash_in_background(round_index, functools.partial(closing.note_hash, self.ctx, round_index))
             else:
                 await closing.record_hash(self.ctx, await self.update.synced(), round_index)

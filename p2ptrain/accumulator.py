@@ -89,7 +89,10 @@ def _as_mean(reply: Any) -> tuple[np.ndarray, float, int] | None:
     if not reply:
         return None
     blob, total, parts = reply
-    return np.frombuffer(blob, dtype="<f4").astype(np.float32), float(total), int(parts)
+    mean = np.frombuffer(blob, dtype="<f4")
+    if not (isinstance(blob, bytearray) and mean.dtype == np.float32):  # a large one is ours already
+        mean = mean.astype(np.float32)
+    return mean, float(total), int(parts)
 
 
 def _fcall(client: redis.Redis, function: str, acc_key: str, meta_key: str, *args: object) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
+from safetensors.torch import load as _st_load
 from safetensors.torch import save as st_save
 
 
@@ -47,6 +47,12 @@ def pack_state(
         "optim_scalars": json.dumps(scalars),
     }
     return st_save(tensors, metadata=metadata)
+
+
+def st_load(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load``, which takes ``bytes`` only: a large value read from Redis arrives as a
+    ``bytearray`` (``p2ptrain.bulkread``) and is copied here, on the rare paths that load a state."""
+    return _st_load(data if isinstance(data, bytes) else bytes(data))
 
 
 def unpack_state(data: bytes, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -127,8 +127,8 @@ def read_model(client: redis.Redis, key: str, *, expected_numel: int | None = No
     data = client.get(key)
     if data is None:
         raise ModelUpdateError(f"model {key} does not exist")
-    assert isinstance(data, bytes)
-    return wire.decode_tensor(data, expected_numel=expected_numel)
+    assert isinstance(data, bytes | bytearray)
+    return wire.decode_tensor(data, expected_numel=expected_numel, reuse=True)
 
 
 # Adam's state key: "P2PA", 4 zero bytes, the step count as float64, then exp_avg and exp_avg_sq.
@@ -148,7 +148,7 @@ def read_state(
     data = client.get(state_key)
     if data is None:
         return None
-    assert isinstance(data, bytes)
+    assert isinstance(data, bytes | bytearray)
     if isinstance(settings, SgdSettings):
         if len(data) != 4 * numel:
             raise ModelUpdateError(f"optimizer state {state_key} has {len(data)} bytes, expected {4 * numel}")

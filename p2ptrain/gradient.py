@@ -304,13 +304,13 @@ class GradientFunction:
         return self._versions.get((request.peer, request.version), lambda: self._read_params(client, request))
 
     def _read_params(self, client: redis.Redis, request: GradientRequest) -> tuple[torch.Tensor, int]:
-        blob = cast(bytes | None, client.get(request.model_key))
+        blob = cast(bytes | bytearray | None, client.get(request.model_key))
         if blob is None:
             raise RequestError("version", f"model version {request.version} is not in peer {request.peer}'s Redis", 409)
         assert self._model is not None
         numel = self._numel
         # Cached on the compute device: a version crosses to the GPU once, not once per micro-batch.
-        flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel)).to(self._device)
+        flat = torch.from_numpy(wire.decode_tensor(blob, expected_numel=numel, reuse=True)).to(self._device)
         metrics.FUNCTION_MODEL_LOADS_TOTAL.labels(**self._labels).inc()
         return flat, len(blob)
 

@@ -87,8 +87,15 @@ def encode_tensor(values: torch.Tensor | np.ndarray, dtype: str = "float32", com
     return b"".join((header, payload))  # one copy of the payload (header + bytes() made two)
 
 
-def decode_tensor(data: bytes, *, expected_numel: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
-    """Decode :func:`encode_tensor` output into a writable float32 vector, validating everything."""
+def decode_tensor(
+    data: bytes | bytearray, *, expected_numel: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+    reuse: bool = False,
+) -> np.ndarray:
+    """Decode :func:`encode_tensor` output into a writable float32 vector, validating everything.
+
+    ``reuse``: ``data`` is a ``bytearray`` the caller gives up (a large value as ``p2ptrain.bulkread``
+    received it), so an uncompressed float32 payload becomes the array in place, without a copy.
+    """
     if len(data) > max_bytes:
         raise WireError("oversize", f"tensor of {len(data)} bytes exceeds the limit of {max_bytes}")
     if len(data) < _HEADER.size:
@@ -121,7 +128,9 @@ def decode_tensor(data: bytes, *, expected_numel: int | None = None, max_bytes: 
     if len(raw) != expected_bytes:
         raise WireError("shape", f"tensor payload has {len(raw)} bytes, header promises {expected_bytes}")
     if torch_dtype == torch.float32:
-        array = np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=True)  # the only copy
+        array = np.frombuffer(raw, dtype="<f4")
+        if not (reuse and isinstance(data, bytearray) and array.dtype == np.float32 and array.flags.writeable):
+            array = array.astype(np.float32, copy=True)  # the only copy
     else:
         array = torch.frombuffer(bytearray(raw), dtype=torch_dtype).to(torch.float32).numpy() if numel else (
             np.zeros(0, dtype=np.float32)

@@ -6,6 +6,7 @@ thread; a small one's run on the loop, where they cost less than the hop (``asgi
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 from p2ptrain import asgi, metrics, wire
@@ -40,11 +41,13 @@ class EventReceiver(PeerPart):
             sender, round_index = self._sender_and_round(event)
             self._check_window(sender, round_index)
             dataref = event.get_extension(wire.DATAREF_ATTRIBUTE)
-            if dataref:
+            payload: bytes | bytearray
+            if dataref:  # fetched into a buffer of its own: decoded in place
                 payload = await asyncio.to_thread(self.others.fetch_dataref, sender, str(dataref))
             else:
                 payload = wire.event_bytes(event)
-            gradient = await asgi.off_loop_if_large(len(payload), self.others.decode_gradient, payload)
+            decode = functools.partial(self.others.decode_gradient, payload, reuse=bool(dataref))
+            gradient = await asgi.off_loop_if_large(len(payload), decode)
             if not await self.inbox.file(round_index, sender, gradient):
                 # Checked again at filing: the same event may have been in flight twice while decoding.
                 raise wire.WireError("duplicate", f"peer {sender} already sent its round {round_index} gradient")

@@ -36,9 +36,11 @@ class OtherPeers(PeerPart):
     def max_body_bytes(self) -> int:
         return max(self.spec.exchange.inline_limit_bytes, 4 * self.numel) + 64 * 1024
 
-    def decode_gradient(self, blob: bytes) -> np.ndarray:
-        """A peer's gradient (inline, by dataref or from its outbox), checked against this model."""
-        return wire.decode_tensor(blob, expected_numel=self.numel, max_bytes=self.max_body_bytes + 4 * self.numel)
+    def decode_gradient(self, blob: bytes | bytearray, *, reuse: bool = False) -> np.ndarray:
+        """A peer's gradient (inline, by dataref or from its outbox), checked against this model;
+        ``reuse``: ``blob`` is a received ``bytearray`` nothing else holds, decoded in place."""
+        return wire.decode_tensor(blob, expected_numel=self.numel, max_bytes=self.max_body_bytes + 4 * self.numel,
+                                  reuse=reuse)
 
     def client(self, peer: int) -> redis.Redis:
         client = self._clients.get(peer)
@@ -52,7 +54,7 @@ class OtherPeers(PeerPart):
             client.close()
         self._clients.clear()
 
-    def fetch_dataref(self, sender: int, dataref: str) -> bytes:
+    def fetch_dataref(self, sender: int, dataref: str) -> bytes | bytearray:
         """Claim check: fetch a large gradient from the sender's Redis, only from the job's own servers."""
         url = urlparse(dataref)
         expected = self.config.redis[sender]
@@ -62,13 +64,13 @@ class OtherPeers(PeerPart):
         if not Keys(self.spec.name, sender).is_outbox(key):
             raise wire.WireError("dataref", f"dataref key {key!r} is not peer {sender}'s outbox")
         try:
-            blob = cast(bytes | None, self.client(sender).get(key))
+            blob = cast(bytes | bytearray | None, self.client(sender).get(key))
         except redis.RedisError as exc:
             raise wire.WireError("dataref", f"cannot read dataref from peer {sender}'s Redis: {exc}") from exc
         if blob is None:
             raise wire.WireError("dataref", f"dataref {key} has expired or was never written")
         self.cost.peer_bytes("datarefFetched", len(blob))
-        return bytes(blob)
+        return blob  # a large one as received (p2ptrain.bulkread): a bytearray, not copied
 
     def fetch_outbox(self, peer: int, round_index: int) -> np.ndarray | None:
         """Another peer's gradient for a round, from the outbox in its Redis; None if not there (yet).
@@ -77,7 +79,7 @@ class OtherPeers(PeerPart):
         as a warning, never used.
         """
         try:
-            blob = cast(bytes | None, self.client(peer).get(Keys(self.spec.name, peer).outbox(round_index)))
+            blob = cast(bytes | bytearray | None, self.client(peer).get(Keys(self.spec.name, peer).outbox(round_index)))
         except redis.RedisError as exc:
             log.info("cannot read peer %d's outbox for round %d: %s", peer, round_index + 1, exc)
             return None
@@ -85,7 +87,7 @@ class OtherPeers(PeerPart):
             return None
         self.cost.peer_bytes("outboxFetched", len(blob))
         try:
-            return self.decode_gradient(bytes(blob))
+            return self.decode_gradient(blob, reuse=True)
         except wire.WireError as exc:
             metrics.OUTBOX_GRADIENTS_INVALID_TOTAL.labels(**self.labels, reason=exc.reason).inc()
             log.warning("peer %d's round %d gradient in its outbox is invalid: %s", peer, round_index + 1, exc,

@@ -21,6 +21,28 @@ def test_float32_round_trip_is_exact(values: np.ndarray, compression: str) -> No
     assert decoded.dtype == np.float32 and decoded.flags.writeable
 
 
+def test_a_bytearray_given_up_is_decoded_in_place_and_anything_else_is_copied() -> None:
+    values = np.arange(-50, 50, dtype=np.float32) / 7
+    blob = wire.encode_tensor(values)
+    given_up = bytearray(blob)
+    decoded = wire.decode_tensor(given_up, expected_numel=values.size, reuse=True)
+    np.testing.assert_array_equal(decoded, values)
+    assert np.shares_memory(decoded, np.frombuffer(given_up, dtype=np.uint8)) and decoded.flags.writeable
+    kept = bytearray(blob)  # without reuse the caller keeps its buffer: the array is a copy
+    copied = wire.decode_tensor(kept, reuse=False)
+    assert not np.shares_memory(copied, np.frombuffer(kept, dtype=np.uint8)) and copied.flags.writeable
+    # bytes cannot be written: reuse or not, the array is a writable copy; so is a compressed payload
+    for data, reuse in ((blob, True), (bytearray(wire.encode_tensor(values, compression="zstd")), True)):
+        other = wire.decode_tensor(data, reuse=reuse)
+        np.testing.assert_array_equal(other, values)
+        assert other.flags.writeable and other.dtype == np.float32
+    broken = bytearray(blob)
+    broken[-4:] = np.float32(np.nan).tobytes()  # checked as ever: a reused buffer is no shortcut
+    with pytest.raises(wire.WireError) as info:
+        wire.decode_tensor(broken, reuse=True)
+    assert info.value.reason == "nonfinite"
+
+
 @given(arrays(np.float32, st.integers(1, 200), elements=finite32), st.sampled_from(["float16", "bfloat16"]))
 def test_half_precision_round_trip_is_within_its_precision(values: np.ndarray, dtype: str) -> None:
     decoded = wire.decode_tensor(wire.encode_tensor(values, dtype, "zstd"))

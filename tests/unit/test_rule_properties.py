@@ -49,7 +49,10 @@ def attacked(draw: st.DrawFn, rule: str, far: bool = False) -> tuple[torch.Tenso
             deviation = (grads[row] - centre).abs()
             grads[row] = centre + sign * magnitude * deviation / deviation.norm().clamp_min(1e-12)
         elif kind == "noise":
-            grads[row] = centre + magnitude * torch.randn(d, generator=generator)
+            noise = torch.randn(d, generator=generator)
+            # far: random sizes, but at least the magnitude and on the shared side (two noise rows of
+            # opposite signs cancelled in the mean: +1e6 and -0.99e6 in one dimension)
+            grads[row] = centre + (sign * magnitude * (1 + noise.abs()) if far else magnitude * noise)
         else:  # just outside the honest cloud, where trimming rules must still hold
             grads[row] = centre + sign * 3 * spread
     honest = torch.ones(n, dtype=torch.bool)

@@ -4,8 +4,9 @@ An HTTP front door (like Knative's activator) holds each request until an instan
 (``containerConcurrency``), starts a new instance process when all are busy and fewer than
 ``maxScale`` run (a cold start, timed and counted), and stops instances idle for ``idleSeconds``
 (scale to zero). A crashed instance is dropped and its request answered 503, which the peer retries.
-A request goes to the least busy ready instance; Knative's activator, with ``containerConcurrency`` 1
-to 3, picks the first pod with a free slot instead (why this differs: docs/design-notes.md).
+A request goes where Knative's activator would send it (:func:`pick`): the first instance with a free
+slot for ``containerConcurrency`` 1 to 3, round robin over those with a free slot above 3, the less busy
+of two at random for 0 (unlimited).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import statistics
 import subprocess
 import time
@@ -95,6 +97,29 @@ def spread(values: list[float]) -> dict[str, float | None]:
     return {"median": statistics.median(values), "p10": deciles[0], "p90": deciles[-1]}
 
 
+def pick(container_concurrency: int, ready: Sequence[Instance], capacity: int, next_index: int) -> tuple[Instance | None, int]:
+    """The instance a request goes to, of ``ready`` (in start order), and the round-robin index after it.
+
+    Knative's activator picks by ``containerConcurrency`` (serving pkg/activator/net/throttler.go):
+    0, the less busy of two instances drawn at random; 1 to 3, the first with a free slot; above 3,
+    round robin over those with a free slot. The first-free rule sends the micro-batches a peer sends at
+    once to the same instance, so it reads their model version once (``gradient.VersionCache``)."""
+    free = [i for i in ready if i.inflight < capacity]
+    if not free:
+        return None, next_index
+    if container_concurrency == 0:
+        drawn = random.sample(free, 2) if len(free) > 1 else free
+        return min(drawn, key=lambda i: i.inflight), next_index
+    if container_concurrency <= 3:
+        return free[0], next_index
+    start = next_index % len(ready)
+    for step in range(len(ready)):
+        candidate = ready[(start + step) % len(ready)]
+        if candidate.inflight < capacity:
+            return candidate, (start + step + 1) % len(ready)
+    return None, next_index  # unreachable: ``free`` was not empty
+
+
 class LocalFunctionService:
     def __init__(
         self,
@@ -116,6 +141,7 @@ class LocalFunctionService:
         self._client = Poster(max_connections=256, timeout_seconds=scale.timeout_seconds)
         self._reaper: asyncio.Task[None] | None = None
         self._waiters = 0
+        self._round_robin = 0  # containerConcurrency > 3: where the next request starts looking
         self._warming: set[asyncio.Task[None]] = set()
         self._stopping: set[asyncio.Task[None]] = set()  # instances being terminated off the loop
 
@@ -201,9 +227,11 @@ class LocalFunctionService:
         async with self._changed:
             while True:
                 self._drop_dead()
-                ready = [i for i in self.instances if i.ready.is_set() and i.inflight < self._capacity()]
-                if ready:
-                    instance = min(ready, key=lambda i: i.inflight)
+                ready = [i for i in self.instances if i.ready.is_set()]
+                chosen, self._round_robin = pick(self.scale.container_concurrency, ready, self._capacity(),
+                                                 self._round_robin)
+                if chosen is not None:
+                    instance = chosen
                     instance.inflight += 1
                     instance.last_used = time.monotonic()
                     return instance, cold

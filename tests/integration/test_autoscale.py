@@ -147,3 +147,18 @@ async def test_stopping_an_idle_instance_holds_up_no_request(service_factory) ->
     finally:
         await service.stop()
     assert not _alive(first) and not _alive(second)
+
+
+@pytest.mark.parametrize(("concurrency", "instances_used"), [(2, 1), (4, 2)])
+async def test_requests_are_routed_as_knatives_activator_routes_them(service_factory, concurrency, instances_used) -> None:
+    """Two requests at once, two warm instances: with containerConcurrency 1-3 both go to the first
+    instance with a free slot (a peer's micro-batches share one read of the model), above 3 round robin
+    spreads them."""
+    service = service_factory(min_scale=2, max_scale=2, container_concurrency=concurrency)
+    await service.start()
+    try:
+        assert service.running == 2
+        pids = await asyncio.gather(_post(service), _post(service))
+        assert len(set(pids)) == instances_used
+    finally:
+        await service.stop()

@@ -1,8 +1,8 @@
 #!lua name=p2ptrain
 -- In-database gradient accumulation and model update for Redis servers that cannot load the
 -- p2ptrain module. Same commands, key layouts and replies as the module (P2P.ACCUM / P2P.MEAN /
--- P2P.SGD / P2P.ADAM), at Lua speed: the fallback, and SPIRT's original approach, kept as a
--- baseline for bench/accumulate.py. Lua computes in double precision and rounds to float32 on store.
+-- P2P.MEANSTORE / P2P.SGD / P2P.ADAM), at Lua speed: the fallback, and SPIRT's original approach,
+-- kept as a baseline for bench/accumulate.py. Lua computes in double precision and rounds to float32 on store.
 
 local CHUNK = 4000  -- floats per struct call, under Lua's stack limit
 
@@ -299,7 +299,36 @@ local function adam(keys, args)
   return 1
 end
 
+-- P2P.MEANSTORE acc meta dst [EX seconds]: P2P.MEAN's reply, the mean also written to dst as a wire
+-- tensor (replacing any string there). Nothing is written when nothing was accumulated.
+local function mean_store(keys, args)
+  local ttl, bad_ttl = ttl_arg(args, 0)
+  if ttl == nil then
+    return bad_ttl
+  end
+  local dst = keys[3]
+  if dst == keys[1] or dst == keys[2] then
+    return redis.error_reply("ERR dst must differ from the accumulator's keys")
+  end
+  local reply = mean(keys, args)
+  if not reply then
+    return reply
+  end
+  local kind = redis.call('TYPE', dst)['ok']
+  if kind ~= 'none' and kind ~= 'string' then
+    return redis.error_reply('WRONGTYPE ' .. dst .. ' is not a string')
+  end
+  local value = model_header(string.len(reply[1]) / 4) .. reply[1]
+  if ttl > 0 then
+    redis.call('SET', dst, value, 'EX', ttl)
+  else
+    redis.call('SET', dst, value)
+  end
+  return reply
+end
+
 redis.register_function('p2p_accum', add)
+redis.register_function('p2p_meanstore', mean_store)
 redis.register_function('p2p_sgd', sgd)
 redis.register_function('p2p_adam', adam)
 redis.register_function{function_name = 'p2p_mean', callback = mean, flags = {'no-writes'}}

@@ -1,4 +1,4 @@
-"""In-database gradient accumulation: the Python side of ``P2P.ACCUM`` / ``P2P.MEAN``.
+"""In-database gradient accumulation: the Python side of ``P2P.ACCUM`` / ``P2P.MEAN`` / ``P2P.MEANSTORE``.
 
 Functions add a micro-batch gradient (weighted by its sample count) into the peer's accumulator with
 one atomic, idempotent command; the peer reads the weighted mean with one call. The commands come
@@ -63,20 +63,35 @@ class Accumulator:
         """(weighted mean as float32, total weight, parts) or None when nothing was accumulated."""
         return self._read_mean(client, acc_key, meta_key, clear=False)
 
-    def take_mean(self, client: redis.Redis, acc_key: str, meta_key: str) -> tuple[np.ndarray, float, int] | None:
-        """``mean``, and both keys deleted, in one round trip (the peer reads a round's mean once)."""
-        return self._read_mean(client, acc_key, meta_key, clear=True)
+    def take_mean(
+        self, client: redis.Redis, acc_key: str, meta_key: str, *, store: str | None = None,
+        ttl_seconds: int = ROUND_KEY_TTL_SECONDS, delete: tuple[str, ...] = (),
+    ) -> tuple[np.ndarray, float, int] | None:
+        """``mean``, and both keys deleted, in one round trip (the peer reads a round's mean once).
+
+        ``store``: the mean is also written there as a ``p2ptrain.wire`` tensor with ``ttl_seconds``
+        (``P2P.MEANSTORE``), where a peer parks the average it sends, without sending it back to Redis.
+        ``delete``: more keys deleted in the same round trip."""
+        return self._read_mean(client, acc_key, meta_key, clear=True, store=store, ttl_seconds=ttl_seconds,
+                               delete=delete)
 
     def _read_mean(
-        self, client: redis.Redis, acc_key: str, meta_key: str, *, clear: bool
+        self, client: redis.Redis, acc_key: str, meta_key: str, *, clear: bool, store: str | None = None,
+        ttl_seconds: int = ROUND_KEY_TTL_SECONDS, delete: tuple[str, ...] = (),
     ) -> tuple[np.ndarray, float, int] | None:
         pipe = client.pipeline(transaction=False)
-        if self.kind == "module":
+        if store is not None and self.kind == "module":
+            pipe.execute_command("P2P.MEANSTORE", acc_key, meta_key, store, "EX", ttl_seconds)
+        elif store is not None:
+            pipe.fcall("p2p_meanstore", 3, acc_key, meta_key, store, "EX", ttl_seconds)
+        elif self.kind == "module":
             pipe.execute_command("P2P.MEAN", acc_key, meta_key)
         else:
             pipe.fcall("p2p_mean", 2, acc_key, meta_key)
         if clear:
             pipe.delete(acc_key, meta_key)
+        if delete:
+            pipe.delete(*delete)
         reply = pipe.execute(raise_on_error=False)[0]
         if isinstance(reply, redis.ResponseError) and self.kind == "lua" and _missing_function(reply):
             return None  # Redis restarted empty (the library with it): nothing was accumulated there

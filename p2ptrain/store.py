@@ -136,10 +136,19 @@ class PeerStore:
             self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index)
         )
 
-    def take_average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
-        """``read_average`` and ``clear_round`` in one round trip: what the round does once a round."""
+    def take_average(self, round_index: int, *, park: bool = False) -> tuple[np.ndarray, float, int] | None:
+        """``read_average`` and ``clear_round`` in one round trip: what the round does once a round.
+
+        ``park``: the average is also parked in the round's outbox as ``put_outbox`` would, by Redis
+        itself (``P2P.MEANSTORE``): for a peer that sends its average as it is (float32, uncompressed),
+        the 4 bytes a parameter are not sent back to Redis."""
+        keys = self.keys
+        if not park:
+            return self.accumulator.take_mean(self.client, keys.accumulator(round_index), keys.accumulator_meta(round_index))
         return self.accumulator.take_mean(
-            self.client, self.keys.accumulator(round_index), self.keys.accumulator_meta(round_index)
+            self.client, keys.accumulator(round_index), keys.accumulator_meta(round_index),
+            store=keys.outbox(round_index), ttl_seconds=ROUND_KEY_TTL_SECONDS,
+            delete=(keys.outbox(round_index - OUTBOX_ROUNDS),) if round_index >= OUTBOX_ROUNDS else (),
         )
 
     def clear_round(self, round_index: int) -> None:

@@ -6,6 +6,10 @@
  *       each part's weight plus the running totals `~weight` and `~parts`. With EX, both keys get
  *       that TTL (also when the part was already added): one command where a pipeline took three.
  *   P2P.MEAN acc meta                     -> [acc / ~weight as float32 bytes, ~weight, ~parts] or nil
+ *   P2P.MEANSTORE acc meta dst [EX seconds] -> the same reply, and the mean also written to `dst` as a
+ *       p2ptrain wire tensor (16-byte header + float32; replacing any string there), with that TTL:
+ *       a peer parks its round's average in its outbox without sending it back. Nothing is written
+ *       when nothing was accumulated (nil).
  *   P2P.SGD src dst buf grad lr momentum dampening weight_decay nesterov [EX seconds]
  *       -> 1 stepped, 0 if `dst` already exists (the step for that version was taken)
  *       one torch.optim.SGD step: model `src` (a p2ptrain wire tensor: 16-byte header + float32)
@@ -141,6 +145,7 @@ KERNEL static void adam_kernel(ufloat *out, const ufloat *in, ufloat *restrict m
 
 typedef enum { OP_ACCUM, OP_MEAN, OP_SGD, OP_ADAM } OpKind;
 static const char *const OP_NAMES[] = {"P2P.ACCUM", "P2P.MEAN", "P2P.SGD", "P2P.ADAM"};
+#define MEAN_DST 2 /* P2P.MEANSTORE: the key index the mean is written to (key_count 3) */
 
 typedef enum { STEP_MORE, STEP_DONE } StepState;
 
@@ -155,6 +160,7 @@ typedef struct Job {
     size_t n, checked, done; /* elements of the gradient checked finite, elements computed */
     int started;
     size_t allocate[3]; /* bytes of a key still to be created, by key index (0: none) */
+    int header_key;     /* the key index created with `header` in front (0: none) */
     char header[WIRE_HEADER];
     double weight;
     SgdParams sgd;
@@ -310,6 +316,22 @@ static StepState start_mean(RedisModuleCtx *ctx, Job *job) {
     job->parts = strtoll(buffer, NULL, 10);
     if (!(job->weight > 0)) return fail(job, "ERR accumulator %s has no recorded weight", key_name(job, 0));
     job->n = acc_len / sizeof(float);
+    if (job->key_count == 3) { /* MEANSTORE: dst is replaced by a new wire tensor of the mean */
+        size_t dst_len;
+        RedisModuleKey *dst = open_string(ctx, job->keys[MEAN_DST], REDISMODULE_READ | REDISMODULE_WRITE, &dst_len);
+        if (dst == WRONG_TYPE) return fail(job, "WRONGTYPE %s is not a string", key_name(job, MEAN_DST));
+        if (dst_len != 0) RedisModule_DeleteKey(dst);
+        RedisModule_CloseKey(dst);
+        uint64_t numel = job->n;
+        memcpy(job->header, "P2PT\1\1\0\0", 8); /* version 1, float32, uncompressed, pad */
+        memcpy(job->header + 8, &numel, sizeof numel);
+        job->header_key = MEAN_DST;
+        job->allocate[MEAN_DST] = WIRE_HEADER + acc_len;
+        /* Run in one piece it replies from dst itself; sliced, other commands may change dst before the
+         * reply, so the mean is kept apart too. */
+        job->mean = job->async ? RedisModule_Alloc(acc_len) : NULL;
+        return STEP_MORE;
+    }
     job->mean = job->async ? RedisModule_Alloc(acc_len) : scratch_floats(acc_len);
     return STEP_MORE;
 }
@@ -361,6 +383,7 @@ static StepState start_model_step(RedisModuleCtx *ctx, Job *job, size_t state_by
         }
         RedisModule_CloseKey(dst);
         job->allocate[1] = src_len;
+        job->header_key = 1;
         memcpy(job->header, header, WIRE_HEADER);
     }
     if (state_bytes > 0 && *first) job->allocate[2] = state_bytes;
@@ -424,9 +447,12 @@ static StepState slice(RedisModuleCtx *ctx, Job *job, size_t lo, size_t hi) {
         break;
     }
     case OP_MEAN: {
+        ufloat *out = job->key_count == 3 ? payload(ctx, job->keys[MEAN_DST], WIRE_HEADER + bytes, WIRE_HEADER,
+                                                    REDISMODULE_WRITE) : (ufloat *)job->mean;
         const ufloat *sum = payload(ctx, job->keys[0], bytes, 0, 0);
-        if (sum == NULL) return fail(job, changed, name);
-        scaled((ufloat *)job->mean + lo, sum + lo, (float)(1.0 / job->weight), count);
+        if (sum == NULL || out == NULL) return fail(job, changed, name);
+        scaled(out + lo, sum + lo, (float)(1.0 / job->weight), count);
+        if (job->mean != NULL && out != (ufloat *)job->mean) memcpy(job->mean + lo, (const char *)(out + lo), count * sizeof(float));
         break;
     }
     case OP_SGD: {
@@ -478,7 +504,9 @@ static void finish(RedisModuleCtx *ctx, Job *job) {
             if (job->kind == OP_ADAM || job->sgd.momentum != 0.0f) expire(ctx, job->keys[2], job->ttl_ms);
         }
         break;
-    case OP_MEAN: break;
+    case OP_MEAN:
+        if (job->key_count == 3 && job->ttl_ms > 0) expire(ctx, job->keys[MEAN_DST], job->ttl_ms);
+        break;
     }
     job->result = 1;
 }
@@ -500,7 +528,7 @@ static StepState allocate_next(RedisModuleCtx *ctx, Job *job) {
     size_t len;
     RedisModuleKey *key = open_string(ctx, job->keys[i], REDISMODULE_READ | REDISMODULE_WRITE, &len);
     int ok = key != WRONG_TYPE && len == 0 && RedisModule_StringTruncate(key, job->allocate[i]) == REDISMODULE_OK;
-    if (ok && i == 1) memcpy(RedisModule_StringDMA(key, &len, REDISMODULE_WRITE), job->header, WIRE_HEADER);
+    if (ok && i == job->header_key) memcpy(RedisModule_StringDMA(key, &len, REDISMODULE_WRITE), job->header, WIRE_HEADER);
     if (key != WRONG_TYPE) RedisModule_CloseKey(key);
     if (!ok) return fail(job, "ERR cannot create %s: it was created by another command meanwhile, or no memory", key_name(job, i));
     job->allocate[i] = 0;
@@ -522,8 +550,17 @@ static int reply(RedisModuleCtx *ctx, Job *job) {
         return RedisModule_ReplyWithLongLong(ctx, job->result);
     }
     if (job->result == -1) return RedisModule_ReplyWithNull(ctx);
+    if (job->key_count == 3) RedisModule_ReplicateVerbatim(ctx); /* MEANSTORE wrote dst */
     RedisModule_ReplyWithArray(ctx, 3);
-    RedisModule_ReplyWithStringBuffer(ctx, (const char *)job->mean, job->n * sizeof(float));
+    if (job->mean != NULL) {
+        RedisModule_ReplyWithStringBuffer(ctx, (const char *)job->mean, job->n * sizeof(float));
+    } else { /* MEANSTORE run in one piece: the mean is dst's payload, written just now */
+        size_t len;
+        RedisModuleKey *dst = RedisModule_OpenKey(ctx, job->keys[MEAN_DST], REDISMODULE_READ);
+        const char *data = RedisModule_StringDMA(dst, &len, REDISMODULE_READ);
+        RedisModule_ReplyWithStringBuffer(ctx, data + WIRE_HEADER, job->n * sizeof(float));
+        RedisModule_CloseKey(dst);
+    }
     RedisModule_ReplyWithStringBuffer(ctx, job->total_text, job->total_len);
     return RedisModule_ReplyWithLongLong(ctx, job->parts);
 }
@@ -727,6 +764,20 @@ static int mean_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
     return submit(ctx, &job);
 }
 
+static int meanstore_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 4 && argc != 6) return RedisModule_WrongArity(ctx);
+    RedisModule_AutoMemory(ctx);
+    Job job = {.kind = OP_MEAN, .keys = {argv[1], argv[2], argv[3]}, .key_count = 3};
+    if (RedisModule_StringCompare(argv[3], argv[1]) == 0 || RedisModule_StringCompare(argv[3], argv[2]) == 0)
+        return RedisModule_ReplyWithError(ctx, "ERR dst must differ from the accumulator's keys");
+    if (!parse_ttl(ctx, argv, argc, 4, &job.ttl_ms)) return REDISMODULE_OK;
+    size_t acc_len = 0;
+    RedisModuleKey *acc = open_string(ctx, argv[1], REDISMODULE_READ, &acc_len);
+    if (acc != WRONG_TYPE) RedisModule_CloseKey(acc);
+    job.n = acc_len / sizeof(float); /* decides whether it runs sliced; start() re-reads it */
+    return submit(ctx, &job);
+}
+
 /* Optional trailing `EX seconds`: the TTL the written keys get (ACCUM: both; SGD/ADAM: the new model
  * version and the state). */
 static int parse_ttl(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, int fixed, long long *ttl_ms) {
@@ -801,9 +852,10 @@ static int adam_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
 int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv;
     (void)argc;
-    if (RedisModule_Init(ctx, "p2ptrain", 2, REDISMODULE_APIVER_1) == REDISMODULE_ERR) return REDISMODULE_ERR;
+    if (RedisModule_Init(ctx, "p2ptrain", 3, REDISMODULE_APIVER_1) == REDISMODULE_ERR) return REDISMODULE_ERR;
     if (RedisModule_CreateCommand(ctx, "p2p.accum", accum_command, "write deny-oom", 1, 2, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.mean", mean_command, "readonly", 1, 2, 1) == REDISMODULE_ERR ||
+        RedisModule_CreateCommand(ctx, "p2p.meanstore", meanstore_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.sgd", sgd_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.adam", adam_command, "write deny-oom", 1, 3, 1) == REDISMODULE_ERR ||
         RedisModule_CreateCommand(ctx, "p2p.stats", stats_command, "readonly fast", 0, 0, 0) == REDISMODULE_ERR)

@@ -60,6 +60,7 @@ P2P_API(int, KeyType, RedisModuleKey *);
 P2P_API(size_t, ValueLength, RedisModuleKey *);
 P2P_API(char *, StringDMA, RedisModuleKey *, size_t *, int);
 P2P_API(int, StringTruncate, RedisModuleKey *, size_t);
+P2P_API(int, DeleteKey, RedisModuleKey *);
 P2P_API(const char *, StringPtrLen, const RedisModuleString *, size_t *);
 P2P_API(int, StringToDouble, const RedisModuleString *, double *);
 P2P_API(int, WrongArity, RedisModuleCtx *);
@@ -101,7 +102,7 @@ static int RedisModule_Init(RedisModuleCtx *ctx, const char *name, int version, 
     if (P2P_GET_API(SetModuleAttribs) || P2P_GET_API(CreateCommand) || P2P_GET_API(AutoMemory) ||
         P2P_GET_API(Alloc) || P2P_GET_API(Free) || P2P_GET_API(OpenKey) || P2P_GET_API(CloseKey) ||
         P2P_GET_API(KeyType) || P2P_GET_API(ValueLength) || P2P_GET_API(StringDMA) ||
-        P2P_GET_API(StringTruncate) || P2P_GET_API(StringPtrLen) || P2P_GET_API(StringToDouble) ||
+        P2P_GET_API(StringTruncate) || P2P_GET_API(DeleteKey) || P2P_GET_API(StringPtrLen) || P2P_GET_API(StringToDouble) ||
         P2P_GET_API(WrongArity) || P2P_GET_API(ReplyWithError) || P2P_GET_API(ReplyWithLongLong) ||
         P2P_GET_API(ReplyWithNull) || P2P_GET_API(ReplyWithArray) || P2P_GET_API(ReplyWithStringBuffer) ||
         P2P_GET_API(ReplicateVerbatim) || P2P_GET_API(Call) || P2P_GET_API(CallReplyType) ||

@@ -11,6 +11,7 @@ non-finite gradient is not an outage: it is never retried, and the round raises 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -160,9 +161,10 @@ class FunctionClient(PeerPart):
                     "aggregating the other peers' gradients only", round_index + 1)
         return receipts
 
-    async def average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
-        """The round's mean gradient, as the functions summed it in Redis; the accumulator is cleared."""
-        average = await asyncio.to_thread(self.store.take_average, round_index)
+    async def average(self, round_index: int, park: bool = False) -> tuple[np.ndarray, float, int] | None:
+        """The round's mean gradient, as the functions summed it in Redis; the accumulator is cleared.
+        ``park``: Redis also parks it in the round's outbox (``PeerStore.take_average``)."""
+        average = await asyncio.to_thread(functools.partial(self.store.take_average, round_index, park=park))
         self.cost.redis_bytes("meanRead", average[0].nbytes if average is not None else 0)
         return average
 

@@ -72,8 +72,9 @@ class InlineGradients(PeerPart):
             left_out_non_finite(self.ctx, round_index, non_finite)
         return receipts
 
-    async def average(self, round_index: int) -> tuple[np.ndarray, float, int] | None:
-        """(weighted mean, total weight, micro-batches summed) of the round's finite gradients, or None."""
+    async def average(self, round_index: int, park: bool = False) -> tuple[np.ndarray, float, int] | None:
+        """(weighted mean, total weight, micro-batches summed) of the round's finite gradients, or None.
+        Never parked (``park`` is for the Redis accumulator): the sender parks it."""
         held, self._average = self._average, None
         return held[1] if held is not None and held[0] == round_index else None
 

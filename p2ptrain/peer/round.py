@@ -41,6 +41,7 @@ from p2ptrain.peer.resync import Resync
 from p2ptrain.peer.sender import GradientSender
 from p2ptrain.peer.update import RoundUpdate
 from p2ptrain.poster import Poster
+from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerState, PeerStatus
 from p2ptrain.store import Keys, PeerStore, connect
 
@@ -84,6 +85,7 @@ class Peer:
         self._functions: FunctionClient | InlineGradients | None = None
         self._sender: GradientSender | None = None
         self._ps = AggregatorLink(self.ctx) if spec.topology == "ps" else None  # topology ps: see ps_round
+        self.parks_average = parks_average(spec, self.attack, self.replica)
 
     @property
     def numel(self) -> int:
@@ -195,7 +197,7 @@ class Peer:
         phases["fanout"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        average = await self._functions.average(round_index)
+        average = await self._functions.average(round_index, park=self.parks_average)
         phases["average"] = time.perf_counter() - t0
         samples = sum(r.samples for r in receipts)
         loss = sum(r.loss * r.samples for r in receipts) / samples if samples else None
@@ -226,7 +228,9 @@ class Peer:
             self.update.replica_replaced()
         elif own is not None:
             await self.inbox.file(round_index, self.index, own)
-            await self._sender.send(round_index, own)
+            await self._sender.send(round_index, own, parked=self.parks_average)
+        elif average is not None and self.parks_average:  # diverged: what Redis parked is not sent
+            await asyncio.to_thread(self.store.client.delete, self.store.keys.outbox(round_index))
         gradients = await self.collect(round_index, deadline) if self._ps is None else {}
         phases["exchange"] = time.perf_counter() - t0
 
@@ -297,6 +301,14 @@ class Peer:
         self.status.count_skipped_update("divergence")
         log.warning("%s; leaving it out of the round (training.onDivergence=skipRound)", exc,
                     extra={"reason": "divergence", "cause": exc.cause})
+
+
+def parks_average(spec: JobSpec, attack: PeerAttack | None, replica: Replica) -> bool:
+    """Whether this peer sends its average as the functions' Redis computed it (float32, uncompressed,
+    to the other peers): Redis then parks it in the outbox as the peer reads it (P2P.MEANSTORE),
+    instead of the peer sending the same bytes back."""
+    return (spec.function.mode == "serverless" and spec.topology != "ps" and attack is None
+            and replica.momentum is None and spec.exchange.dtype == "float32" and spec.exchange.compression == "none")
 
 
 def as_sent(gradient: np.ndarray, dtype: str) -> np.ndarray:

@@ -35,11 +35,16 @@ class GradientSender(PeerPart):
         self._sending: set[asyncio.Task[None]] = set()
         self.post_seconds: deque[float] = deque(maxlen=_POST_SECONDS_KEPT)  # answered posts, request to reply
 
-    async def send(self, round_index: int, gradient: np.ndarray) -> None:
-        """Park the gradient in our outbox and start posting it to every other peer."""
+    async def send(self, round_index: int, gradient: np.ndarray, *, parked: bool = False) -> None:
+        """Park the gradient in our outbox and start posting it to every other peer. ``parked``: Redis
+        parked it already (``PeerStore.take_average``), as float32: an event by dataref needs no encoding."""
         exchange = self.spec.exchange
-        blob = await asgi.off_loop_if_large(gradient.nbytes, wire.encode_tensor, gradient, exchange.dtype,
-                                            exchange.compression)
+        size = wire.TENSOR_HEADER_BYTES + 4 * gradient.size  # float32, uncompressed: what a parked one is
+        blob = b""
+        if not parked or size <= exchange.inline_limit_bytes:
+            blob = await asgi.off_loop_if_large(gradient.nbytes, wire.encode_tensor, gradient, exchange.dtype,
+                                                exchange.compression)
+            size = len(blob)
         extensions: dict[str, str | int] = {"round": round_index, "peer": self.index}
         data = blob
         # Always parked in our outbox: a peer that missed the event (it restarted, or could not be
@@ -47,8 +52,8 @@ class GradientSender(PeerPart):
         # needs it parked first; an event that carries the gradient goes out while it is parked (the
         # outbox is read only once a round's quorum or deadline is missed), saving the others a Redis
         # round trip of waiting every round.
-        parking = asyncio.create_task(asyncio.to_thread(self.store.put_outbox, round_index, blob))
-        if len(blob) > exchange.inline_limit_bytes:
+        parking = asyncio.create_task(self._park(round_index, blob, parked))
+        if size > exchange.inline_limit_bytes:
             key = await parking
             address = self.config.redis[self.index]
             extensions[wire.DATAREF_ATTRIBUTE] = f"redis://{address.host}:{address.port}/{key}"
@@ -69,9 +74,15 @@ class GradientSender(PeerPart):
             sending = asyncio.create_task(self._post(peer, round_index, headers, body))
             self._sending.add(sending)
             sending.add_done_callback(self._sending.discard)
-        metrics.child(metrics.EXCHANGE_SENT_BYTES_TOTAL, **self.labels).inc(len(blob) * len(others))
+        metrics.child(metrics.EXCHANGE_SENT_BYTES_TOTAL, **self.labels).inc(size * len(others))
         await parking  # done already for an event by dataref
+
+    async def _park(self, round_index: int, blob: bytes, parked: bool) -> str:
+        if parked:
+            return self.store.keys.outbox(round_index)
+        key = await asyncio.to_thread(self.store.put_outbox, round_index, blob)
         self.cost.redis_bytes("outboxWritten", len(blob))
+        return key
 
     def destinations(self) -> list[int]:
         """Who takes our gradient: every other peer (``p2ptrain.peer.ps_round`` sends to the aggregator)."""

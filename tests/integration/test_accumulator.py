@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from p2ptrain import wire
 from p2ptrain.accumulator import AccumulatorError, detect
 from p2ptrain.native import module_path
 from p2ptrain.redis_server import RedisServer
@@ -237,3 +238,43 @@ def test_accum_ex_sets_both_ttls_in_the_one_command_and_a_bad_ex_changes_nothing
     assert (client.get("acc"), client.hgetall("meta")) == before
     assert _accum(client, kind, "acc2", "meta2", "a", "1", grad) == 1  # without EX: no TTL, as before
     assert client.ttl("acc2") == -1 and client.ttl("meta2") == -1
+
+
+def test_take_mean_can_park_the_mean_as_a_wire_tensor(accumulating_redis) -> None:
+    """P2P.MEANSTORE (p2p_meanstore in Lua): the reply is the mean, and ``store`` holds the same
+    values as a p2ptrain wire tensor with the TTL; the extra keys go in the same round trip."""
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    grads = _grads(3, 5000, seed=7)
+    for i, g in enumerate(grads):
+        assert accumulator.add(client, "acc", "meta", f"part{i}", 1.0 + i, g.tobytes())
+    client.set("out", b"an older value")  # replaced
+    client.set("old-out", b"x")
+    taken = accumulator.take_mean(client, "acc", "meta", store="out", ttl_seconds=90, delete=("old-out",))
+    assert taken is not None
+    mean, total, parts = taken
+    expected = sum((1.0 + i) * g.astype(np.float64) for i, g in enumerate(grads)) / 6.0
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-6)
+    assert (total, parts) == (6.0, 3)
+    parked = client.get("out")
+    assert parked is not None
+    np.testing.assert_array_equal(wire.decode_tensor(bytes(parked), expected_numel=mean.size), mean)
+    assert 0 < client.ttl("out") <= 90
+    assert client.exists("acc", "meta", "old-out") == 0
+    # Nothing accumulated: nothing parked, the key left as it was.
+    assert accumulator.take_mean(client, "acc", "meta", store="out") is None
+    assert client.get("out") == parked
+
+
+def test_parking_refuses_a_non_string_or_an_accumulator_key(accumulating_redis) -> None:
+    _, server = accumulating_redis
+    client = server.client()
+    accumulator = detect(client)
+    (g,) = _grads(1, 100)
+    client.hset("hash", "a", "1")
+    for store, message in (("hash", "WRONGTYPE"), ("acc", "dst must differ")):
+        assert accumulator.add(client, "acc", "meta", "p", 1.0, g.tobytes())
+        with pytest.raises(AccumulatorError, match=message):
+            accumulator.take_mean(client, "acc", "meta", store=store)
+    assert client.hgetall("hash") == {b"a": b"1"}

@@ -157,3 +157,20 @@ def test_a_transaction_touching_a_key_in_flight_is_refused(module_redis: RedisSe
             return
         assert reply[1:] == [b"1", 1] and np.all(np.frombuffer(reply[0], dtype="<f4") == 1.0)
     pytest.fail("the transaction never landed while the ACCUM was in flight (5 attempts)")
+
+
+def test_a_sliced_meanstore_replies_and_parks_the_same_mean(module_redis: RedisServer) -> None:
+    """Above 2^21 floats P2P.MEANSTORE runs in slices, and other commands may touch the parked key
+    before the reply: the reply is the mean it computed, and the key holds it as a wire tensor."""
+    client = module_redis.client()
+    n = 3_000_000
+    rng = np.random.default_rng(5)
+    for part, weight in (("a", "1"), ("b", "3")):
+        client.execute_command("P2P.ACCUM", "acc", "meta", part, weight, rng.standard_normal(n).astype("<f4").tobytes())
+    stored = client.execute_command("P2P.MEANSTORE", "acc", "meta", "out", "EX", "60")
+    mean = client.execute_command("P2P.MEAN", "acc", "meta")
+    assert stored[1:] == mean[1:] == [b"4", 2]
+    assert bytes(stored[0]) == bytes(mean[0])
+    parked = wire.decode_tensor(bytes(client.get("out")), expected_numel=n)
+    np.testing.assert_array_equal(parked, np.frombuffer(bytes(mean[0]), dtype="<f4"))
+    assert 0 < client.ttl("out") <= 60

@@ -32,9 +32,9 @@ def slow_down(peer: Peer, seconds: float) -> None:
     others close their rounds on the partial quorum without it while it still aggregates theirs."""
     take_average: Callable[[int], Any] = peer.store.take_average
 
-    def late(round_index: int) -> Any:
+    def late(round_index: int, **options: Any) -> Any:
         time.sleep(seconds)  # the injected fault itself, run in the round's worker thread
-        return take_average(round_index)
+        return take_average(round_index, **options)
 
     peer.store.take_average = late  # type: ignore[method-assign]
 

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 from p2ptrain import asgi, wire
 from p2ptrain.peer import Peer, PeerError
+from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.functions import MAX_ROUNDS_WITHOUT_GRADIENT
 from p2ptrain.redis_server import free_port
 from p2ptrain.store import Keys, PeerStore
@@ -132,3 +133,38 @@ async def test_rounds_without_any_gradient_fail_the_peer_after_the_limit() -> No
     # The rounds before the limit ran (without an update) and counted every failed call.
     assert peer.status.round == MAX_ROUNDS_WITHOUT_GRADIENT - 1
     assert peer.status.function_failures == {"http": 2 * MAX_ROUNDS_WITHOUT_GRADIENT}
+
+
+async def test_redis_parks_the_average_it_sends_and_a_diverged_round_parks_nothing() -> None:
+    """A peer sending its average as the functions' Redis computed it has Redis park it in the outbox
+    (P2P.MEANSTORE / p2p_meanstore): the outbox holds what the peer filed as its own gradient. A round
+    whose loss diverges (skipRound) sends nothing, and what Redis parked is removed."""
+    spec = make_spec(name="parked", peers=1, functionsPerPeer=2, batchSize=16, rounds=3,
+                     training={"onDivergence": "skipRound"})
+    async with running_job(spec) as job:
+        peer = job.peers[0]
+        assert peer.parks_average
+        check_loss = peer.guard.check_loss
+        own: dict[int, np.ndarray] = {}
+
+        def diverge_in_round_1(round_index: int, loss: float | None) -> None:
+            if round_index == 1:
+                raise Diverged("non-finite-loss", round_index, "injected")
+            check_loss(round_index, loss)
+
+        file = peer.inbox.file
+
+        async def keep(round_index: int, sender: int, gradient: np.ndarray) -> bool:
+            own[round_index] = gradient.copy()
+            return await file(round_index, sender, gradient)
+
+        peer.guard.check_loss = diverge_in_round_1  # type: ignore[method-assign]
+        peer.inbox.file = keep  # type: ignore[method-assign]
+        await job.train(timeout=60)
+        client = peer.store.client
+        assert sorted(own) == [0, 2]
+        for round_index in (0, 2):
+            parked = client.get(peer.store.keys.outbox(round_index))
+            assert parked is not None
+            np.testing.assert_array_equal(wire.decode_tensor(bytes(parked), expected_numel=peer.numel), own[round_index])
+        assert client.exists(peer.store.keys.outbox(1)) == 0

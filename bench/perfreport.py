@@ -200,12 +200,15 @@ def _versus(run: dict[str, Any], inline: dict[str, Any] | None) -> str:
 # --- the document ----------------------------------------------------------------------------------
 
 def _phase_table(runs: Sequence[dict[str, Any]], labels: Sequence[str]) -> list[str]:
-    head = "| config | " + " | ".join(ROUND_PHASES) + " | round ms | DDP step ms | round / DDP | first round s | accuracy p2ptrain / DDP |"
-    lines = [head, "|" + "---|" * (len(ROUND_PHASES) + 6)]
+    head = ("| config | " + " | ".join(ROUND_PHASES) + " | round ms | DDP step ms | DDP step ms without evaluation | "
+            "round / DDP | first round s | accuracy p2ptrain / DDP |")
+    lines = [head, "|" + "---|" * (len(ROUND_PHASES) + 7)]
     for run, label in zip(runs, labels, strict=True):
         phases = " | ".join(f"{run['phases'].get(p, 0.0) * 1000:.1f}" for p in ROUND_PHASES)
+        train = run.get("ddp_train_step_seconds")
         lines.append(
             f"| {label} | {phases} | {run['round_seconds'] * 1000:.1f} | {run['ddp_step_seconds'] * 1000:.2f} | "
+            f"{'-' if train is None else f'{train * 1000:.2f}'} | "
             f"{run['round_seconds'] / run['ddp_step_seconds']:.1f}x | {run['first_round_seconds']:.1f} | "
             f"{_accuracy(run.get('accuracy'))} / {_accuracy(run.get('ddp_accuracy'))} |"
         )
@@ -318,7 +321,9 @@ def render(results: dict[str, Any], doc: Path, images: Path) -> list[Path]:
             "",
             f"Model `{scaling[0]['model']}`, batch {scaling[0]['batch_size']} per peer, {scaling[0]['rounds']} rounds; "
             "the DDP baseline is `DistributedDataParallel` over gloo with as many workers as peers, the same model, "
-            "shards, batch, optimizer and steps (`bench/round.py`). Phases are the peers' mean over rounds after the "
+            "shards, batch, optimizer and steps (`bench/round.py`). It evaluates as often as the job (rank 0, its "
+            "replicas being identical), timed with the step as a p2ptrain round's `evaluate` phase is timed with the "
+            "round; the step without it is shown too. Phases are the peers' mean over rounds after the "
             "first (the first pays the functions' cold starts); milliseconds per round:",
             "",
             *_tables(scaling, [label.replace("\n", " ") for label in labels], meta.get("cores", 2)),

@@ -3,7 +3,8 @@
 Runs the digits job with the local runner (real Redis servers, peers and function processes on this
 machine) once per ``function.mode`` asked for — serverless (gradient functions) and inline (the peers
 compute their own micro-batches) — then the same model, data shards, batch size, optimizer and number
-of steps with ``torch.nn.parallel.DistributedDataParallel`` over gloo with as many workers as peers.
+of steps with ``torch.nn.parallel.DistributedDataParallel`` over gloo with as many workers as peers,
+evaluating as often as the job and timing that with the step (a p2ptrain round includes its evaluation).
 Prints every round time by phase and its ratio to a DDP step, measured in one run, and writes
 ``docs/bench-round.md``. Usage:
 ``python bench/round.py [examples/digits.yaml] [--rounds N] [--mode serverless] [--mode inline]``.
@@ -67,7 +68,7 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=opt.learning_rate, momentum=opt.momentum)
     shard = shard_indices(len(data.y_train), world, rank, spec.dataset.split_seed)
     rounds = spec.total_rounds(len(shard))
-    step_seconds = []
+    step_seconds, train_seconds = [], []  # with this step's evaluation, if any; without
     reached: dict[str, Milestone] = {}
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
 
@@ -84,17 +85,22 @@ def _ddp_worker(rank: int, world: int, port: int, spec_json: str, out_path: str)
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(ddp(x), y).backward()
         optimizer.step()
+        train_seconds.append(time.perf_counter() - t0)
+        # Evaluated as often as the p2ptrain job evaluates, and timed with the step, as a p2ptrain round
+        # includes its "evaluate" phase. Rank 0 evaluates (DDP's replicas are identical); the others
+        # wait for it at the next step's all-reduce.
+        evaluated = None
+        if rank == 0 and ((r + 1) % spec.evaluation.every_rounds == 0 or r + 1 == rounds):
+            evaluated = accuracy()
         step_seconds.append(time.perf_counter() - t0)
         step_cpu += time.process_time() - c0
-        # Evaluated as often as the p2ptrain job evaluates, outside the timed step (a p2ptrain round
-        # includes its "evaluate" phase: this favours DDP slightly).
-        if rank == 0 and ((r + 1) % spec.evaluation.every_rounds == 0 or r + 1 == rounds):
-            record_milestones(reached, accuracy(), r + 1, sum(step_seconds))
+        if evaluated is not None:
+            record_milestones(reached, evaluated, r + 1, sum(step_seconds))
     cpu = torch.tensor([step_cpu], dtype=torch.float64)
     dist.all_reduce(cpu)  # every worker's
     dist.barrier()
     if rank == 0:
-        result = {"step_seconds": step_seconds, "accuracy": accuracy(), "reached": reached,
+        result = {"step_seconds": step_seconds, "train_seconds": train_seconds, "accuracy": accuracy(), "reached": reached,
                   "cpu_seconds_per_step": float(cpu) / rounds}
         Path(out_path).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -126,7 +132,9 @@ def run_ddp(spec: JobSpec) -> dict:
             result: dict = json.loads(Path(out.name).read_text())
         break
     steps = result["step_seconds"][2:] or result["step_seconds"]  # leave out warm-up steps
+    train = result["train_seconds"][2:] or result["train_seconds"]
     return {"step_seconds_median": statistics.median(steps), "step_seconds_mean": statistics.fmean(steps),
+            "train_step_seconds_mean": statistics.fmean(train),  # the steps without their evaluation
             "accuracy": result["accuracy"], "wall_seconds": wall, "steps": len(result["step_seconds"]),
             "cpu_seconds_per_step": result["cpu_seconds_per_step"],
             "reached": result["reached"]}

@@ -113,11 +113,12 @@ class PeerStore:
         self.key_ttl_seconds = key_ttl_seconds
         self.accumulator: Accumulator = detect(client, accumulator_mode)
 
-    def publish_model(self, version: int, params: np.ndarray) -> str:
-        """Write model version ``version`` (flat float32 parameters) for the gradient functions."""
+    def publish_model(self, version: int, params: np.ndarray, encoded: memoryview | None = None) -> str:
+        """Write model version ``version`` (flat float32 parameters) for the gradient functions;
+        ``encoded``: the same as a wire tensor already (``Replica.wire_model``), sent as it is."""
         key = self.keys.model(version)
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(key, wire.encode_tensor(params), ex=ROUND_KEY_TTL_SECONDS)
+        pipe.set(key, wire.encode_tensor(params) if encoded is None else encoded, ex=ROUND_KEY_TTL_SECONDS)
         if version >= 2:
             pipe.delete(self.keys.model(version - 2))
         pipe.execute()

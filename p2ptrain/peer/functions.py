@@ -98,13 +98,15 @@ class FunctionClient(PeerPart):
         super().__init__(ctx)
         self.store = store
         self.http = http
-        self._published: tuple[int, np.ndarray] | None = None  # the model version functions are reading
+        self._published: tuple[int, np.ndarray, memoryview | None] | None = None  # the version functions read
         self._rounds_without_gradient = 0
 
-    async def publish(self, round_index: int, params: np.ndarray) -> str:
-        key = await asyncio.to_thread(self.store.publish_model, round_index, params)
+    async def publish(self, round_index: int, params: np.ndarray, encoded: memoryview | None = None) -> str:
+        """Write model version ``round_index`` for the functions (``encoded``: ``params`` as a wire tensor
+        already, sent as it is)."""
+        key = await asyncio.to_thread(self.store.publish_model, round_index, params, encoded)
         self.cost.redis_bytes("modelPublished", tensor_blob_bytes(params.size))
-        self._published = (round_index, params)
+        self._published = (round_index, params, encoded)
         return key
 
     async def fan_out(

@@ -47,8 +47,9 @@ class InlineGradients(PeerPart):
         self._params: tuple[int, torch.Tensor] | None = None
         self._average: tuple[int, tuple[np.ndarray, float, int] | None] | None = None  # (round, its mean)
 
-    async def publish(self, round_index: int, params: np.ndarray) -> str:
-        """Keep the round's parameters in memory: no function reads a model version from Redis here."""
+    async def publish(self, round_index: int, params: np.ndarray, encoded: memoryview | None = None) -> str:
+        """Keep the round's parameters in memory: no function reads a model version from Redis here
+        (``encoded`` is the function path's)."""
         self._params = (round_index, torch.from_numpy(np.ascontiguousarray(params, dtype=np.float32)))
         return self.store.keys.model(round_index)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import xxhash
 
+from p2ptrain import wire
 from p2ptrain.aggregate import AggregationError, CenteredClipping, aggregate, mean_of_rows, minimum_gradients
 from p2ptrain.checkpoint import CheckpointError, extra_tensors, pack_state, unpack_state
 from p2ptrain.data import Dataset, load_dataset
@@ -87,6 +88,27 @@ def _stack(rows: list[np.ndarray], stack: torch.Tensor | None) -> torch.Tensor:
     return target
 
 
+def _in_one_wire_tensor(model: torch.nn.Module, numel: int) -> bytearray | None:
+    """Move the parameters of ``model`` into one uncompressed float32 ``p2ptrain.wire`` tensor: each
+    parameter becomes a view of its payload, so the optimizer steps it in place and publishing a model
+    version sends this buffer as it is (no concatenation, no encoding: two 4.5 MB copies fewer a round
+    for a 1.13M-parameter model). None, and nothing moved, unless every parameter is float32 on the CPU."""
+    parameters = list(model.parameters())
+    if not parameters or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parameters):
+        return None
+    buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * numel)
+    buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(numel)
+    flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=numel)
+    offset = 0
+    with torch.no_grad():
+        for p in parameters:
+            n = p.numel()
+            flat[offset : offset + n].copy_(p.reshape(-1))
+            p.data = flat[offset : offset + n].view_as(p)
+            offset += n
+    return buffer
+
+
 class Replica:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
@@ -96,6 +118,7 @@ class Replica:
         self.optimizer = build_optimizer(self.model, spec.optimizer)
         self._params = [(p, p.numel()) for p in self.model.parameters()]  # the step walks them every round
         self.numel = sum(n for _, n in self._params)
+        self._wire = _in_one_wire_tensor(self.model, self.numel)
         self.lock = threading.Lock()  # one thread at a time on the model and optimizer
         rule = spec.aggregation
         # Reused every round: a fresh [peers, d] matrix per round costs page faults, not just a copy.
@@ -122,6 +145,14 @@ class Replica:
         """A copy of the flat parameters (what the gradient functions compute at)."""
         with self.lock:
             return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().numpy()  # a new tensor
+
+    def wire_model(self) -> tuple[np.ndarray, memoryview] | None:
+        """The parameters as they are, no copy: (flat float32 view, the whole float32 wire tensor) for
+        publishing, valid until the next step changes them. None for a model whose parameters are not
+        all float32 on the CPU (``parameters`` copies them then)."""
+        if self._wire is None:
+            return None
+        return np.frombuffer(self._wire, dtype="<f4", offset=wire.TENSOR_HEADER_BYTES), memoryview(self._wire)
 
     def params_hash(self) -> str:
         """XXH3-128 of the parameters' float32 bytes: equal on every peer while the replicas are identical.

@@ -88,7 +88,14 @@ class RoundUpdate:
         # waits for the checkpoint's copy of the state, which it is about to change.
         if self._replica_behind:
             await asyncio.to_thread(self.sync)
-        key: str = await publish(round_index, await asgi.off_loop_if_large(self.model_bytes, self.replica.parameters))
+        # The replica's parameters live in a wire tensor: published as they are (they do not change before
+        # the step, after the functions have read them); otherwise a copy.
+        as_they_are = self.replica.wire_model()
+        if as_they_are is None:
+            params = await asgi.off_loop_if_large(self.model_bytes, self.replica.parameters)
+            key: str = await publish(round_index, params, None)
+        else:
+            key = await publish(round_index, *as_they_are)
         if self.in_database:
             # The optimizer state in Redis now follows the replica's, and no stale next version (a
             # step taken before a restart) can stand in for this run's step.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -22,7 +23,7 @@ import resource
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -252,14 +253,15 @@ class GradientFunction:
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        loss, correct, gradient = self.gradient(flat, request.indices)
-        timings["compute"] = time.perf_counter() - t0
+        with self._computer() as computer:  # held until the gradient, its buffer, is sent
+            loss, correct, gradient = self._compute(computer, flat, request.indices, copy=False)
+            timings["compute"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        blob = wire.raw_float32(gradient)
-        added = accumulator.add(client, request.accumulator_key, request.accumulator_meta_key, request.part,
-                                float(request.indices.size), blob)
-        timings["accumulate"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            blob = wire.raw_float32(gradient)
+            added = accumulator.add(client, request.accumulator_key, request.accumulator_meta_key, request.part,
+                                    float(request.indices.size), blob)
+            timings["accumulate"] = time.perf_counter() - t0
         # What this invocation used, so the peer can account without scraping (docs/wire.md, "cost");
         # ``handle`` adds the wall time of the whole request.
         usage = {
@@ -277,16 +279,27 @@ class GradientFunction:
     def gradient(self, flat_params: torch.Tensor, indices: np.ndarray) -> tuple[float, int, torch.Tensor]:
         """The gradient on these training samples (``GradientModel.gradient``), safe to call from
         concurrent threads."""
-        assert self._dataset is not None and self._model is not None
+        with self._computer() as computer:
+            return self._compute(computer, flat_params, indices, copy=True)
+
+    def _compute(self, computer: GradientModel, flat_params: torch.Tensor, indices: np.ndarray,
+                 *, copy: bool) -> tuple[float, int, torch.Tensor]:
+        assert self._dataset is not None
+        loss, correct, gradient = computer.gradient(
+            flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices], copy=copy
+        )
+        return loss, correct, gradient.cpu()  # on a GPU, a copy to the host
+
+    @contextlib.contextmanager
+    def _computer(self) -> Iterator[GradientModel]:
+        """A ``GradientModel`` of this request's own, given back after."""
+        assert self._model is not None
         try:
             computer = self._computers.get_nowait()
         except queue.Empty:
             computer = GradientModel(self._model)  # one more request computing at once than ever before
         try:
-            loss, correct, gradient = computer.gradient(
-                flat_params, self._dataset.x_train[indices], self._dataset.y_train[indices]
-            )
-            return loss, correct, gradient.cpu()
+            yield computer
         finally:
             self._computers.put(computer)
 

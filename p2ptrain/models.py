@@ -125,12 +125,12 @@ def import_factory(name: str) -> Callable[..., Any]:
 class GradientModel:
     """A private copy of a model whose parameters and their gradients are views of two flat tensors.
 
-    Computing a gradient at a flat parameter vector is then one copy into the first, a forward and a
-    backward pass, which writes the flat gradient straight into the second: no per-call swap of the
-    parameters into the module, no split of the vector, no concatenation of the gradients. One
-    instance computes one gradient at a time (callers computing at once each hold their own); the
-    result is a fresh tensor, free to keep. Buffers (batch-norm statistics) are the copy's own, as a
-    module's are.
+    Computing a gradient at a flat parameter vector is then a forward and a backward pass, which
+    writes the flat gradient straight into the second: the parameters become views of the vector
+    given (a copy into the first only when its dtype, device or layout differ), no split of the vector,
+    no concatenation of the gradients. One instance computes one gradient at a time (callers computing
+    at once each hold their own); the result is a fresh tensor, free to keep, unless ``copy=False``.
+    Buffers (batch-norm statistics) are the copy's own, as a module's are.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -143,20 +143,36 @@ class GradientModel:
         self.params = torch.empty(sum(p.numel() for p in parameters), dtype=first.dtype, device=first.device)
         self.grads = torch.zeros_like(self.params)
         offset = 0
+        self._layout: list[tuple[nn.Parameter, int, int]] = []
         with torch.no_grad():
             for p in parameters:
                 size = p.numel()
                 self.params[offset:offset + size].copy_(p.reshape(-1))
-                p.data = self.params[offset:offset + size].view_as(p)
                 p.grad = self.grads[offset:offset + size].view_as(p)
+                self._layout.append((p, offset, size))
                 offset += size
+        self._point_at(self.params)
 
-    def gradient(self, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray) -> tuple[float, int, torch.Tensor]:
+    def _point_at(self, flat: torch.Tensor) -> None:
+        for p, offset, size in self._layout:
+            p.data = flat[offset:offset + size].view_as(p)
+
+    def gradient(
+        self, flat_params: torch.Tensor, x: np.ndarray, y: np.ndarray, *, copy: bool = True
+    ) -> tuple[float, int, torch.Tensor]:
         """Mean cross-entropy loss, correct predictions and the flat gradient at ``flat_params`` on the
-        samples ``x`` (labels ``y``), computed on this model's device (the gradient stays there)."""
+        samples ``x`` (labels ``y``), computed on this model's device (the gradient stays there).
+
+        ``flat_params`` is only read. ``copy=False``: the gradient is this instance's own buffer, valid
+        until its next call, for a caller that sends or sums it at once (a 4.5 MB clone fewer per call
+        for a 1.13M-parameter model)."""
         if flat_params.shape != self.params.shape:
             raise ValueError(f"expected {self.params.numel()} parameters, got a tensor of shape {tuple(flat_params.shape)}")
-        self.params.copy_(flat_params)
+        if (flat_params.dtype, flat_params.device) == (self.params.dtype, self.params.device) and flat_params.is_contiguous():
+            self._point_at(flat_params.detach())  # a view of the caller's vector: no copy
+        else:
+            self._point_at(self.params)
+            self.params.copy_(flat_params)
         self.grads.zero_()  # backward adds into it
         inputs = torch.from_numpy(np.ascontiguousarray(x)).to(self.params.device)
         targets = torch.from_numpy(np.ascontiguousarray(y)).to(self.params.device)
@@ -164,4 +180,4 @@ class GradientModel:
         loss = nn.functional.cross_entropy(logits, targets)
         loss.backward()
         correct = int((logits.argmax(dim=1) == targets).sum())
-        return float(loss.detach()), correct, self.grads.clone()
+        return float(loss.detach()), correct, self.grads.clone() if copy else self.grads

@@ -89,7 +89,7 @@ class InlineGradients(PeerPart):
         weight = 0.0
         x, y = self.dataset.x_train, self.dataset.y_train
         for n, part in enumerate(parts):
-            loss, _, gradient = self._computer.gradient(params, x[part], y[part])
+            loss, _, gradient = self._computer.gradient(params, x[part], y[part], copy=False)  # summed at once
             if not all_finite(gradient):
                 non_finite.append(f"the gradient of micro-batch {round_index}:{n} has non-finite values")
                 continue

@@ -182,7 +182,7 @@ async def test_an_unexpected_failure_is_answered_counted_and_the_function_keeps_
         assert (await post(client)).status_code == 200  # the real request works ...
         before = failures()
         # ... then a bug inside the computation (fault injected: no real input reaches this path).
-        monkeypatch.setattr(function, "gradient", lambda *a: (_ for _ in ()).throw(RuntimeError("injected bug")))
+        monkeypatch.setattr(function, "_compute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected bug")))
         response = await post(client)
         assert response.status_code == 500 and response.headers["x-p2ptrain-reason"] == "error"
         assert "RuntimeError: injected bug" in response.text

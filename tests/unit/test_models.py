@@ -113,3 +113,25 @@ def test_gradient_model_refuses_a_parameter_vector_of_another_size() -> None:
     x, y = np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, np.int64)
     with pytest.raises(ValueError, match=f"expected {numel} parameters"):
         computer.gradient(torch.zeros(numel + 1), x, y)
+
+
+def test_gradient_model_reads_the_vector_given_and_copy_false_lends_its_buffer() -> None:
+    """The parameters are views of the vector given (a float64 one is converted): it is never written;
+    ``copy=False`` returns the instance's gradient buffer, equal to the copy, which the next call reuses."""
+    spec = ModelSpec("mlp", {"hidden": [16]})
+    torch.manual_seed(1)
+    model = build_model(spec, (1, 8, 8), 10)
+    computer = GradientModel(model)
+    rng = np.random.default_rng(1)
+    numel = sum(p.numel() for p in model.parameters())
+    x, y = rng.normal(size=(4, 1, 8, 8)).astype(np.float32), rng.integers(0, 10, 4)
+    first = torch.from_numpy(rng.normal(0, 0.1, numel).astype(np.float32))
+    kept = first.clone()
+    _, _, lent = computer.gradient(first, x, y, copy=False)
+    assert torch.equal(first, kept)
+    assert torch.equal(lent, _plain_gradient(model, first, x, y))
+    copied = lent.clone()
+    second = torch.from_numpy(rng.normal(0, 0.1, numel))  # float64: copied into the model's own vector
+    _, _, again = computer.gradient(second, x, y, copy=False)
+    assert again.data_ptr() == lent.data_ptr() and not torch.equal(again, copied)
+    assert torch.equal(again, _plain_gradient(model, second.float(), x, y))

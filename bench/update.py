@@ -1,7 +1,8 @@
 """Optimizer step on the peer vs in the database (``spec.update``), for 10^5, 10^6, 10^7 parameters.
 
 ``peer``: what a peer with ``update: peer`` does per round after aggregating: the torch optimizer
-step on its replica, then publishing the new version to its Redis (encode + SET) for the functions.
+step on its replica, then publishing the new version to its Redis (a SET of the parameters' wire
+tensor as it is: the replica keeps them in one, ``Replica.wire_model``) for the functions.
 ``database``: what ``update: database`` does: send the aggregated gradient to Redis, where
 ``P2P.SGD`` (the p2ptrain module, or its Lua fallback) writes version v + 1 beside v (plus dropping
 v - 1). Both against the same real redis-server on loopback, SGD with momentum 0.9 (state-bearing),
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from report import publish
 
-from p2ptrain import native
+from p2ptrain import native, wire
 from p2ptrain.accumulator import detect
 from p2ptrain.dbupdate import ModelUpdater, SgdSettings
 from p2ptrain.redis_server import RedisServer
@@ -35,7 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(store: PeerStore, updater: ModelUpdater, d: int, repeat: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     gradient = rng.standard_normal(d, dtype=np.float32)
-    param = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(d, dtype=np.float32)))
+    buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * d)  # the replica's parameters live in a wire tensor
+    buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(d)
+    flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=d)
+    flat.copy_(torch.from_numpy(rng.standard_normal(d, dtype=np.float32)))
+    param = torch.nn.Parameter(flat)  # the same memory
     optimizer = torch.optim.SGD([param], lr=1e-3, momentum=0.9)
     settings = SgdSettings(lr=1e-3, momentum=0.9)
     keys, client = store.keys, store.client
@@ -48,7 +53,7 @@ def measure(store: PeerStore, updater: ModelUpdater, d: int, repeat: int) -> tup
         param.grad = torch.from_numpy(gradient)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        store.publish_model(1000 + version, param.detach().numpy())
+        store.publish_model(1000 + version, flat.numpy(), memoryview(buffer))
         t1 = time.perf_counter()
         updater.step(client, settings, keys.model(version), keys.model(version + 1), state_key, gradient,
                      ttl_seconds=600)

@@ -228,7 +228,12 @@ def model_update(with_module: RedisServer, plain: RedisServer, sizes: list[int],
         database, server, lua_times, publish_times, roundtrip_times = [], [], [], [], []
         for client in (module_client, lua_client):
             client.set("m:0", wire.encode_tensor(start))
-        param = torch.nn.Parameter(torch.tensor(start))
+        # The peer's replica keeps its parameters in a wire tensor and publishes it as it is (Replica.wire_model).
+        buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * size)
+        buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(size)
+        flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=size)
+        flat.copy_(torch.from_numpy(start))
+        param = torch.nn.Parameter(flat)
         optimizer = torch.optim.SGD([param], lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay)
         lua_repeat = 0 if size > 1_000_000 else 1 if size > 100_000 else repeat
         for v in range(repeat + 1):
@@ -244,7 +249,7 @@ def model_update(with_module: RedisServer, plain: RedisServer, sizes: list[int],
             t0 = time.perf_counter()
             param.grad = torch.from_numpy(grads[v])
             optimizer.step()
-            module_client.set(f"p:{v + 1}", wire.encode_tensor(param.detach()))
+            module_client.set(f"p:{v + 1}", memoryview(buffer))
             publish_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             current = wire.decode_tensor(cast(bytes, module_client.get(f"p:{v + 1}")))

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from p2ptrain import wire
-from p2ptrain.accumulator import AccumulatorError, detect
+from p2ptrain.accumulator import Accumulator, AccumulatorError, detect
 from p2ptrain.native import module_path
 from p2ptrain.redis_server import RedisServer
 
@@ -50,13 +50,19 @@ def test_weighted_mean_matches_numpy(accumulating_redis) -> None:
     assert (total, parts) == (12.0, 5)
 
 
-def test_take_mean_reads_the_mean_and_clears_the_round_in_one_call(accumulating_redis) -> None:
+def _accumulated(accumulating_redis, k: int, d: int, seed: int) -> tuple[redis.Redis, Accumulator, list[np.ndarray]]:
+    """A client of the server, its accumulator, and ``k`` gradients added into "acc", part i with weight 1 + i."""
     _, server = accumulating_redis
     client = server.client()
     accumulator = detect(client)
-    grads = _grads(2, 1000, seed=3)
+    grads = _grads(k, d, seed=seed)
     for i, g in enumerate(grads):
         assert accumulator.add(client, "acc", "meta", f"part{i}", 1.0 + i, g.tobytes())
+    return client, accumulator, grads
+
+
+def test_take_mean_reads_the_mean_and_clears_the_round_in_one_call(accumulating_redis) -> None:
+    client, accumulator, _ = _accumulated(accumulating_redis, 2, 1000, seed=3)
     expected = accumulator.mean(client, "acc", "meta")
     taken = accumulator.take_mean(client, "acc", "meta")
     assert expected is not None and taken is not None
@@ -243,12 +249,7 @@ def test_accum_ex_sets_both_ttls_in_the_one_command_and_a_bad_ex_changes_nothing
 def test_take_mean_can_park_the_mean_as_a_wire_tensor(accumulating_redis) -> None:
     """P2P.MEANSTORE (p2p_meanstore in Lua): the reply is the mean, and ``store`` holds the same
     values as a p2ptrain wire tensor with the TTL; the extra keys go in the same round trip."""
-    _, server = accumulating_redis
-    client = server.client()
-    accumulator = detect(client)
-    grads = _grads(3, 5000, seed=7)
-    for i, g in enumerate(grads):
-        assert accumulator.add(client, "acc", "meta", f"part{i}", 1.0 + i, g.tobytes())
+    client, accumulator, grads = _accumulated(accumulating_redis, 3, 5000, seed=7)
     client.set("out", b"an older value")  # replaced
     client.set("old-out", b"x")
     taken = accumulator.take_mean(client, "acc", "meta", store="out", ttl_seconds=90, delete=("old-out",))

@@ -4,8 +4,8 @@
 step on its replica, then publishing the new version to its Redis (a SET of the parameters' wire
 tensor as it is: the replica keeps them in one, ``Replica.wire_model``) for the functions.
 ``database``: what ``update: database`` does: send the aggregated gradient to Redis, where
-``P2P.SGD`` (the p2ptrain module, or its Lua fallback) writes version v + 1 beside v (plus dropping
-v - 1). Both against the same real redis-server on loopback, SGD with momentum 0.9 (state-bearing),
+``P2P.SGD`` (the p2ptrain module, or its Lua fallback) writes version v + 1 beside v, into the value of
+v - 1, which no function reads any more (``REUSE``). Both against the same real redis-server on loopback, SGD with momentum 0.9 (state-bearing),
 interleaved, median of --repeat; prints peer/database (above 1: the database is faster).
 Writes docs/bench-update.md.
 Usage: ``python bench/update.py [--sizes 100000,1000000,10000000] [--repeat 7] [--kind module|lua]``.
@@ -56,9 +56,7 @@ def measure(store: PeerStore, updater: ModelUpdater, d: int, repeat: int) -> tup
         store.publish_model(1000 + version, flat.numpy(), memoryview(buffer))
         t1 = time.perf_counter()
         updater.step(client, settings, keys.model(version), keys.model(version + 1), state_key, gradient,
-                     ttl_seconds=600)
-        if version >= 1:
-            client.delete(keys.model(version - 1))
+                     ttl_seconds=600, reuse=keys.model(version - 1) if version >= 1 else None)  # as RoundUpdate does
         t2 = time.perf_counter()
         if version:
             peer.append(t1 - t0)

@@ -170,7 +170,16 @@ local function state_value(key, bytes, n)
   return state or false
 end
 
+-- An optional fourth key, REUSE's old version: removed with the step (the module writes into it).
+local function reuse_error(keys)
+  local old = keys[4]
+  if old and (old == keys[1] or old == keys[2] or old == keys[3]) then
+    return redis.error_reply("ERR REUSE's key must differ from the others")
+  end
+end
+
 local function store(keys, model, state, ttl)
+  if keys[4] then redis.call('DEL', keys[4]) end
   redis.call('SET', keys[2], model)
   if state then redis.call('SET', keys[3], state) end
   if ttl > 0 then
@@ -182,6 +191,8 @@ end
 local function sgd(keys, args)
   local src, dst, buf_key = keys[1], keys[2], keys[3]
   local lr, momentum, dampening, decay, nesterov, ttl, n, model, buf, err
+  err = reuse_error(keys)
+  if err then return err end
   lr, err = number_arg(args[2], 'lr', function(x) return x >= 0 end, 'a finite number >= 0')
   if err then return err end
   momentum, err = number_arg(args[3], 'momentum', function(x) return x >= 0 end, 'a finite number >= 0')
@@ -236,6 +247,8 @@ end
 local function adam(keys, args)
   local src, dst, state_key = keys[1], keys[2], keys[3]
   local lr, beta1, beta2, eps, decay, decoupled, ttl, n, model, state, err
+  err = reuse_error(keys)
+  if err then return err end
   lr, err = number_arg(args[2], 'lr', function(x) return x >= 0 end, 'a finite number >= 0')
   if err then return err end
   beta1, err = number_arg(args[3], 'beta1', function(x) return x >= 0 and x < 1 end, 'in [0, 1)')

@@ -86,17 +86,24 @@ class ModelUpdater:
         gradient: np.ndarray,
         *,
         ttl_seconds: int | None = None,
+        reuse: str | None = None,
     ) -> bool:
         """Model ``source_key`` minus one step along ``gradient`` becomes ``target_key``.
 
         ``target_key == source_key`` updates in place. Returns False when ``target_key`` already
         existed (the step was taken before: nothing changed). ``ttl_seconds`` expires the new
-        version and the optimizer state.
+        version and the optimizer state. ``reuse``: an older version no one reads any more, removed
+        by the step; the module writes the new version into its value and renames it, instead of
+        allocating a new one and freeing the old (REUSE).
         """
         blob = _float32_blob(gradient)
         extra: list[object] = [] if ttl_seconds is None else ["EX", int(ttl_seconds)]
         arguments = [blob, *settings.arguments(), *extra]
-        keys = (source_key, target_key, state_key)
+        keys: tuple[str, ...] = (source_key, target_key, state_key)
+        if reuse is not None and self.kind == "module":
+            arguments += ["REUSE", reuse]
+        elif reuse is not None:
+            keys += (reuse,)
         try:
             if self.kind == "module":
                 command = "P2P.SGD" if isinstance(settings, SgdSettings) else "P2P.ADAM"

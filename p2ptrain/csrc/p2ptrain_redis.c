@@ -10,12 +10,14 @@
  *       p2ptrain wire tensor (16-byte header + float32; replacing any string there), with that TTL:
  *       a peer parks its round's average in its outbox without sending it back. Nothing is written
  *       when nothing was accumulated (nil).
- *   P2P.SGD src dst buf grad lr momentum dampening weight_decay nesterov [EX seconds]
+ *   P2P.SGD src dst buf grad lr momentum dampening weight_decay nesterov [EX seconds] [REUSE old]
  *       -> 1 stepped, 0 if `dst` already exists (the step for that version was taken)
  *       one torch.optim.SGD step: model `src` (a p2ptrain wire tensor: 16-byte header + float32)
  *       becomes model `dst` (same format; dst == src updates in place), momentum buffer `buf`
- *       (raw float32, created on the first step) updated in place.
- *   P2P.ADAM src dst state grad lr beta1 beta2 eps weight_decay decoupled [EX seconds]
+ *       (raw float32, created on the first step) updated in place. REUSE: `old`, a version no one
+ *       reads any more, is removed; when it is a model of the same shape, the step writes into it and
+ *       renames it `dst` instead of allocating (and zero-filling) a new value and freeing `old`.
+ *   P2P.ADAM src dst state grad lr beta1 beta2 eps weight_decay decoupled [EX seconds] [REUSE old]
  *       -> the same for torch.optim.Adam (decoupled=1: AdamW); `state` holds the step count and
  *       both moment estimates (16-byte header "P2PA", u32 0, f64 step; then exp_avg, exp_avg_sq).
  *
@@ -38,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 #include "redismodule_min.h"
@@ -154,13 +157,14 @@ typedef struct Job {
     int db;
     int async; /* strings retained, client blocked */
     RedisModuleBlockedClient *client;
-    RedisModuleString *keys[3];
+    RedisModuleString *keys[4]; /* SGD/ADAM: src, dst, state, and REUSE's old version (key_count 4) */
     int key_count;
     RedisModuleString *part, *weight_text, *grad; /* ACCUM: part, weight; ACCUM/SGD/ADAM: grad */
     size_t n, checked, done; /* elements of the gradient checked finite, elements computed */
     int started;
     size_t allocate[3]; /* bytes of a key still to be created, by key index (0: none) */
     int header_key;     /* the key index created with `header` in front (0: none) */
+    int reusing;        /* SGD/ADAM with REUSE: the step writes into keys[3], renamed dst at the end */
     char header[WIRE_HEADER];
     double weight;
     SgdParams sgd;
@@ -336,6 +340,16 @@ static StepState start_mean(RedisModuleCtx *ctx, Job *job) {
     return STEP_MORE;
 }
 
+/* REUSE's old version can take the step's output: a string of the source's length and header. */
+static int reusable(RedisModuleCtx *ctx, Job *job, const char *header, size_t bytes) {
+    size_t len;
+    RedisModuleKey *old = open_string(ctx, job->keys[3], REDISMODULE_READ, &len);
+    if (old == WRONG_TYPE) return 0;
+    int same = len == bytes && memcmp(RedisModule_StringDMA(old, &len, REDISMODULE_READ), header, WIRE_HEADER) == 0;
+    RedisModule_CloseKey(old);
+    return same;
+}
+
 /* SGD and Adam share their model handling: `src` must be a float32 wire tensor of n elements, a
  * distinct `dst` must not exist yet (it is created with src's header), and the state key (momentum
  * buffer or Adam moments) must be absent (first step) or exactly `state_bytes` long. */
@@ -382,9 +396,12 @@ static StepState start_model_step(RedisModuleCtx *ctx, Job *job, size_t state_by
             return STEP_DONE;
         }
         RedisModule_CloseKey(dst);
-        job->allocate[1] = src_len;
-        job->header_key = 1;
-        memcpy(job->header, header, WIRE_HEADER);
+        job->reusing = job->key_count == 4 && reusable(ctx, job, header, src_len);
+        if (!job->reusing) {
+            job->allocate[1] = src_len;
+            job->header_key = 1;
+            memcpy(job->header, header, WIRE_HEADER);
+        }
     }
     if (state_bytes > 0 && *first) job->allocate[2] = state_bytes;
     return STEP_MORE;
@@ -457,7 +474,7 @@ static StepState slice(RedisModuleCtx *ctx, Job *job, size_t lo, size_t hi) {
     }
     case OP_SGD: {
         /* Write access first: it may reallocate a shared value, which would stale a read pointer. */
-        ufloat *out = payload(ctx, job->keys[1], WIRE_HEADER + bytes, WIRE_HEADER, REDISMODULE_WRITE);
+        ufloat *out = payload(ctx, job->keys[job->reusing ? 3 : 1], WIRE_HEADER + bytes, WIRE_HEADER, REDISMODULE_WRITE);
         ufloat *buf = NULL;
         if (job->sgd.momentum != 0.0f && (buf = payload(ctx, job->keys[2], bytes, 0, REDISMODULE_WRITE)) == NULL)
             return fail(job, changed, name);
@@ -467,7 +484,7 @@ static StepState slice(RedisModuleCtx *ctx, Job *job, size_t lo, size_t hi) {
         break;
     }
     case OP_ADAM: {
-        ufloat *out = payload(ctx, job->keys[1], WIRE_HEADER + bytes, WIRE_HEADER, REDISMODULE_WRITE);
+        ufloat *out = payload(ctx, job->keys[job->reusing ? 3 : 1], WIRE_HEADER + bytes, WIRE_HEADER, REDISMODULE_WRITE);
         ufloat *m = payload(ctx, job->keys[2], ADAM_HEADER + 2 * bytes, ADAM_HEADER, REDISMODULE_WRITE);
         const ufloat *in = payload(ctx, job->keys[0], WIRE_HEADER + bytes, WIRE_HEADER, 0);
         if (in == NULL || out == NULL || m == NULL) return fail(job, changed, name);
@@ -499,6 +516,8 @@ static void finish(RedisModuleCtx *ctx, Job *job) {
         __attribute__((fallthrough)); /* both optimizers refresh their keys' TTL */
     }
     case OP_SGD:
+        if (job->reusing) RedisModule_Call(ctx, "RENAME", "ss", job->keys[3], job->keys[1]);
+        else if (job->key_count == 4) RedisModule_Call(ctx, "DEL", "s", job->keys[3]);
         if (job->ttl_ms > 0) {
             expire(ctx, job->keys[1], job->ttl_ms);
             if (job->kind == OP_ADAM || job->sgd.momentum != 0.0f) expire(ctx, job->keys[2], job->ttl_ms);
@@ -802,10 +821,25 @@ static int hyper_error(RedisModuleCtx *ctx, const char *name, const char *expect
     return RedisModule_ReplyWithError(ctx, message);
 }
 
+/* A trailing `REUSE old`: taken off the arguments, `old` becomes the job's fourth key; 0 if it names
+ * one of the other keys (it is removed: that would lose a model or the state). */
+static int take_reuse(RedisModuleString **argv, int *argc, int fixed, Job *job) {
+    if (*argc < fixed + 2) return 1;
+    size_t len;
+    const char *word = RedisModule_StringPtrLen(argv[*argc - 2], &len);
+    if (len != 5 || strncasecmp(word, "reuse", 5) != 0) return 1;
+    job->keys[3] = argv[*argc - 1];
+    *argc -= 2;
+    for (int i = 0; i < 3; i++)
+        if (RedisModule_StringCompare(job->keys[3], job->keys[i]) == 0) return 0;
+    return 1;
+}
+
 static int sgd_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 10 && argc != 12) return RedisModule_WrongArity(ctx);
     RedisModule_AutoMemory(ctx);
     Job job = {.kind = OP_SGD, .keys = {argv[1], argv[2], argv[3]}, .key_count = 3};
+    if (!take_reuse(argv, &argc, 10, &job)) return RedisModule_ReplyWithError(ctx, "ERR REUSE's key must differ from the others");
+    if (argc != 10 && argc != 12) return RedisModule_WrongArity(ctx);
     double lr, momentum, dampening, weight_decay;
     long long nesterov;
     if (!parse_double(argv[5], &lr) || lr < 0) return hyper_error(ctx, "lr", "a finite number >= 0");
@@ -824,13 +858,15 @@ static int sgd_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
     if (!gradient_length(ctx, &job, argv[4])) return REDISMODULE_OK;
     job.sgd = (SgdParams){(float)lr, (float)momentum, (float)dampening, (float)weight_decay, (int)nesterov, 0};
     if (momentum == 0) job.key_count = 2; /* the buffer key is not used */
+    if (job.keys[3] != NULL) job.key_count = 4;
     return submit(ctx, &job);
 }
 
 static int adam_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    if (argc != 11 && argc != 13) return RedisModule_WrongArity(ctx);
     RedisModule_AutoMemory(ctx);
     Job job = {.kind = OP_ADAM, .keys = {argv[1], argv[2], argv[3]}, .key_count = 3};
+    if (!take_reuse(argv, &argc, 11, &job)) return RedisModule_ReplyWithError(ctx, "ERR REUSE's key must differ from the others");
+    if (argc != 11 && argc != 13) return RedisModule_WrongArity(ctx);
     double lr, beta1, beta2, eps, weight_decay;
     long long decoupled;
     if (!parse_double(argv[5], &lr) || lr < 0) return hyper_error(ctx, "lr", "a finite number >= 0");
@@ -846,6 +882,7 @@ static int adam_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
         return RedisModule_ReplyWithError(ctx, "ERR the optimizer state key must differ from the model keys");
     if (!gradient_length(ctx, &job, argv[4])) return REDISMODULE_OK;
     job.adam = (AdamParams){(float)lr, (float)beta1, (float)beta2, (float)eps, (float)weight_decay, 0, 0, (int)decoupled};
+    if (job.keys[3] != NULL) job.key_count = 4;
     return submit(ctx, &job);
 }
 

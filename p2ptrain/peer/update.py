@@ -126,10 +126,10 @@ class RoundUpdate:
     def _step_in_database(self, round_index: int, gradient: np.ndarray) -> None:
         assert self._updater is not None and self._settings is not None
         keys = self.store.keys
+        # Version round - 1 is read by no function any more: the step writes the new version into it.
         self._updater.step(self.store.client, self._settings, keys.model(round_index), keys.model(round_index + 1),
-                           self.state_key, gradient, ttl_seconds=ROUND_KEY_TTL_SECONDS)
-        if round_index >= 1:
-            self.store.client.delete(keys.model(round_index - 1))  # no function reads it any more
+                           self.state_key, gradient, ttl_seconds=ROUND_KEY_TTL_SECONDS,
+                           reuse=keys.model(round_index - 1) if round_index >= 1 else None)
         self._stepped_to = round_index + 1
         self._replica_behind = True
 

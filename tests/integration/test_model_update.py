@@ -80,6 +80,39 @@ def test_steps_match_torch_over_several_versions(accumulating_redis, settings: S
     np.testing.assert_array_equal(read_model(client, "model:0"), start)  # versions are written beside
 
 
+@pytest.mark.parametrize("settings", [SETTINGS[1], SETTINGS[5]], ids=["sgd-momentum-decay", "adam-decay"])
+def test_a_step_reusing_the_version_before_gives_the_same_model_and_removes_it(
+    accumulating_redis, settings: SgdSettings | AdamSettings
+) -> None:
+    """REUSE old: the step writes into a version no one reads (the module renames it; Lua deletes it),
+    with the same result as a fresh version; src stays, a retry changes nothing, and ``old`` may never
+    name another key of the step."""
+    _, server = accumulating_redis
+    client, updater = _updater(server)
+    rng = np.random.default_rng(11)
+    start = rng.standard_normal(D).astype(np.float32)
+    grads = [rng.standard_normal(D).astype(np.float32) for _ in range(4)]
+    for prefix, reuse in (("fresh", False), ("reused", True)):
+        client.set(f"{prefix}:0", wire.encode_tensor(start))
+        for v, grad in enumerate(grads):
+            old = f"{prefix}:{v - 1}" if reuse and v >= 1 else None
+            assert updater.step(client, settings, f"{prefix}:{v}", f"{prefix}:{v + 1}", f"{prefix}:state", grad,
+                                ttl_seconds=60, reuse=old)
+    np.testing.assert_array_equal(read_model(client, "reused:4"), read_model(client, "fresh:4"))
+    assert sorted(client.keys("reused:*")) == [b"reused:3", b"reused:4", b"reused:state"]
+    assert 0 < client.ttl("reused:4") <= 60
+    before = client.get("reused:4")
+    assert not updater.step(client, settings, "reused:3", "reused:4", "reused:state", grads[0], reuse="reused:2")
+    assert client.get("reused:4") == before
+    client.set("other", b"not a model")  # not reusable: deleted, and the version written fresh
+    assert updater.step(client, settings, "reused:4", "reused:5", "reused:state", grads[1], reuse="other")
+    assert client.exists("other") == 0 and client.exists("reused:4", "reused:5") == 2
+    for key in ("reused:5", "reused:6", "reused:state"):
+        with pytest.raises(ModelUpdateError, match="REUSE's key must differ"):
+            updater.step(client, settings, "reused:5", "reused:6", "reused:state", grads[2], reuse=key)
+    assert client.exists("reused:5", "reused:state") == 2
+
+
 def test_in_place_step_updates_the_model_key(accumulating_redis) -> None:
     _, server = accumulating_redis
     client, updater = _updater(server)

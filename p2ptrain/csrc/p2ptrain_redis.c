@@ -836,6 +836,7 @@ static int take_reuse(RedisModuleString **argv, int *argc, int fixed, Job *job) 
 }
 
 static int sgd_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 10) return RedisModule_WrongArity(ctx); /* before argv[1..3] are read */
     RedisModule_AutoMemory(ctx);
     Job job = {.kind = OP_SGD, .keys = {argv[1], argv[2], argv[3]}, .key_count = 3};
     if (!take_reuse(argv, &argc, 10, &job)) return RedisModule_ReplyWithError(ctx, "ERR REUSE's key must differ from the others");
@@ -863,6 +864,7 @@ static int sgd_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) 
 }
 
 static int adam_command(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc < 11) return RedisModule_WrongArity(ctx); /* before argv[1..3] are read */
     RedisModule_AutoMemory(ctx);
     Job job = {.kind = OP_ADAM, .keys = {argv[1], argv[2], argv[3]}, .key_count = 3};
     if (!take_reuse(argv, &argc, 11, &job)) return RedisModule_ReplyWithError(ctx, "ERR REUSE's key must differ from the others");

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from p2ptrain import wire
 from p2ptrain.dbupdate import ModelUpdater, SgdSettings, read_model
@@ -174,3 +175,14 @@ def test_a_sliced_meanstore_replies_and_parks_the_same_mean(module_redis: RedisS
     parked = wire.decode_tensor(bytes(client.get("out")), expected_numel=n)
     np.testing.assert_array_equal(parked, np.frombuffer(bytes(mean[0]), dtype="<f4"))
     assert 0 < client.ttl("out") <= 60
+
+
+def test_commands_with_too_few_arguments_are_refused_and_redis_keeps_serving(module_redis: RedisServer) -> None:
+    """Every short form of the model-update commands gets Redis's arity error (none reads an argument
+    that is not there), and the server goes on answering."""
+    client = module_redis.client()
+    for command, fixed in (("P2P.SGD", 10), ("P2P.ADAM", 11), ("P2P.MEANSTORE", 4), ("P2P.ACCUM", 6)):
+        for argc in range(1, fixed):
+            with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+                client.execute_command(command, *[f"a{i}" for i in range(1, argc)])
+    assert client.ping()

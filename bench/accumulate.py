@@ -229,9 +229,7 @@ def model_update(with_module: RedisServer, plain: RedisServer, sizes: list[int],
         for client in (module_client, lua_client):
             client.set("m:0", wire.encode_tensor(start))
         # The peer's replica keeps its parameters in a wire tensor and publishes it as it is (Replica.wire_model).
-        buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * size)
-        buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(size)
-        flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=size)
+        buffer, flat = wire.float32_buffer(size)
         flat.copy_(torch.from_numpy(start))
         param = torch.nn.Parameter(flat)
         optimizer = torch.optim.SGD([param], lr=SGD.lr, momentum=SGD.momentum, weight_decay=SGD.weight_decay)

@@ -36,9 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(store: PeerStore, updater: ModelUpdater, d: int, repeat: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
     gradient = rng.standard_normal(d, dtype=np.float32)
-    buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * d)  # the replica's parameters live in a wire tensor
-    buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(d)
-    flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=d)
+    buffer, flat = wire.float32_buffer(d)  # the replica's parameters live in a wire tensor
     flat.copy_(torch.from_numpy(rng.standard_normal(d, dtype=np.float32)))
     param = torch.nn.Parameter(flat)  # the same memory
     optimizer = torch.optim.SGD([param], lr=1e-3, momentum=0.9)

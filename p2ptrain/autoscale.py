@@ -112,12 +112,9 @@ def pick(container_concurrency: int, ready: Sequence[Instance], capacity: int, n
         return min(drawn, key=lambda i: i.inflight), next_index
     if container_concurrency <= 3:
         return free[0], next_index
-    start = next_index % len(ready)
-    for step in range(len(ready)):
-        candidate = ready[(start + step) % len(ready)]
-        if candidate.inflight < capacity:
-            return candidate, (start + step + 1) % len(ready)
-    return None, next_index  # unreachable: ``free`` was not empty
+    n = len(ready)
+    position = next((next_index + step) % n for step in range(n) if ready[(next_index + step) % n].inflight < capacity)
+    return ready[position], (position + 1) % n
 
 
 class LocalFunctionService:

@@ -144,12 +144,10 @@ class PeerStore:
         itself (``P2P.MEANSTORE``): for a peer that sends its average as it is (float32, uncompressed),
         the 4 bytes a parameter are not sent back to Redis."""
         keys = self.keys
-        if not park:
-            return self.accumulator.take_mean(self.client, keys.accumulator(round_index), keys.accumulator_meta(round_index))
         return self.accumulator.take_mean(
             self.client, keys.accumulator(round_index), keys.accumulator_meta(round_index),
-            store=keys.outbox(round_index), ttl_seconds=ROUND_KEY_TTL_SECONDS,
-            delete=(keys.outbox(round_index - OUTBOX_ROUNDS),) if round_index >= OUTBOX_ROUNDS else (),
+            store=keys.outbox(round_index) if park else None, ttl_seconds=ROUND_KEY_TTL_SECONDS,
+            delete=self._outbox_dropped(round_index) if park else (),
         )
 
     def clear_round(self, round_index: int) -> None:
@@ -163,10 +161,14 @@ class PeerStore:
         key = self.keys.outbox(round_index)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(key, blob, ex=ROUND_KEY_TTL_SECONDS)
-        if round_index >= OUTBOX_ROUNDS:
-            pipe.delete(self.keys.outbox(round_index - OUTBOX_ROUNDS))
+        if dropped := self._outbox_dropped(round_index):
+            pipe.delete(*dropped)
         pipe.execute()
         return key
+
+    def _outbox_dropped(self, round_index: int) -> tuple[str, ...]:
+        """The outbox key that parking round ``round_index`` pushes out of the last ``OUTBOX_ROUNDS``."""
+        return (self.keys.outbox(round_index - OUTBOX_ROUNDS),) if round_index >= OUTBOX_ROUNDS else ()
 
     def save_checkpoint(self, round_index: int, state: bytes, meta: dict[str, Any]) -> bool:
         """Persist model+optimizer state for ``round_index``; False if a newer one is already there.

@@ -81,12 +81,16 @@ def encode_tensor(values: torch.Tensor | np.ndarray, dtype: str = "float32", com
     payload: bytes | memoryview = tensor.view(torch.uint8).numpy().data if tensor.numel() else b""
     if compression == "zstd":
         payload = zstandard.ZstdCompressor(level=3).compress(payload)
-    return b"".join((tensor_header(tensor.numel(), dtype, compression), payload))  # one copy of the payload
+    header = _HEADER.pack(_MAGIC, _FORMAT_VERSION, _DTYPES[dtype][0], _COMPRESSIONS[compression], tensor.numel())
+    return b"".join((header, payload))  # one copy of the payload
 
 
-def tensor_header(numel: int, dtype: str = "float32", compression: str = "none") -> bytes:
-    """The 16-byte header :func:`encode_tensor` writes before a payload of ``numel`` elements."""
-    return _HEADER.pack(_MAGIC, _FORMAT_VERSION, _DTYPES[dtype][0], _COMPRESSIONS[compression], numel)
+def float32_buffer(numel: int) -> tuple[bytearray, torch.Tensor]:
+    """An uncompressed float32 tensor of ``numel`` zeros as :func:`encode_tensor` writes it, and its
+    payload as a writable tensor: what is written there is sent as it is, with no encoding."""
+    buffer = bytearray(_HEADER.size + 4 * numel)
+    _HEADER.pack_into(buffer, 0, _MAGIC, _FORMAT_VERSION, _DTYPES["float32"][0], _COMPRESSIONS["none"], numel)
+    return buffer, torch.frombuffer(buffer, dtype=torch.float32, offset=_HEADER.size, count=numel)
 
 
 def decode_tensor(
@@ -150,15 +154,8 @@ def raw_float32(values: torch.Tensor | np.ndarray) -> memoryview:
 # Events
 
 
-def build_event(
-    event_type: str,
-    source: str,
-    *,
-    data: bytes | Mapping[str, Any],
-    subject: str | None = None,
-    extensions: Mapping[str, str | int] | None = None,
-    key: bytes | None = None,
-) -> CloudEvent:
+def build_event(event_type: str, source: str, *, data: bytes | Mapping[str, Any], subject: str | None = None,
+                extensions: Mapping[str, str | int] | None = None, key: bytes | None = None) -> CloudEvent:
     """A CloudEvent with raw (octet-stream) or JSON data, signed when ``key`` is given.
 
     JSON data is serialised here, once, and travels as these exact bytes: the signature covers what is

@@ -96,9 +96,7 @@ def _in_one_wire_tensor(model: torch.nn.Module, numel: int) -> bytearray | None:
     parameters = list(model.parameters())
     if not parameters or any(p.dtype != torch.float32 or p.device.type != "cpu" for p in parameters):
         return None
-    buffer = bytearray(wire.TENSOR_HEADER_BYTES + 4 * numel)
-    buffer[: wire.TENSOR_HEADER_BYTES] = wire.tensor_header(numel)
-    flat = torch.frombuffer(buffer, dtype=torch.float32, offset=wire.TENSOR_HEADER_BYTES, count=numel)
+    buffer, flat = wire.float32_buffer(numel)
     offset = 0
     with torch.no_grad():
         for p in parameters:

@@ -18,6 +18,7 @@ from typing import Any
 import celpy
 import jsonschema
 import yaml
+from celpy import celtypes
 
 API_GROUP = "p2ptrain.dev"
 API_VERSION = "v1alpha1"
@@ -119,18 +120,63 @@ def validate_rules(value: Any, schema: Mapping[str, Any], where: str, *, recurse
         for key, sub in schema.get("properties", {}).items():
             if key in value:
                 validate_rules(value[key], sub, f"{where}.{key}" if where else key)
-    for rule in schema.get("x-kubernetes-validations", []):
-        if not _cel(rule["rule"])(value):
+    rules = schema.get("x-kubernetes-validations", [])
+    seen = cel_view(value, schema) if rules else value
+    for rule in rules:
+        if "oldSelf" in rule["rule"]:
+            continue  # a transition rule: it judges an update against the stored object, never a new job
+        if not _cel(rule["rule"])(seen):
             message = rule.get("message", rule["rule"])
             if "messageExpression" in rule:
-                message = str(_cel(rule["messageExpression"], boolean=False)(value))
+                message = str(_cel(rule["messageExpression"], boolean=False)(seen))
             raise SpecError(f"{where}: {message}" if where else message)
+
+
+# Property names CEL cannot spell as fields; Kubernetes exposes them as ``__<name>__`` (and escapes
+# ``__ . - /`` inside names), so a rule reads ``self.__function__.minScale`` for ``function``.
+CEL_RESERVED = frozenset({
+    "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
+    "import", "let", "loop", "package", "namespace", "return", "var", "void", "while",
+})
+
+
+def cel_property_name(name: str) -> str:
+    """The name a CEL rule uses for the declared property ``name`` (the API server's escaping)."""
+    if name in CEL_RESERVED:
+        return f"__{name}__"
+    for raw, escaped in (("__", "__underscores__"), (".", "__dot__"), ("-", "__dash__"), ("/", "__slash__")):
+        name = name.replace(raw, escaped)
+    return name
+
+
+def cel_view(value: Any, schema: Mapping[str, Any]) -> Any:
+    """``value`` as a CEL rule sees it: declared properties under their escaped names, recursively;
+    map keys (``additionalProperties``) and preserved unknown fields keep theirs, as on the server."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        additional = schema.get("additionalProperties")
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            if key in properties:
+                out[cel_property_name(key)] = cel_view(sub, properties[key])
+            else:
+                out[key] = cel_view(sub, additional) if isinstance(additional, dict) else sub
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [cel_view(item, schema["items"]) for item in value]
+    return value
+
+
+def _cel_format(template: Any, args: Any) -> Any:
+    """Kubernetes' ``'%d of %s'.format([n, s])`` (the strings extension, which cel-python lacks): the
+    CRD's messages use it because the server cannot bound the cost of ``'a' + string(n)``."""
+    return celtypes.StringType(str(template) % tuple(args))
 
 
 @functools.cache
 def _cel(expression: str, boolean: bool = True) -> Any:
     env = celpy.Environment()
-    program = env.program(env.compile(expression))
+    program = env.program(env.compile(expression), functions={"format": _cel_format})
 
     def evaluate(value: Any) -> Any:
         result = program.evaluate({"self": celpy.json_to_cel(value)})

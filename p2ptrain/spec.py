@@ -289,11 +289,14 @@ def parse_manifest(manifest: Mapping[str, Any]) -> JobSpec:
     if not isinstance(name, str) or not name:
         raise SpecError(f"metadata.name: required, expected a string, got {name!r}")
     namespace = metadata.get("namespace") or "default"
-    # The name rules are the CRD's root-level CEL rules: the API server applies the very same ones.
-    validate_rules({"metadata": {"name": name}}, openapi_schema(), "", recurse=False)
     if "spec" not in manifest:
         raise SpecError("spec: required field is missing")
-    return parse_spec(manifest["spec"], name=name, namespace=str(namespace))
+    job = parse_spec(manifest["spec"], name=name, namespace=str(namespace))
+    # The name rules are the CRD's root-level CEL rules (the limit depends on spec.topology): the API
+    # server applies the very same ones, to the defaulted spec.
+    validate_rules({"metadata": {"name": name}, "spec": defaulted_spec(manifest["spec"])}, openapi_schema(), "",
+                   recurse=False)
+    return job
 
 
 def parse_spec(raw_spec: Any, *, name: str, namespace: str = "default") -> JobSpec:

@@ -62,6 +62,12 @@ def owner_reference(owner: Object) -> Object:
     }
 
 
+def replicas(spec: JobSpec, running: int) -> int:
+    """A StatefulSet's replicas: ``running``, or 0 for a suspended job, so no pod starts before the
+    operator would scale it down (a job created suspended never runs a pod)."""
+    return 0 if spec.run_policy.suspend else running
+
+
 def _metadata(spec: JobSpec, name: str, component: str, owner: Object) -> Object:
     return {
         "name": name,
@@ -178,7 +184,7 @@ def build_redis_statefulset(spec: JobSpec, owner: Object, settings: Settings) ->
         "metadata": _metadata(spec, names.redis, "redis", owner),
         "spec": {
             "serviceName": names.redis,
-            "replicas": spec.peers,
+            "replicas": replicas(spec, spec.peers),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(spec.name, "redis")},
             "template": {
@@ -289,7 +295,7 @@ def build_peer_statefulset(spec: JobSpec, owner: Object, settings: Settings) -> 
         "metadata": _metadata(spec, names.peer, "peer", owner),
         "spec": {
             "serviceName": names.peers_service,
-            "replicas": spec.peers,
+            "replicas": replicas(spec, spec.peers),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector(spec.name, "peer")},
             "template": {
@@ -553,7 +559,7 @@ def _as_component(obj: Object, spec: JobSpec, *, name: str, component: str) -> O
     obj["metadata"]["name"] = name
     obj["metadata"]["labels"] = labels(spec.name, component)
     body = obj["spec"]
-    body.update(serviceName=name, replicas=1, selector={"matchLabels": selector(spec.name, component)})
+    body.update(serviceName=name, replicas=replicas(spec, 1), selector={"matchLabels": selector(spec.name, component)})
     body["template"]["metadata"]["labels"] = labels(spec.name, component)
     for claim in body.get("volumeClaimTemplates", []):
         claim["metadata"]["labels"] = labels(spec.name, component)

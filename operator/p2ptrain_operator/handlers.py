@@ -22,7 +22,7 @@ import datetime
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import kopf
@@ -109,7 +109,8 @@ async def close(memo: OperatorMemo, **_: Any) -> None:
 def login(memo: OperatorMemo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     connection = memo.connection
     if connection is not None:
-        return kopf.ConnectionInfo(server=connection.server, insecure=connection.insecure, token=connection.token())
+        return kopf.ConnectionInfo(server=connection.server, insecure=connection.insecure, token=connection.token(),
+                                   ca_path=connection.ca_path)
     return kopf.login_with_service_account(**kwargs) or kopf.login_via_client(**kwargs)
 
 
@@ -164,6 +165,9 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
         _write_status(patch, status, transition, meta.get("generation"))
         metrics.JOBS_FAILED_TOTAL.inc()
         raise kopf.PermanentError(str(exc)) from exc
+    missing = await memo.kube.unserved(children)
+    if missing:  # create nothing until the cluster serves every kind of child, and say what is missing
+        _wait_for_apis(body, status, patch, meta, missing, memo.settings)
     created = [c for c in children if await memo.kube.create(c)]
     if job.run_policy.suspend:
         await _scale(memo.kube, job, 0)
@@ -188,6 +192,18 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
             kopf.warn(body, reason="KnativeFlagsNeeded", message=message)
         for warning in knative_warnings(job):
             kopf.warn(body, reason="KnativeSettingAdjusted", message=warning)
+
+
+def _wait_for_apis(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta: kopf.Meta, missing: list[str],
+                   settings: Settings) -> NoReturn:
+    """Report in the job's status and events that the cluster lacks an API its children need, then
+    have kopf retry: the children are created as soon as the API is served (Knative installed)."""
+    message = (f"this cluster does not serve {', '.join(missing)}: install Knative Serving (the gradient function is "
+               "a Knative Service), or set spec.function.mode: inline; nothing is created until it is served")
+    _write_status(patch, status, Transition(Phase.PENDING, "KnativeServingMissing", message), meta.get("generation"))
+    if status.get("message") != message:  # one event, not one per retry
+        kopf.warn(body, reason="KnativeServingMissing", message=message)
+    raise kopf.TemporaryError(message, delay=max(1.0, settings.poll_seconds))
 
 
 async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,

@@ -138,6 +138,24 @@ class Kube:
             raise
         return True
 
+    async def serves(self, group: str, version: str, plural: str) -> bool:
+        """Whether the cluster serves ``plural`` in ``group/version`` (Knative's ``services``): its
+        discovery document, which every authenticated user may read (system:discovery)."""
+        try:
+            found = await self._run(self.custom.get_api_resources, group, version)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(resource.name == plural for resource in found.resources or [])
+
+    async def unserved(self, objects: list[dict[str, Any]]) -> list[str]:
+        """The custom resources among ``objects`` that this cluster does not serve (``services.
+        serving.knative.dev/v1`` while Knative Serving is not installed): creating them would fail."""
+        kinds = {_CUSTOM[key] for obj in objects if (key := (obj["apiVersion"], obj["kind"])) in _CUSTOM}
+        return sorted([f"{plural}.{group}/{version}" for group, version, plural in kinds
+                       if not await self.serves(group, version, plural)])
+
     async def scale_stateful_set(self, namespace: str, name: str, replicas: int) -> None:
         await self._run(self.apps.patch_namespaced_stateful_set, name, namespace, {"spec": {"replicas": replicas}},
                         _content_type=MERGE_PATCH)

@@ -102,11 +102,13 @@ def conditions(
         status = "True" if active else "False"
         before = earlier.get(kind)
         changed = before is None or before.get("status") != status
+        # While Pending, Created=False carries the reason the children are not there yet.
+        told = active or (kind == "Created" and phase == Phase.PENDING)
         condition: dict[str, Any] = {
             "type": kind,
             "status": status,
-            "reason": transition.reason if active else (before or {}).get("reason", kind + "NotActive"),
-            "message": transition.message if active else "",
+            "reason": transition.reason if told else (before or {}).get("reason", kind + "NotActive"),
+            "message": transition.message if told else "",
             "lastTransitionTime": now if changed else before.get("lastTransitionTime", now),  # type: ignore[union-attr]
         }
         if generation is not None:

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from p2ptrain.config import PEER_PORT, ChildNames
+from p2ptrain.schema import cel_property_name, cel_view
 from p2ptrain.spec import (
     JobSpec,
     SpecError,
@@ -60,7 +61,8 @@ def _rules() -> dict[str, str]:
 
 def _holds(rule: str, spec: dict[str, Any]) -> bool:
     env = celpy.Environment()
-    return bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(defaulted_spec(spec))}))
+    seen = cel_view(defaulted_spec(spec), openapi_schema()["properties"]["spec"])  # names as the server escapes them
+    return bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(seen)}))
 
 
 @pytest.mark.parametrize(
@@ -72,6 +74,8 @@ def _holds(rule: str, spec: dict[str, Any]) -> bool:
         ("set either spec.rounds or spec.epochs, not both", {"rounds": 3, "epochs": 1}, False),
         ("set either spec.rounds or spec.epochs, not both", {"rounds": 3}, True),
         ("exchange.quorum cannot exceed peers", {"peers": 2, "exchange": {"quorum": 3}}, False),
+        ("function.minScale cannot exceed function.maxScale", {"function": {"minScale": 3, "maxScale": 2}}, False),
+        ("function.minScale cannot exceed function.maxScale", {"function": {"minScale": 2, "maxScale": 2}}, True),
         ("aggregation.rule=mean tolerates no Byzantine peer: set aggregation.byzantine=0 or pick a robust rule",
          {"aggregation": {"rule": "mean", "byzantine": 1}}, False),
     ],
@@ -98,17 +102,20 @@ def _root_rules() -> list[dict[str, Any]]:
     return rules
 
 
-def _name_accepted(name: str) -> bool:
+def _name_accepted(name: str, topology: str = "p2p") -> bool:
     env = celpy.Environment()
-    self = celpy.json_to_cel({"metadata": {"name": name}})
+    self = celpy.json_to_cel({"metadata": {"name": name}, "spec": {"topology": topology}})
     return all(bool(env.program(env.compile(r["rule"])).evaluate({"self": self})) for r in _root_rules())
 
 
-def _derived_names(job: str) -> list[str]:
+def _derived_names(job: str, topology: str = "p2p") -> list[str]:
     """Every name and label value Kubernetes and Knative derive from the job's children (each <= 63)."""
     names = ChildNames(job)
     peers_max = openapi_schema()["properties"]["spec"]["properties"]["peers"]["maximum"]
     statefulsets = [names.redis, names.peer]
+    if topology == "ps":  # the aggregator and its Redis: one pod each
+        return [*_derived_names(job), *(f"{sts}-{'0' * REVISION_HASH_MAX}" for sts in (names.aggregator, names.aggregator_redis)),
+                f"{names.aggregator}-0", f"{names.aggregator_redis}-0"]
     return [
         # A StatefulSet's pods carry controller-revision-hash: <statefulset>-<hash>.
         *(f"{sts}-{'0' * REVISION_HASH_MAX}" for sts in statefulsets),
@@ -120,14 +127,15 @@ def _derived_names(job: str) -> list[str]:
     ]
 
 
-def _longest_job_name() -> int:
-    return max(n for n in range(1, 254) if all(len(d) <= LABEL_MAX for d in _derived_names("a" * n)))
+def _longest_job_name(topology: str) -> int:
+    return max(n for n in range(1, 254) if all(len(d) <= LABEL_MAX for d in _derived_names("a" * n, topology)))
 
 
-def test_the_crd_name_limit_is_exactly_the_longest_name_whose_children_fit() -> None:
-    longest = _longest_job_name()
-    assert _name_accepted("a" * longest)
-    assert not _name_accepted("a" * (longest + 1))
+@pytest.mark.parametrize("topology", ["p2p", "ps"])
+def test_the_crd_name_limit_is_exactly_the_longest_name_whose_children_fit(topology: str) -> None:
+    longest = _longest_job_name(topology)
+    assert _name_accepted("a" * longest, topology)
+    assert not _name_accepted("a" * (longest + 1), topology)
 
 
 @pytest.mark.parametrize("name", ["digits", "a", "cnn-4-peers", "x9"])
@@ -145,8 +153,9 @@ def test_the_local_parser_applies_the_same_name_rule() -> None:
                 "spec": {"model": {}, "dataset": {}}}
     with pytest.raises(SpecError, match=r'metadata.name "my.job" is not a DNS-1035 label'):
         parse_manifest(manifest)
-    manifest["metadata"] = {"name": "a" * (_longest_job_name() + 1)}
-    with pytest.raises(SpecError, match=rf"has {_longest_job_name() + 1} characters; at most {_longest_job_name()} fit"):
+    longest = _longest_job_name("p2p")
+    manifest["metadata"] = {"name": "a" * (longest + 1)}
+    with pytest.raises(SpecError, match=rf"has {longest + 1} characters; at most {longest} fit"):
         parse_manifest(manifest)
 
 
@@ -238,3 +247,19 @@ def test_every_crd_default_is_the_parsed_and_the_dataclass_default(path: tuple[s
     assert dataclass_default == default, (
         f"{type(owner).__name__}.{field.name} defaults to {dataclass_default!r}; the CRD default is {default!r}"
     )
+
+
+# --- property names as CEL sees them (the server's escaping) ---------------------------------------------
+
+@pytest.mark.parametrize("name,escaped", [
+    ("function", "__function__"), ("namespace", "__namespace__"), ("minScale", "minScale"),
+    ("a-b", "a__dash__b"), ("a.b/c", "a__dot__b__slash__c"), ("x__y", "x__underscores__y"),
+])
+def test_property_names_are_escaped_as_the_api_server_escapes_them(name: str, escaped: str) -> None:
+    assert cel_property_name(name) == escaped
+
+
+def test_map_keys_keep_their_names_in_cel() -> None:
+    function = openapi_schema()["properties"]["spec"]["properties"]["function"]
+    seen = cel_view({"resources": {"limits": {"nvidia.com/gpu": 1}}}, function)
+    assert seen == {"resources": {"limits": {"nvidia.com/gpu": 1}}}

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Builds the cluster tier's control plane (tests/cluster) from upstream Go modules and gathers the
+# upstream CRDs it installs. Idempotent: the binary is rebuilt only when this module changes, and Go's
+# module and build caches (GOMODCACHE, GOCACHE: kept on the machine) make a rebuild cheap.
+#
+#   .tools/bin/p2p-kube        kube-apiserver, kube-controller-manager, kube-scheduler and etcd in one
+#                              binary (k8s.io/kubernetes v1.37.2, go.etcd.io/etcd/server/v3 v3.7.0)
+#   .tools/cluster/crds/       Knative Serving's CRDs and the Prometheus Operator's, from the releases
+#                              pinned in upstream/go.mod (checked against upstream/go.sum)
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+bin="$root/.tools/bin"
+crds="$root/.tools/cluster/crds"
+command -v go >/dev/null || { echo "hack/cluster/build.sh: a Go toolchain (go >= 1.26) is needed on PATH" >&2; exit 1; }
+# Everything the binary is built from: a change to any of these rebuilds it.
+want="$(cat "$here/go.mod" "$here/go.sum" "$here/main.go" "$here/build.sh" "$here/upstream/go.sum" | sha256sum | cut -c1-16) $(go env GOVERSION)"
+stamp="$root/.tools/cluster/stamp"
+if [[ -x "$bin/p2p-kube" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+mkdir -p "$bin" "$crds"
+started=$SECONDS
+echo "building the control plane (k8s.io/kubernetes v1.37.2, etcd v3.7.0): the first build on a machine takes 10-20 minutes on 2 cores"
+# -mod=readonly: go.sum pins every module, so no checksum database is consulted.
+version="k8s.io/component-base/version"
+(cd "$here" && CGO_ENABLED=0 go build -mod=readonly -trimpath -o "$bin/p2p-kube.new" \
+  -ldflags "-s -w -X $version.gitVersion=v1.37.2 -X $version.gitMajor=1 -X $version.gitMinor=37 \
+            -X $version.gitTreeState=clean -X k8s.io/client-go/pkg/version.gitVersion=v1.37.2" .)
+mv "$bin/p2p-kube.new" "$bin/p2p-kube"
+rm -f "$crds"/*.yaml
+module_dir() {  # where the module cache holds the pinned release of $1 (downloaded if missing)
+  (cd "$here/upstream" && go mod download -json "$1") | python3 -c 'import json, sys; o = json.load(sys.stdin); sys.exit(o["Error"]) if o.get("Error") else print(o["Dir"])'
+}
+serving="$(module_dir knative.dev/serving)"
+monitoring="$(module_dir github.com/prometheus-operator/prometheus-operator)"
+cp "$serving"/config/core/300-resources/*.yaml "$crds/"
+cp "$monitoring"/example/prometheus-operator-crd/monitoring.coreos.com_{servicemonitors,podmonitors,prometheusrules}.yaml "$crds/"
+chmod u+w "$crds"/*.yaml
+echo "$want" > "$stamp"
+echo "control plane built in $((SECONDS - started)) s: $(du -h "$bin/p2p-kube" | cut -f1) binary; module cache $(du -sh "$(go env GOMODCACHE)" | cut -f1), build cache $(du -sh "$(go env GOCACHE)" | cut -f1)"

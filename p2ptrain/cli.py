@@ -1,7 +1,8 @@
 """The ``p2ptrain`` command: run a job locally, or serve one part of a job (peer, function, operator).
 
 Configuration enters here — arguments, environment, files — and becomes typed objects; nothing
-below re-reads the environment.
+below re-reads the environment. Each command imports what it runs when it runs, so ``p2ptrain operator``
+and its cleanup hook load no training or serving stack (tests/unit/test_operator_imports.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from p2ptrain import __version__, asgi, logs, memory
+from p2ptrain import __version__, logs, memory
 from p2ptrain.config import (
     CONFIG_ENV,
     PEER_PORT,
@@ -316,6 +317,7 @@ def _aggregator(args: argparse.Namespace) -> int:
 
 def _serve_trainer(args: argparse.Namespace, *, aggregator: bool) -> int:
     """A peer, or the aggregator of a topology ps job: the same configuration, secrets and serving."""
+    from p2ptrain import asgi
     from p2ptrain.peer import Peer, serve_peer
     from p2ptrain.ps import Aggregator
 
@@ -384,8 +386,7 @@ def _operator(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"error: the operator is not installed: {exc}", file=sys.stderr)
         return 2
-    result: int = operator_main(args.rest)
-    return result
+    return operator_main(args.rest)
 
 
 def _redis_module(args: argparse.Namespace) -> int:

@@ -129,7 +129,7 @@ class PeerStatus:
     resyncs: int = 0
     last_sync: dict[str, Any] = field(default_factory=dict)
     attack: str = ""  # the attack kind while this peer is an evaluation's Byzantine attacker
-    cost: dict[str, Any] = field(default_factory=dict)  # kept up to date by the peer's p2ptrain.cost.PeerCost
+    cost: dict[str, Any] = field(default_factory=dict)  # kept up to date by the peer's p2ptrain.ledger.PeerCost
 
     def record_params_hash(self, round_number: int, digest: str) -> None:
         # Several rounds are kept: a reader polling slower than rounds finish still sees common rounds.

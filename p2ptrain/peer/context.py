@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 from p2ptrain import metrics
 from p2ptrain.config import RuntimeConfig, Secrets
-from p2ptrain.cost import PeerCost, memory_bytes
+from p2ptrain.cost import memory_bytes
+from p2ptrain.ledger import PeerCost
 from p2ptrain.spec import JobSpec
 from p2ptrain.status import PeerStatus
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from p2ptrain import metrics, retry, wire
-from p2ptrain.cost import tensor_blob_bytes
 from p2ptrain.data import split_micro_batches
+from p2ptrain.ledger import tensor_blob_bytes
 from p2ptrain.peer.context import PeerContext, PeerPart
 from p2ptrain.peer.divergence import Diverged
 from p2ptrain.peer.errors import PeerError

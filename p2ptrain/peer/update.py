@@ -24,7 +24,6 @@ import torch
 
 from p2ptrain import asgi
 from p2ptrain.accumulator import ROUND_KEY_TTL_SECONDS
-from p2ptrain.cost import PeerCost
 from p2ptrain.dbupdate import (
     AdamSettings,
     ModelUpdater,
@@ -34,6 +33,7 @@ from p2ptrain.dbupdate import (
     settings_for,
     write_state,
 )
+from p2ptrain.ledger import PeerCost
 from p2ptrain.peer.replica import Replica
 from p2ptrain.spec import JobSpec
 from p2ptrain.store import PeerStore

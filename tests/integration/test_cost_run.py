@@ -23,8 +23,9 @@ import yaml
 from prometheus_client import REGISTRY
 
 from p2ptrain import asgi
-from p2ptrain.cost import GB, load_prices, tensor_blob_bytes
+from p2ptrain.cost import GB, load_prices
 from p2ptrain.data import load_dataset
+from p2ptrain.ledger import tensor_blob_bytes
 from p2ptrain.models import build_model
 from p2ptrain.peer import Peer
 from p2ptrain.peer.context import due

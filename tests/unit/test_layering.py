@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2ptrain"
 LAYERS: list[set[str]] = [
     {"sorting"},
     {"schema", "logs", "native", "metrics", "wire", "aggregate", "checkpoint", "accumulator", "retry", "asgi",
-     "status", "attack", "poster", "momentum", "memory", "bulkread"},
+     "status", "attack", "poster", "momentum", "memory", "bulkread", "cost"},
     {"aggregation_spec"},
-    {"spec", "dbupdate", "redis_server", "cost"},
+    {"spec", "dbupdate", "redis_server", "ledger"},
     {"config", "data", "models", "summary"},
     {"store", "preflight", "device"},
     {"gradient", "autoscale", "peer.errors", "peer.context"},

@@ -6,6 +6,7 @@ Standard, as a hardened cluster's job namespaces do."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterator
@@ -35,7 +36,9 @@ def control_plane() -> Iterator[ControlPlane]:
 @pytest.fixture(scope="session")
 def cluster(control_plane: ControlPlane) -> ControlPlane:
     """The control plane after `helm install` of the chart with default values (CRD, operator, RBAC)."""
-    control_plane.helm("install", RELEASE, str(ROOT / "charts" / "p2ptrain"), "-n", RELEASE_NAMESPACE, "--create-namespace")
+    control_plane.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                         "metadata": {"name": RELEASE_NAMESPACE, "labels": RESTRICTED}})
+    control_plane.helm("install", RELEASE, str(ROOT / "charts" / "p2ptrain"), "-n", RELEASE_NAMESPACE)
     wait_for(lambda: crd_established(control_plane, CRD_NAME), 60, f"CRD {CRD_NAME} to be established")
     return control_plane
 
@@ -64,15 +67,21 @@ def monitoring_crds(cluster: ControlPlane) -> ControlPlane:
 
 
 class RunningOperator:
-    """The operator (kopf, in a thread of this process) authenticated as a ServiceAccount's token, so
-    the API server enforces the chart's RBAC on every call. Peers never run here (no node): their
-    ``/status`` is answered by ``peers``, which tests set."""
+    """The operator of a Helm release, configured by the environment of the release's Deployment and
+    authenticated with a token of the release's ServiceAccount, so the API server enforces the
+    chart's RBAC on every call. It runs in a thread of this process (kopf), since no node runs its
+    pod. Peers never run either: their ``/status`` is answered by ``peers``, which tests set."""
 
-    def __init__(self, cluster: ControlPlane, namespace: str, service_account: str, watch: str = "") -> None:
+    def __init__(self, cluster: ControlPlane, release: str, release_namespace: str) -> None:
+        deployment = cluster.request("GET", f"/apis/apps/v1/namespaces/{release_namespace}/deployments/{release}")
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"] if "value" in e}
         self.peers = FakePeers()
-        token = cluster.service_account_token(namespace, service_account)
-        self.settings = Settings(poll_seconds=0.5, peer_status_url=self.peers.url_template, image="p2ptrain:test",
-                                 namespace=watch, aggregator_status_url=self.peers.aggregator_url_template)
+        self.settings = dataclasses.replace(
+            Settings.from_env(env), poll_seconds=0.5, peer_status_url=self.peers.url_template,
+            aggregator_status_url=self.peers.aggregator_url_template,
+        )
+        token = cluster.service_account_token(release_namespace, pod["serviceAccountName"])
         connection = Connection(server=cluster.server, token_file=str(token), ca_path=str(cluster.ca))
         self.thread, self.stop_flag = run_in_thread(self.settings, connection)
 
@@ -83,10 +92,11 @@ class RunningOperator:
         assert not self.thread.is_alive(), "the operator did not stop"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(cluster: ControlPlane) -> Iterator[RunningOperator]:
-    """The operator as the chart's ServiceAccount (default values: every namespace, a ClusterRole)."""
-    running = RunningOperator(cluster, RELEASE_NAMESPACE, RELEASE)
+    """The default release's operator (every namespace, a ClusterRole), for one test module: two
+    operators watching one namespace would both act on its jobs."""
+    running = RunningOperator(cluster, RELEASE, RELEASE_NAMESPACE)
     yield running
     running.stop()
 

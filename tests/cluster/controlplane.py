@@ -260,12 +260,14 @@ class ControlPlane:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
+    def helm_env(self) -> dict[str, str]:
+        """Helm's environment: its caches and settings in the work directory, not the user's."""
+        return {**os.environ, **{f"HELM_{kind}_HOME": str(self.workdir / "helm" / kind.lower())
+                                 for kind in ("CACHE", "CONFIG", "DATA")}}
+
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "HELM_CACHE_HOME": str(self.workdir / "helm" / "cache"),
-               "HELM_CONFIG_HOME": str(self.workdir / "helm" / "config"),
-               "HELM_DATA_HOME": str(self.workdir / "helm" / "data")}
         result = subprocess.run([str(HELM), f"--kubeconfig={self.kubeconfig}", *args],
-                                capture_output=True, text=True, timeout=timeout, env=env)
+                                capture_output=True, text=True, timeout=timeout, env=self.helm_env())
         if check and result.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result

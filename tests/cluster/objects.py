@@ -98,4 +98,4 @@ def contains(stored: Any, sent: Any) -> list[str]:
 
 def crd_established(cluster: ControlPlane, name: str) -> bool:
     crd = get(cluster, f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}") or {}
-    return any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions", []))
+    return any(c["type"] == "Established" and c["status"] == "True" for c in (crd.get("status") or {}).get("conditions") or [])

@@ -245,8 +245,12 @@ class ControlPlane:
         request = urllib.request.Request(self.server + path, data=data, method=method, headers={
             "Authorization": f"Bearer {token or self.admin_token}", "Content-Type": content_type,
         })
-        with urllib.request.urlopen(request, context=context, timeout=30) as response:
-            payload = response.read()
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:  # the server's Status message, not just "422"
+            detail = exc.read().decode(errors="replace")
+            raise urllib.error.HTTPError(exc.url, exc.code, f"{exc.reason}: {detail}", exc.headers, None) from None
         try:
             return json.loads(payload)
         except ValueError:

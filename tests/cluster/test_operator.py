@@ -201,3 +201,51 @@ def test_the_rbac_the_operator_ran_with_is_the_charts(cluster: ControlPlane, ope
                              {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}, token=token)
     assert whoami["status"]["userInfo"]["username"] == "system:serviceaccount:p2ptrain-system:p2ptrain"
 
+
+
+def test_the_model_export_job_gets_a_pod_that_restricted_admits(
+    knative: ControlPlane, operator: RunningOperator, namespace: str
+) -> None:
+    cluster = knative
+    job = "exporter"
+    manifest = _manifest("cnn-pvc.yaml", job)  # output: the claim `models`
+    _apply(cluster, namespace, manifest)
+    wait_phase(cluster, namespace, job, "Created")
+    operator.peers.report(PeerState.SUCCEEDED, peers=manifest["spec"]["peers"], job=job)
+    status = wait_phase(cluster, namespace, job, "Succeeded")
+    assert status["modelExport"] == "Running"
+    export = wait_for(lambda: get(cluster, f"{collection('batch/v1', 'Job', namespace)}/{job}-export"), 30, "the export Job")
+    assert export["metadata"]["ownerReferences"][0]["name"] == job
+    # The Job controller made its pod past Pod Security "restricted".
+    wait_for(lambda: pods(cluster, namespace, {"job-name": f"{job}-export"}), 60,
+             f"the export Job's pod (events: {_failures(cluster, namespace)})")
+
+
+@pytest.mark.parametrize("example,name,spec", [j for j in JOBS if j[0] != "digits-inline.yaml"],
+                         ids=["p2p", "ps", "pvc", "cuda"])
+def test_the_gradient_functions_pods_meet_restricted(
+    knative: ControlPlane, operator: RunningOperator, namespace: str, example: str, name: str | None, spec: dict[str, Any]
+) -> None:
+    """No Knative controller runs here to make the function's pods, so the pod its Service's template
+    describes is sent to the server as a dry run: Pod Security and the rest of admission judge it."""
+    cluster = knative
+    manifest = _manifest(example, name, **spec)
+    job = manifest["metadata"]["name"]
+    _apply(cluster, namespace, manifest)
+    service = wait_for(lambda: get(cluster, f"{collection('serving.knative.dev/v1', 'Service', namespace)}/{job}-gradient"),
+                       60, "the gradient function's Service")
+    template = service["spec"]["template"]
+    pod_spec = copy.deepcopy(template["spec"])
+    for index, container in enumerate(pod_spec["containers"]):
+        # What Knative adds before its pods exist: a container name, and the user port on probes
+        # that name none (Knative probes the container's port, 8080 when it declares none).
+        container.setdefault("name", f"user-container-{index}")
+        port = (container.get("ports") or [{"containerPort": 8080}])[0]["containerPort"]
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            for action in ("httpGet", "tcpSocket", "grpc"):
+                if action in container.get(probe, {}):
+                    container[probe][action].setdefault("port", port)
+    pod = {"apiVersion": "v1", "kind": "Pod", "spec": pod_spec,
+           "metadata": {"name": f"{job}-gradient-dry-run", "labels": template.get("metadata", {}).get("labels", {})}}
+    answer = cluster.request("POST", f"/api/v1/namespaces/{namespace}/pods?dryRun=All", pod)
+    assert answer["metadata"]["name"] == pod["metadata"]["name"]

@@ -7,6 +7,9 @@
 #                              binary (k8s.io/kubernetes v1.37.2, go.etcd.io/etcd/server/v3 v3.7.0)
 #   .tools/cluster/crds/       Knative Serving's CRDs and the Prometheus Operator's, from the releases
 #                              pinned in upstream/go.mod (checked against upstream/go.sum)
+#   .tools/bin/knative-webhook Knative Serving's admission webhook (its stock cmd/webhook, pinned in
+#                              knative/go.mod, a module of its own: Knative pins older k8s.io modules)
+#   .tools/cluster/knative-webhook/  that release's config/core manifests the webhook runs with
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -16,6 +19,29 @@ command -v go >/dev/null || { echo "hack/cluster/build.sh: a Go toolchain (go >=
 # Everything the binary is built from: a change to any of these rebuilds it.
 want="$(cat "$here/go.mod" "$here/go.sum" "$here/main.go" "$here/build.sh" "$here/upstream/go.sum" | sha256sum | cut -c1-16) $(go env GOVERSION)"
 stamp="$root/.tools/cluster/stamp"
+
+# Knative's webhook first, with its own stamp: it does not rebuild the control plane, nor the reverse.
+knative="$here/knative"
+knative_config="$root/.tools/cluster/knative-webhook"
+knative_want="$(cat "$knative/go.mod" "$knative/go.sum" "$here/build.sh" | sha256sum | cut -c1-16) $(go env GOVERSION)"
+knative_stamp="$root/.tools/cluster/knative-webhook.stamp"
+if [[ ! -x "$bin/knative-webhook" || ! -f "$knative_stamp" || "$(cat "$knative_stamp")" != "$knative_want" ]]; then
+  started=$SECONDS
+  echo "building Knative Serving's webhook: the first build on a machine takes about 5 minutes on 2 cores"
+  mkdir -p "$bin"
+  (cd "$knative" && CGO_ENABLED=0 go build -mod=readonly -trimpath -ldflags "-s -w" -o "$bin/knative-webhook.new" \
+    knative.dev/serving/cmd/webhook)
+  mv "$bin/knative-webhook.new" "$bin/knative-webhook"
+  core="$(cd "$knative" && go list -mod=readonly -m -f '{{.Dir}}' knative.dev/serving)/config/core"
+  rm -rf "$knative_config"
+  mkdir -p "$knative_config"/{200-roles,configmaps,webhooks}
+  cp "$core"/100-namespace.yaml "$core"/200-serviceaccount.yaml "$knative_config/"
+  for part in 200-roles configmaps webhooks; do cp "$core/$part"/*.yaml "$knative_config/$part/"; done
+  chmod -R u+w "$knative_config"
+  echo "$knative_want" > "$knative_stamp"
+  echo "Knative's webhook built in $((SECONDS - started)) s: $(du -h "$bin/knative-webhook" | cut -f1) binary"
+fi
+
 if [[ -x "$bin/p2p-kube" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
   exit 0
 fi

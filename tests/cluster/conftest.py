@@ -17,6 +17,7 @@ from p2ptrain_operator.kube import Connection
 from p2ptrain_operator.main import run_in_thread
 from p2ptrain_operator.settings import Settings
 from tests.cluster.controlplane import ROOT, UPSTREAM_CRDS, ControlPlane, wait_for
+from tests.cluster.knative_webhook import KnativeWebhook
 from tests.cluster.objects import crd_established
 from tests.operator.harness import FakePeers
 
@@ -107,3 +108,26 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower().removeprefix("test_"))[:40].strip("-")
     with cluster.namespace(f"{stem}-{next(_names)}", RESTRICTED) as name:
         yield name
+
+
+@pytest.fixture(scope="session")
+def knative_webhook(cluster: ControlPlane) -> Iterator[KnativeWebhook]:
+    """Knative Serving's own webhook, running as Knative installs it (tests/cluster/knative_webhook.py).
+    The apiserver calls it only inside ``knative_admission``."""
+    install_knative_crds(cluster)
+    webhook = KnativeWebhook(cluster)
+    try:
+        webhook.start()
+        yield webhook
+    finally:
+        webhook.stop()
+
+
+@pytest.fixture(scope="module")
+def knative_admission(knative_webhook: KnativeWebhook) -> Iterator[KnativeWebhook]:
+    """Knative's webhook as an admission webhook of the cluster, for one test module: the apiserver
+    sends it every Knative resource (and Knative's ConfigMaps) created or changed. Other modules'
+    Knative has CRDs only, as before."""
+    install_knative_crds(knative_webhook.cluster)
+    with knative_webhook.admitting():
+        yield knative_webhook

@@ -1,9 +1,15 @@
-"""Knative Serving's admission of a ``serving.knative.dev/v1`` Service, ported from its Go source.
+"""Knative Serving's admission of a ``serving.knative.dev/v1`` Service, ported from its Go source: a
+fast pre-check for the unit tier, which runs without Go or a control plane.
 
-No Knative webhook can run here, so this module re-implements, rule by rule, what the webhook does
-when a Service is created: the defaulting that runs first (only the parts validation depends on) and
-then validation with the cluster's feature flags (``config-features``), defaults
-(``config-defaults``) and autoscaler settings (``config-autoscaler``) at their default values.
+The judge is Knative's own webhook: the cluster tier (tests/cluster/test_knative_admission.py) runs
+it as an admission webhook of a real kube-apiserver and sends it the operator's Service for every
+example, and checks that this pre-check refuses what the webhook refuses. Where the two disagree,
+the webhook is right and this module is to be mended.
+
+This module re-implements, rule by rule, what the webhook does when a Service is created: the
+defaulting that runs first (only the parts validation depends on) and then validation with the
+cluster's feature flags (``config-features``), defaults (``config-defaults``) and autoscaler settings
+(``config-autoscaler``) at their default values.
 Each rule names the upstream file it comes from (github.com/knative/serving, read at tag
 knative-v1.16.0 and at main); where the two differ the rule says so and ``version`` selects.
 

@@ -15,6 +15,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
 bin="$root/.tools/bin"
 crds="$root/.tools/cluster/crds"
+# The Go toolchain's usual home, for shells whose PATH lacks it (CI runs with a minimal environment).
+command -v go >/dev/null || [[ ! -x /usr/local/go/bin/go ]] || export PATH="/usr/local/go/bin:$PATH"
 command -v go >/dev/null || { echo "hack/cluster/build.sh: a Go toolchain (go >= 1.26) is needed on PATH" >&2; exit 1; }
 # Everything the binary is built from: a change to any of these rebuilds it.
 want="$(cat "$here/go.mod" "$here/go.sum" "$here/main.go" "$here/build.sh" "$here/upstream/go.sum" | sha256sum | cut -c1-16) $(go env GOVERSION)"

@@ -532,13 +532,16 @@ def build_export_job(spec: JobSpec, owner: Object, settings: Settings) -> Object
 # --- all of them ------------------------------------------------------------------------------------------
 
 def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_password: str, signing_key: str) -> list[Object]:
-    """Every child of a job, in the order to create them (configuration before its users); with
-    ``function.mode: inline`` no Knative Service (the peers compute their own gradients)."""
+    """Every child of a job, in the order to create them: configuration before its users, and the
+    gradient function before anything that starts pods, so a cluster whose Knative refuses it (a
+    feature flag it lacks) gets no pods; with ``function.mode: inline`` no Knative Service (the peers
+    compute their own gradients)."""
     names = ChildNames(spec.name)
     function = [] if spec.function.inline else [build_knative_service(spec, owner, settings)]
     return [
         build_secret(spec, owner, redis_password=redis_password, signing_key=signing_key),
         build_configmap(spec, owner, settings),
+        *function,
         build_headless_service(spec, owner, name=names.redis, component="redis",
                                ports=[{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]),
         build_redis_statefulset(spec, owner, settings),
@@ -546,7 +549,6 @@ def build_children(spec: JobSpec, owner: Object, settings: Settings, *, redis_pa
                                ports=[{"name": "http", "port": PEER_PORT, "targetPort": "http"},
                                       {"name": "metrics", "port": spec.metrics.port, "targetPort": "metrics"}]),
         build_peer_statefulset(spec, owner, settings),
-        *function,
         *(build_aggregator_children(spec, owner, settings) if spec.topology == "ps" else []),
     ]
 

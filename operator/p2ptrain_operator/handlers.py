@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -39,7 +40,7 @@ from p2ptrain_operator.builders import (
     knative_warnings,
     selector,
 )
-from p2ptrain_operator.kube import Connection, Kube
+from p2ptrain_operator.kube import ApiException, Connection, Kube
 from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
 from p2ptrain_operator.settings import Settings
 
@@ -168,7 +169,15 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
     missing = await memo.kube.unserved(children)
     if missing:  # create nothing until the cluster serves every kind of child, and say what is missing
         _wait_for_apis(body, status, patch, meta, missing, memo.settings)
-    created = [c for c in children if await memo.kube.create(c)]
+    created = []
+    for child in children:
+        try:
+            if await memo.kube.create(child):
+                created.append(child)
+        except ApiException as exc:
+            if exc.status not in (400, 422):  # 400/422: invalid, or refused by an admission webhook
+                raise
+            _child_refused(body, status, patch, meta, child, exc, memo.settings)
     if job.run_policy.suspend:
         await _scale(memo.kube, job, 0)
     if created:
@@ -204,6 +213,30 @@ def _wait_for_apis(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta
     if status.get("message") != message:  # one event, not one per retry
         kopf.warn(body, reason="KnativeServingMissing", message=message)
     raise kopf.TemporaryError(message, delay=max(1.0, settings.poll_seconds))
+
+
+def _child_refused(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta: kopf.Meta, child: dict[str, Any],
+                   exc: ApiException, settings: Settings) -> NoReturn:
+    """The cluster refused a child (Knative's webhook without a feature flag the job needs, a policy):
+    say which and why in the status and one event, create nothing after it, and retry, since the
+    cluster's configuration may change (the flag turned on)."""
+    knative = child["apiVersion"].startswith("serving.knative.dev/")
+    reason = "KnativeRefused" if knative else "ChildRefused"
+    message = f"the cluster refused {child['kind']} {child['metadata']['name']}: {_api_message(exc)}"
+    if knative and (flags := knative_flags_needed(_job(body.spec, body.metadata))):
+        message += f" (this job needs Knative feature flag(s) {', '.join(flags)} enabled in config-features)"
+    _write_status(patch, status, Transition(Phase.PENDING, reason, message), meta.get("generation"))
+    if status.get("message") != message:
+        kopf.warn(body, reason=reason, message=message)
+    raise kopf.TemporaryError(message, delay=max(1.0, settings.poll_seconds))
+
+
+def _api_message(exc: ApiException) -> str:
+    """The server's own words (its Status message), else the HTTP reason."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except ValueError:
+        return str(exc.reason)
 
 
 async def observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch,

@@ -28,7 +28,7 @@ from p2ptrain_operator.settings import Settings
 from tests.cluster.conftest import RunningOperator
 from tests.cluster.controlplane import ROOT, ControlPlane, wait_for
 from tests.cluster.knative_webhook import KnativeWebhook, refusal_message
-from tests.cluster.objects import JOBS, collection, contains, get, path_of, wait_phase
+from tests.cluster.objects import JOBS, collection, contains, get, job_status, path_of, wait_phase
 from tests.unit.knative_admission import admit_service, flags_needed
 
 SETTINGS = Settings(image="registry.example/p2ptrain:1.2.3")
@@ -213,3 +213,22 @@ def test_the_operator_creates_its_service_through_knatives_webhook(
     assert stored is not None
     # Knative's defaulting recorded who created it: the operator, as the chart's ServiceAccount.
     assert stored["metadata"]["annotations"]["serving.knative.dev/creator"].startswith("system:serviceaccount:p2ptrain-system:")
+
+
+def test_a_job_knative_refuses_gets_no_pods_says_why_and_goes_on_once_the_flag_is_on(
+    knative_admission: KnativeWebhook, operator: RunningOperator, namespace: str
+) -> None:
+    """cnn-pvc needs Knative's PVC flag: without it, the gradient function (created before anything
+    that starts pods) is refused; the job says so and waits; once the admin enables the flag it goes on."""
+    cluster = knative_admission.cluster
+    name = "needs-pvc-flag"
+    _job(cluster, namespace, _manifest("cnn-pvc.yaml", name))
+    status = wait_for(lambda: (s := job_status(cluster, namespace, name)).get("conditions") and s, 60, "a condition")
+    created = next(c for c in status["conditions"] if c["type"] == "Created")
+    assert (created["status"], created["reason"]) == ("False", "KnativeRefused"), created
+    assert "Persistent volume claim support is disabled" in created["message"] and PVC_FLAG in created["message"]
+    assert cluster.request("GET", collection("apps/v1", "StatefulSet", namespace))["items"] == []
+    with knative_admission.features({PVC_FLAG: "enabled"}):
+        wait_phase(cluster, namespace, name, "Created", timeout=90)
+        assert get(cluster, f"{collection('apps/v1', 'StatefulSet', namespace)}/{name}-peer") is not None
+

@@ -49,7 +49,7 @@ if [[ -x "$bin/p2p-kube" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
 fi
 mkdir -p "$bin" "$crds"
 started=$SECONDS
-echo "building the control plane (k8s.io/kubernetes v1.37.2, etcd v3.7.0): the first build on a machine takes 10-20 minutes on 2 cores"
+echo "building the control plane (k8s.io/kubernetes v1.37.2, etcd v3.7.0): the first build on a machine takes about 7 minutes on 2 cores"
 # -mod=readonly: go.sum pins every module, so no checksum database is consulted.
 version="k8s.io/component-base/version"
 (cd "$here" && CGO_ENABLED=0 go build -mod=readonly -trimpath -o "$bin/p2p-kube.new" \

@@ -8,7 +8,8 @@ the operator names. What Knative must refuse is refused, so the webhook is prove
 the fast pre-check of tests/unit (``knative_admission``) refuses the same.
 
 The webhook is Knative's stock ``cmd/webhook`` of knative.dev/serving
-v0.47.1-0.20251204213410-5fbd94e8a6d7, not v0.51.0 (the CRDs' release): see hack/cluster/knative/go.mod.
+v0.47.1-0.20251204213410-5fbd94e8a6d7, with the CRDs of the same release; not v0.51.0, the newest,
+whose pinned dependencies the module proxy does not serve: see hack/cluster/knative/go.mod.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 // stock knative.dev/serving/cmd/webhook, built by hack/cluster/build.sh. A module of its own: Knative
 // pins older k8s.io modules than the control plane (hack/cluster/go.mod).
 //
-// Not v0.51.0, the release of the CRDs the tier installs (hack/cluster/upstream/go.mod): the module
-// proxy serves knative.dev/serving v0.51.0 but not the knative.dev/pkg, knative.dev/networking,
-// knative.dev/caching and knative.dev/hack versions it pins ("reading https://proxy.golang.org/
-// knative.dev/pkg/@v/v0.0.0-20261026113028-cfa0ac991c5a.zip: 403 Forbidden / server response: This
-// module version is not available."), and it does not compile against the older knative.dev/pkg the
+// Not v0.51.0, the newest release (the tier's CRDs come from the same release as this webhook,
+// hack/cluster/upstream/go.mod): the module proxy serves knative.dev/serving v0.51.0 but not the
+// knative.dev/pkg, knative.dev/networking, knative.dev/caching and knative.dev/hack versions it pins
+// ("reading <proxy>/knative.dev/pkg/@v/v0.0.0-20261026113028-cfa0ac991c5a.zip: 403 Forbidden /
+// server response: This module version is not available."), and it does not compile against the older knative.dev/pkg the
 // proxy has. This is the newest serving the proxy serves with its own knative.dev/pkg and networking:
 // v0.47.1-0.20251204213410-5fbd94e8a6d7 (2025-12-04). Its pinned knative.dev/caching
 // (v0.0.0-20251126015537-59c3c048d0f0) is not served either; the replace below takes the one the proxy

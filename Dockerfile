@@ -14,6 +14,10 @@ FROM ${BASE_IMAGE} AS build
 # A torch-2.13.0+cpu wheel placed in wheels/ (empty in the repository) is used instead, offline: the
 # same file either way, so both paths give the same image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# pypi: install PyPI's torch==2.13.0 (the CUDA build, which also runs on CPUs) and its dependencies
+# from wheels/, offline: for networks that reach PyPI but neither the CPU index nor a CPU wheel
+# (hack/build-image.sh stages them). Several GB larger than the CPU build.
+ARG TORCH_VARIANT=cpu
 # Build-time only, for networks where a TLS-intercepting proxy sits between the build and PyPI: the
 # path of a CA bundle in the build context (hack/build-image.sh puts the host's in wheels/). pip alone
 # uses it, in this stage alone: the runtime image never sees it.
@@ -33,15 +37,20 @@ COPY operator ./operator
 # p2ptrain/crd.yaml is a symlink to crds/ in the source tree: make it a file inside the wheel.
 RUN if [ -n "${PIP_CA_BUNDLE}" ]; then export PIP_CERT="/src/${PIP_CA_BUNDLE}"; fi \
     && python3 -m venv /opt/p2ptrain \
-    && if ls wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then \
+    && expected=2.13.0+cpu \
+    && if [ "${TORCH_VARIANT}" = pypi ]; then \
+         expected=2.13.0+cu130 \
+         && /opt/p2ptrain/bin/pip install --no-cache-dir --no-index --find-links wheels torch==2.13.0; \
+       elif ls wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then \
          /opt/p2ptrain/bin/pip install --no-cache-dir --no-deps --no-index --find-links wheels torch==2.13.0; \
        else \
          /opt/p2ptrain/bin/pip install --no-cache-dir --no-deps torch==2.13.0 --index-url "${TORCH_INDEX_URL}"; \
        fi \
+    && rm -f wheels/*.whl \
     && cp --remove-destination crds/p2ptrainingjobs.p2ptrain.dev.yaml p2ptrain/crd.yaml \
     && /opt/p2ptrain/bin/pip install --no-cache-dir . \
     && /opt/p2ptrain/bin/pip check \
-    && /opt/p2ptrain/bin/python -c 'import torch; assert torch.__version__ == "2.13.0+cpu", torch.__version__' \
+    && /opt/p2ptrain/bin/python -c 'import sys, torch; assert torch.__version__ == sys.argv[1], torch.__version__' "$expected" \
     && mkdir -p /out \
     && gcc -O3 -fno-math-errno -fPIC -shared -std=c11 -Wall -Wextra -Werror -DP2PTRAIN_CLONES \
         -o /out/p2ptrain_redis.so p2ptrain/csrc/p2ptrain_redis.c -lm

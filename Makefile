@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
+WHEELHOUSE ?= $(HOME)/.cache/p2ptrain/wheelhouse
 
 .PHONY: setup run test lint typecheck unit bench bench-reports clean tools cluster-tools cluster-test image chaos robustness compare
 
@@ -20,8 +21,11 @@ $(STAMP): pyproject.toml
 	@command -v gcc >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq gcc >/dev/null; }
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# Pinned CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 numpy
+	# Pinned torch first (an unpinned one would pull whatever is newest): the local CPU wheel where pip's
+	# find-links has one, else PyPI's build. Its wheels are kept in a wheelhouse on this machine (the
+	# registry's replies are not cached by pip), so a fresh clone does not download GBs again.
+	$(BIN)/python -m pip download -q --dest $(WHEELHOUSE) torch==2.13.0
+	$(BIN)/python -m pip install -q --find-links $(WHEELHOUSE) torch==2.13.0 numpy
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 

@@ -127,8 +127,19 @@ stage_torch_wheel() {
     --platform manylinux_2_28_x86_64 --dest "$root/wheels" "torch==2.13.0+cpu" >/dev/null 2>&1 || true
   if ls "$root"/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
     echo "torch: using the local wheel $(basename "$root"/wheels/torch-2.13.0+cpu-*.whl)"
-  else
+  elif "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)' \
+      https://download.pytorch.org/whl/cpu/torch/ >/dev/null 2>&1; then
     echo "torch: no local CPU wheel; the build installs it from download.pytorch.org/whl/cpu"
+  else
+    # Neither a CPU wheel nor the CPU index (a network that reaches PyPI alone): the image carries
+    # PyPI's torch 2.13.0, the CUDA build, which also computes on the CPU but adds GBs. Its wheels are
+    # kept in a wheelhouse on this machine, so only the first build downloads them.
+    local wheelhouse="${P2PTRAIN_WHEELHOUSE:-$HOME/.cache/p2ptrain/wheelhouse}"
+    echo "torch: no CPU wheel and download.pytorch.org unreachable: PyPI's torch==2.13.0 (CUDA build) from $wheelhouse"
+    mkdir -p "$wheelhouse"
+    "$python" -m pip download -q --dest "$wheelhouse" "torch==2.13.0"
+    cp -l "$wheelhouse"/*.whl "$root/wheels/" 2>/dev/null || cp "$wheelhouse"/*.whl "$root/wheels/"
+    build_args+=(--build-arg TORCH_VARIANT=pypi)
   fi
 }
 
@@ -137,7 +148,7 @@ base_work=""
 cleanup() {
   [[ -z "$base_work" ]] || rm -rf "$base_work"
   [[ -z "$ctr" ]] || bh rm "$ctr" >/dev/null 2>&1 || true
-  rm -f "$root"/wheels/torch-*.whl "$root/wheels/pip-ca.crt"
+  rm -f "$root"/wheels/*.whl "$root/wheels/pip-ca.crt"
   if [[ "${KEEP_IMAGE:-}" != 1 && "${CHECK_ONLY:-}" != 1 ]]; then
     bh rmi "$image" >/dev/null 2>&1 || true
   fi

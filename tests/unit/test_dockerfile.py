@@ -70,8 +70,11 @@ def test_torch_pin_matches_the_project_and_comes_from_the_cpu_index_or_a_local_w
     assert ("ARG", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") in _stages()[0]
     assert '--no-deps torch==2.13.0 --index-url "${TORCH_INDEX_URL}"' in DOCKERFILE
     assert "--no-deps --no-index --find-links wheels torch==2.13.0" in DOCKERFILE
-    # Whichever source, the build refuses anything but the CPU build of the pinned version.
-    assert 'torch.__version__ == "2.13.0+cpu"' in DOCKERFILE
+    # Whichever source, the build refuses anything but the pinned version: the CPU build unless the
+    # build is told (TORCH_VARIANT=pypi) that only PyPI's CUDA build can be reached.
+    assert ("ARG", "TORCH_VARIANT=cpu") in _stages()[0]
+    assert "expected=2.13.0+cpu" in DOCKERFILE
+    assert 'torch.__version__ == sys.argv[1], torch.__version__\' "$expected"' in DOCKERFILE
 
 
 def test_the_local_wheels_directory_is_in_the_build_context_and_empty_in_the_repository() -> None:

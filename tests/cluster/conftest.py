@@ -1,8 +1,8 @@
-"""Fixtures of the cluster tier: one real control plane for the whole session (started on free loopback
-ports, stopped at the end), the chart installed as users install it (which installs the CRD), the
-upstream CRDs a cluster with Knative and the Prometheus Operator has, the operator running as the
-chart's ServiceAccount, and a namespace per test that enforces the ``restricted`` Pod Security
-Standard, as a hardened cluster's job namespaces do."""
+"""Fixtures of the cluster tier: one real control plane for the whole tier (started on free loopback
+ports, and stopped once the tier's last test is done, so it costs the other tiers nothing), the chart
+installed as users install it (which installs the CRD), the upstream CRDs a cluster with Knative and
+the Prometheus Operator has, the operator running as the chart's ServiceAccount, and a namespace per
+test that enforces the ``restricted`` Pod Security Standard, as a hardened cluster's job namespaces do."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ KNATIVE_CRDS = ["services", "configurations", "revisions", "routes"]
 _names = itertools.count()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane() -> Iterator[ControlPlane]:
     with ControlPlane() as plane:
         yield plane
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(control_plane: ControlPlane) -> ControlPlane:
     """The control plane after `helm install` of the chart with default values (CRD, operator, RBAC)."""
     control_plane.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
@@ -58,7 +58,7 @@ def knative(cluster: ControlPlane) -> ControlPlane:
     return cluster
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def monitoring_crds(cluster: ControlPlane) -> ControlPlane:
     """The Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs."""
     for name in ("servicemonitors", "podmonitors", "prometheusrules"):
@@ -110,7 +110,7 @@ def namespace(cluster: ControlPlane, request: pytest.FixtureRequest) -> Iterator
         yield name
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def knative_webhook(cluster: ControlPlane) -> Iterator[KnativeWebhook]:
     """Knative Serving's own webhook, running as Knative installs it (tests/cluster/knative_webhook.py).
     The apiserver calls it only inside ``knative_admission``."""

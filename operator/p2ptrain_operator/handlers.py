@@ -168,7 +168,8 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
         raise kopf.PermanentError(str(exc)) from exc
     missing = await memo.kube.unserved(children)
     if missing:  # create nothing until the cluster serves every kind of child, and say what is missing
-        _wait_for_apis(body, status, patch, meta, missing, memo.settings)
+        _wait_for_cluster(body, status, patch, meta, "KnativeServingMissing", _missing_apis_message(missing),
+                          memo.settings)
     created = []
     for child in children:
         try:
@@ -177,7 +178,7 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
         except ApiException as exc:
             if exc.status not in (400, 422):  # 400/422: invalid, or refused by an admission webhook
                 raise
-            _child_refused(body, status, patch, meta, child, exc, memo.settings)
+            _wait_for_cluster(body, status, patch, meta, *_refusal(job, child, exc), memo.settings)
     if job.run_policy.suspend:
         await _scale(memo.kube, job, 0)
     if created:
@@ -203,32 +204,29 @@ async def _reconcile(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: 
             kopf.warn(body, reason="KnativeSettingAdjusted", message=warning)
 
 
-def _wait_for_apis(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta: kopf.Meta, missing: list[str],
-                   settings: Settings) -> NoReturn:
-    """Report in the job's status and events that the cluster lacks an API its children need, then
-    have kopf retry: the children are created as soon as the API is served (Knative installed)."""
-    message = (f"this cluster does not serve {', '.join(missing)}: install Knative Serving (the gradient function is "
-               "a Knative Service), or set spec.function.mode: inline; nothing is created until it is served")
-    _write_status(patch, status, Transition(Phase.PENDING, "KnativeServingMissing", message), meta.get("generation"))
-    if status.get("message") != message:  # one event, not one per retry
-        kopf.warn(body, reason="KnativeServingMissing", message=message)
-    raise kopf.TemporaryError(message, delay=max(1.0, settings.poll_seconds))
-
-
-def _child_refused(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta: kopf.Meta, child: dict[str, Any],
-                   exc: ApiException, settings: Settings) -> NoReturn:
-    """The cluster refused a child (Knative's webhook without a feature flag the job needs, a policy):
-    say which and why in the status and one event, create nothing after it, and retry, since the
-    cluster's configuration may change (the flag turned on)."""
-    knative = child["apiVersion"].startswith("serving.knative.dev/")
-    reason = "KnativeRefused" if knative else "ChildRefused"
-    message = f"the cluster refused {child['kind']} {child['metadata']['name']}: {_api_message(exc)}"
-    if knative and (flags := knative_flags_needed(_job(body.spec, body.metadata))):
-        message += f" (this job needs Knative feature flag(s) {', '.join(flags)} enabled in config-features)"
+def _wait_for_cluster(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, meta: kopf.Meta, reason: str,
+                      message: str, settings: Settings) -> NoReturn:
+    """The cluster cannot take the job's children yet (Knative missing, or refusing a child for a
+    feature flag): say so in the status and one event, create nothing more, and have kopf retry, since
+    the cluster's configuration may change (Knative installed, the flag turned on)."""
     _write_status(patch, status, Transition(Phase.PENDING, reason, message), meta.get("generation"))
-    if status.get("message") != message:
+    if status.get("message") != message:  # one event, not one per retry
         kopf.warn(body, reason=reason, message=message)
     raise kopf.TemporaryError(message, delay=max(1.0, settings.poll_seconds))
+
+
+def _missing_apis_message(missing: list[str]) -> str:
+    return (f"this cluster does not serve {', '.join(missing)}: install Knative Serving (the gradient function is "
+            "a Knative Service), or set spec.function.mode: inline; nothing is created until it is served")
+
+
+def _refusal(job: JobSpec, child: dict[str, Any], exc: ApiException) -> tuple[str, str]:
+    """(reason, message) for a child the cluster refused, in the server's own words."""
+    knative = child["apiVersion"].startswith("serving.knative.dev/")
+    message = f"the cluster refused {child['kind']} {child['metadata']['name']}: {_api_message(exc)}"
+    if knative and (flags := knative_flags_needed(job)):
+        message += f" (this job needs Knative feature flag(s) {', '.join(flags)} enabled in config-features)"
+    return ("KnativeRefused" if knative else "ChildRefused"), message
 
 
 def _api_message(exc: ApiException) -> str:

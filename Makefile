@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 JOB    ?= examples/digits.yaml
 WHEELHOUSE ?= $(HOME)/.cache/p2ptrain/wheelhouse
 
-.PHONY: setup run test lint typecheck unit bench bench-reports clean tools cluster-tools cluster-test image chaos robustness compare
+.PHONY: setup run test lint typecheck unit bench bench-reports clean tools cluster-tools cluster-test node-tools e2e image chaos robustness compare
 
 setup: $(STAMP)
 
@@ -51,12 +51,27 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
+# Every tier but the node's (tests/node needs the image: `make e2e`).
 test: $(STAMP) tools cluster-tools lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/node
 
 # Only the cluster tier: the CRD, chart and operator against a real control plane (tests/cluster).
 cluster-test: $(STAMP) tools cluster-tools
 	$(BIN)/pytest -q tests/cluster
+
+# The node tier's runtime (containerd, runc, CNI plugins, nftables: Debian packages). Root (or sudo).
+node-tools:
+	@bash hack/install-node-tools.sh
+
+# The node tier: the control plane with one real node (kubelet, kube-proxy, containerd, CoreDNS), the
+# image imported from its archive, the chart installed by helm, jobs trained by pods (tests/node).
+# The archive is rebuilt when a file it is built from is newer. Root (containerd, kubelet).
+IMAGE_ARCHIVE ?= build/p2ptrain-image.tar
+e2e: $(STAMP) tools cluster-tools node-tools $(IMAGE_ARCHIVE)
+	P2PTRAIN_IMAGE_ARCHIVE=$(IMAGE_ARCHIVE) $(BIN)/pytest -q tests/node
+
+$(IMAGE_ARCHIVE): Dockerfile pyproject.toml hack/build-image.sh $(shell git ls-files p2ptrain operator functions 2>/dev/null)
+	IMAGE_ARCHIVE=$(abspath $@) bash hack/build-image.sh
 
 # Builds the image from the Dockerfile with buildah (no Docker engine or registry needed), exports
 # build/p2ptrain-image.tar for `kind load image-archive` and checks it from the inside. Root (or sudo).

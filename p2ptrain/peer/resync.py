@@ -1,7 +1,8 @@
 """Re-synchronising replicas that drifted apart (``training.resyncEveryRounds``).
 
 With ``exchange.quorum`` below ``peers`` each peer aggregates whatever arrived first, so peers may
-apply different updates and their replicas drift. Every ``resyncEveryRounds`` rounds, and after the
+apply different updates and their replicas drift; with the full quorum too, when a round closes at its
+deadline without a restarting or late peer, which then closes it with its own gradient. Every ``resyncEveryRounds`` rounds, and after the
 last round, each peer publishes its parameter hash and packed state (model and optimizer) for that
 round in its own Redis, then reads the other peers' hashes from theirs. When the hashes differ, every
 peer adopts the coordinate-wise median of the same peers' states of that round: the same bytes in, the
@@ -46,11 +47,13 @@ _BACKOFF = retry.Backoff(first=0.02, cap=0.25)
 def sync_due(spec: JobSpec, rounds: int, round_index: int) -> bool:
     """Whether the replicas are compared after ``round_index`` (0-based) in a job of ``rounds`` rounds.
 
-    Only when drift is possible: with the full quorum every peer aggregates the same gradients, and
-    with topology ps every peer adopts the aggregator's model.
+    Whenever drift is possible, so not with topology ps (every peer adopts the aggregator's model).
+    The full quorum does not rule it out: a round closes at its deadline without a peer that was
+    restarting or late, and that peer, when it closes the round, adds its own gradient (seen on a real
+    node: a deleted peer pod that resumed from its checkpoint stayed apart from the others to the end).
     """
     every = spec.training.resync_every_rounds
-    if every == 0 or spec.quorum >= spec.peers or spec.topology == "ps":
+    if every == 0 or spec.topology == "ps":
         return False
     return due(every, round_index, rounds)
 

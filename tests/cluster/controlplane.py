@@ -5,9 +5,12 @@ The apiserver runs as a typical cluster's does: TLS with a generated CA, token a
 (no one but the test's admin is a superuser), service-account tokens signed by its own key, and the
 admission plugins clusters enable (PodSecurity, OwnerReferencesPermissionEnforcement and the default
 set). The controller manager runs every default controller with per-controller service accounts, so
-garbage collection, StatefulSets, Jobs and service-account tokens behave as on a real cluster. There
-is no node: pods are created and admitted but never run (``Pending``). ``ControlPlane`` owns every
-process it starts and stops them all, whatever failed.
+garbage collection, StatefulSets, Jobs and service-account tokens behave as on a real cluster. By
+default there is no node: pods are created and admitted but never run (``Pending``). With ``address``
+set to an address pods can reach (the node tier's bridge, tests/node), the apiserver serves there,
+publishes itself as the Service ``kubernetes``, authorizes kubelets (Node authorizer, NodeRestriction)
+and has tokens for a kubelet, kube-proxy and CoreDNS. ``ControlPlane`` owns every process it starts
+and stops them all, whatever failed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ KUBECTL = TOOLS / "bin" / "kubectl"
 HELM = TOOLS / "bin" / "helm"
 UPSTREAM_CRDS = TOOLS / "cluster" / "crds"
 SERVICE_CIDR = "10.96.0.0/16"
+NODE_NAME = "p2ptrain-node"
+NODE_USERS = {  # user: groups, for the node's components (bound by the bootstrap RBAC, CoreDNS by tests/node)
+    f"system:node:{NODE_NAME}": "system:nodes",
+    "system:kube-proxy": "",
+    "system:p2ptrain-coredns": "",
+}
 T = TypeVar("T")
 
 
@@ -61,17 +70,27 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_certificates(directory: Path) -> None:
-    """A CA, the apiserver's serving certificate (for 127.0.0.1 and the in-cluster names), and the
-    service-account signing key pair, with openssl (present on every Debian machine)."""
+def sign_certificate(directory: Path, name: str, subject: str, extensions: str) -> None:
+    """``name.key`` and ``name.crt`` signed by the test CA in ``directory`` (``make_certificates``)."""
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", cwd=directory)
+    (directory / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)
+
+
+def make_certificates(directory: Path, address: str = "127.0.0.1") -> None:
+    """A CA, the apiserver's serving certificate (for 127.0.0.1, ``address`` and the in-cluster
+    names), its client certificate for kubelets, and the service-account signing key pair, with
+    openssl (present on every Debian machine)."""
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=p2ptrain-test-ca",
              "-keyout", "ca.key", "-out", "ca.crt", cwd=directory)
-    names = "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=kube-apiserver", "-keyout", "apiserver.key",
-             "-out", "apiserver.csr", cwd=directory)
-    (directory / "apiserver.ext").write_text(f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
-    _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-extfile", "apiserver.ext", "-out", "apiserver.crt", cwd=directory)
+    names = ",".join([*dict.fromkeys([f"IP:{address}", "IP:127.0.0.1", "IP:10.96.0.1"]), "DNS:localhost",
+                      "DNS:kubernetes", "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+                      "DNS:kubernetes.default.svc.cluster.local"])
+    sign_certificate(directory, "apiserver", "/CN=kube-apiserver", f"subjectAltName={names}\nextendedKeyUsage=serverAuth\n")
+    sign_certificate(directory, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client",
+                     "extendedKeyUsage=clientAuth\n")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=directory)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=directory)
 
@@ -97,6 +116,14 @@ class ControlPlane:
     processes: list[Process] = field(default_factory=list)
     admin_token: str = field(default_factory=lambda: secrets.token_hex(24))
     server: str = ""
+    address: str = "127.0.0.1"
+    """Where the apiserver serves; an address of the node's (not loopback) makes a node possible."""
+    component_tokens: dict[str, str] = field(default_factory=dict)
+    """The tokens of the users ``NODE_USERS`` name (with ``address`` set): kubelet, kube-proxy, CoreDNS."""
+
+    @property
+    def with_node(self) -> bool:
+        return self.address != "127.0.0.1"
 
     @property
     def ca(self) -> Path:
@@ -122,18 +149,21 @@ class ControlPlane:
     def start(self) -> None:
         if not BINARY.exists():
             raise ControlPlaneError(f"{BINARY} is missing: `make cluster-tools` (hack/cluster/build.sh) builds it")
-        make_certificates(self.workdir)
+        make_certificates(self.workdir, self.address)
         etcd_client, etcd_peer, apiserver, controller_manager, scheduler = free_ports(5)
         tokens = {
             self.admin_token: ("p2ptrain-test-admin", "system:masters"),
             secrets.token_hex(24): ("system:kube-controller-manager", ""),
             secrets.token_hex(24): ("system:kube-scheduler", ""),
         }
+        if self.with_node:
+            tokens.update({secrets.token_hex(24): (user, groups) for user, groups in NODE_USERS.items()})
         with (self.workdir / "tokens.csv").open("w") as out:
             for token, (user, groups) in tokens.items():
                 out.write(f'{token},{user},{user},"{groups}"\n')
-        self.server = f"https://127.0.0.1:{apiserver}"
+        self.server = f"https://{self.address}:{apiserver}"
         by_user = {user: token for token, (user, _) in tokens.items()}
+        self.component_tokens = {user: by_user[user] for user in NODE_USERS if user in by_user}
         self.write_kubeconfig(self.kubeconfig, self.admin_token)
         self.write_kubeconfig(self.workdir / "kcm.kubeconfig", by_user["system:kube-controller-manager"])
         self.write_kubeconfig(self.workdir / "scheduler.kubeconfig", by_user["system:kube-scheduler"])
@@ -145,21 +175,27 @@ class ControlPlane:
             "--unsafe-no-fsync", "--log-level=warn",  # a throwaway store: durability is not under test
         ])
         w = self.workdir
+        node = [  # kubelets: the Node authorizer and admission, and a client certificate for logs and exec
+            f"--kubelet-client-certificate={w / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={w / 'apiserver-kubelet-client.key'}", "--kubelet-preferred-address-types=InternalIP",
+        ] if self.with_node else [
+            # Loopback cannot be an Endpoints address: the default Service `kubernetes` gets none (no pod runs here).
+            "--endpoint-reconciler-type=none",
+        ]
         self._spawn("kube-apiserver", [
-            f"--etcd-servers=http://127.0.0.1:{etcd_client}", "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--etcd-servers=http://127.0.0.1:{etcd_client}", f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={apiserver}", f"--cert-dir={w / 'apiserver-certs'}",
             f"--tls-cert-file={w / 'apiserver.crt'}", f"--tls-private-key-file={w / 'apiserver.key'}",
             f"--client-ca-file={w / 'ca.crt'}", f"--token-auth-file={w / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC" if self.with_node else "--authorization-mode=RBAC",
             "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,DefaultStorageClass,"
             "PodSecurity,OwnerReferencesPermissionEnforcement,ResourceQuota,MutatingAdmissionWebhook,"
-            "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy",
+            "ValidatingAdmissionWebhook,ValidatingAdmissionPolicy" + (",NodeRestriction" if self.with_node else ""),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={w / 'sa.pub'}", f"--service-account-signing-key-file={w / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=false", "--profiling=false",
-            "--enable-priority-and-fairness=false",
-            # Loopback cannot be an Endpoints address: the default Service `kubernetes` gets none (no pod runs here).
-            "--endpoint-reconciler-type=none",
+            "--enable-priority-and-fairness=false", *node,
         ])
         self.wait_ready(timeout=120)
         self._spawn("kube-controller-manager", [

@@ -94,14 +94,21 @@ def prometheus(workdir: Path, tsdb: Path) -> Iterator[str]:
         terminate(process, timeout=15)
 
 
+def grafana_regex_escape(value: str) -> str:
+    """A variable's value in a regex matcher as Grafana's Prometheus data source writes it into the
+    query: a regex metacharacter gets two backslashes (PromQL's string unescapes one), a backslash four.
+    (Python's ``re.escape`` also escapes ``-``, and ``\\-`` is no PromQL string escape.)"""
+    return re.sub(r"([$^*{}\[\]'+?.()|])", r"\\\\\1", value.replace("\\", "\\" * 4))
+
+
 def dashboard_queries(job: str, namespace: str) -> list[tuple[str, str, str]]:
     """(panel title, refId, query) for every target, with the variables Grafana would substitute."""
     dashboard = json.loads(DASHBOARD.read_text())
     substitutions = {
         "$__rate_interval": f"{RATE_INTERVAL_MS}ms",
         "$__interval": f"{STEP_MS}ms",
-        "$namespace": re.escape(namespace),
-        "$job": re.escape(job),
+        "$namespace": grafana_regex_escape(namespace),
+        "$job": grafana_regex_escape(job),
     }
     queries = []
     for panel in dashboard["panels"]:
@@ -122,7 +129,7 @@ def dashboard_variables(job: str, namespace: str) -> dict[str, tuple[str, str]]:
             continue
         match = re.fullmatch(r"label_values\((.+), *(\w+)\)", variable["query"]["query"])
         assert match, f"variable {variable['name']}: not a label_values() query"
-        selector = match[1].replace("$namespace", re.escape(namespace)).replace("$job", re.escape(job))
+        selector = match[1].replace("$namespace", grafana_regex_escape(namespace)).replace("$job", grafana_regex_escape(job))
         variables[variable["name"]] = (match[2], selector)
     return variables
 

@@ -92,12 +92,32 @@ async def test_identical_replicas_are_compared_and_left_alone() -> None:
             assert peer.status.resyncs == (_resyncs(peer) or 0)
 
 
-async def test_no_sync_runs_with_the_full_quorum() -> None:
-    spec = make_spec(name="fullq", peers=2, functionsPerPeer=1, batchSize=32, rounds=3,
-                     training={"resyncEveryRounds": 1})
+async def test_a_peer_late_past_the_deadline_drifts_under_the_full_quorum_and_the_sync_repairs_it() -> None:
+    """The full quorum does not rule drift out: a round closes at its deadline without a late peer (on a
+    real node, a deleted peer pod resuming from its checkpoint), which then closes it with its own
+    gradient. Before syncs ran under the full quorum too, that peer stayed apart to the end."""
+    spec = make_spec(name="fullq", peers=3, functionsPerPeer=1, batchSize=32, rounds=4,
+                     exchange={"roundDeadlineSeconds": 2}, training={"hashEveryRounds": 1, "resyncEveryRounds": 2})
     async with running_job(spec) as job:
+        late = job.peers[2]
+        take_average: Callable[[int], Any] = late.store.take_average
+
+        def late_once(round_index: int, **options: Any) -> Any:
+            if round_index == 0:
+                time.sleep(4)  # the injected fault: past the others' 2 s deadline, in round 1 only
+            return take_average(round_index, **options)
+
+        late.store.take_average = late_once  # type: ignore[method-assign]
         await job.train()
-        assert all(p.status.last_sync == {} and p.status.resyncs == 0 for p in job.peers)
+        hashes = [p.status.params_hashes for p in job.peers]
+    # Round 1: peers 0 and 1 closed it on the deadline without peer 2's gradient; peer 2 with it.
+    assert hashes[0]["1"] == hashes[1]["1"] != hashes[2]["1"]
+    # The sync after round 2 made them identical again (peer 2 was not alone in the median's input).
+    for peer in job.peers:
+        assert peer.status.last_sync["round"] == 4 and peer.status.resyncs >= 1, peer.status.last_sync
+    assert len({h["4"] for h in hashes}) == 1
+    params = [_flat(p) for p in job.peers]
+    assert all(torch.equal(params[0].view(torch.int32), other.view(torch.int32)) for other in params[1:])
 
 
 async def test_a_peer_that_publishes_after_the_deadline_adopts_what_the_others_agreed_on() -> None:

@@ -41,7 +41,7 @@ from p2ptrain_operator.builders import (
     selector,
 )
 from p2ptrain_operator.kube import ApiException, Connection, Kube
-from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase
+from p2ptrain_operator.lifecycle import Observed, Phase, Transition, conditions, next_phase, restart_cause
 from p2ptrain_operator.settings import Settings
 
 FINALIZER = f"{API_GROUP}/finalizer"
@@ -259,7 +259,7 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
         await _follow_export(memo, body, job, str(status.get("modelExport")), patch)
         return
     reports = await _poll_peers(memo, job)
-    restarts = await _restarts(memo.kube, job)
+    restarts, last_restart = await _restarts(memo.kube, job)
     start = _parse_time(status.get("startTime"))
     states = [PeerState(r["state"]) if r else None for r in reports]
     failure = next((f"peer {r['peer']}: {r.get('message', '')}" for r in reports if r and r["state"] == PeerState.FAILED), "")
@@ -279,6 +279,7 @@ async def _observe(body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: ko
         elapsed_seconds=time.time() - start if start else None,
         active_deadline_seconds=job.run_policy.active_deadline_seconds,
         failure_message=failure,
+        last_restart=last_restart,
     )
     transition = next_phase(phase, observed)
     _write_progress(patch, job, reports, restarts, aggregator)
@@ -374,8 +375,9 @@ async def _poll_peers(memo: OperatorMemo, job: JobSpec) -> list[StatusDict | Non
     return list(await asyncio.gather(*(one(i) for i in range(job.peers))))
 
 
-async def _restarts(kube: Kube, job: JobSpec) -> int:
-    total = 0
+async def _restarts(kube: Kube, job: JobSpec) -> tuple[int, str]:
+    """Container restarts summed over the job's restarting pods, and why the latest one ended."""
+    total, causes = 0, []
     for component in ps.RESTARTING_COMPONENTS[job.topology]:  # ps: the aggregator's restarts count too
         wanted = selector(job.name, component)
         pods = await kube.list_pods(job.namespace, ",".join(f"{k}={v}" for k, v in wanted.items()))
@@ -384,7 +386,9 @@ async def _restarts(kube: Kube, job: JobSpec) -> int:
             if all(labels.get(k) == v for k, v in wanted.items()):  # emulators may ignore labelSelector
                 statuses = (pod.get("status") or {}).get("containerStatuses") or []
                 total += sum(int(c.get("restartCount", 0)) for c in statuses)
-    return total
+                if (cause := restart_cause(pod)) is not None:
+                    causes.append(cause)
+    return total, max(causes)[1] if causes else ""
 
 
 async def _start_export(memo: OperatorMemo, body: kopf.Body, job: JobSpec, patch: kopf.Patch) -> None:

@@ -45,6 +45,7 @@ class Observed:
     elapsed_seconds: float | None = None
     active_deadline_seconds: int | None = None
     failure_message: str = ""
+    last_restart: str = ""  # why the latest restarted container ended (``restart_cause``), "" if none did
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,26 @@ class Transition:
     phase: Phase
     reason: str
     message: str
+
+
+def restart_cause(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(when, why) the latest restarted container of ``pod`` ended, from its ``lastState``: the
+    container, the reason the kubelet gave (``OOMKilled``, ``Error``) and the exit code; an
+    out-of-memory kill also says which limit to raise. None when no container restarted."""
+    ended = []
+    for container in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (container.get("lastState") or {}).get("terminated")
+        if terminated and int(container.get("restartCount", 0)) > 0:
+            ended.append((str(terminated.get("finishedAt") or ""), container.get("name", "?"), terminated))
+    if not ended:
+        return None
+    when, container, terminated = max(ended, key=lambda e: e[0])
+    reason = terminated.get("reason") or "Terminated"
+    why = f"pod {pod.get('metadata', {}).get('name', '?')} container {container} {reason} (exit {terminated.get('exitCode')})"
+    if reason == "OOMKilled":
+        why += (": it exceeded its memory limit (inline peers get function.resources times the instances"
+                " one round keeps busy; a namespace's LimitRange may set others)")
+    return when, why
 
 
 def next_phase(current: Phase, observed: Observed) -> Transition:
@@ -63,11 +84,12 @@ def next_phase(current: Phase, observed: Observed) -> Transition:
     deadline = observed.active_deadline_seconds
     if deadline is not None and observed.elapsed_seconds is not None and observed.elapsed_seconds > deadline:
         return Transition(Phase.FAILED, "DeadlineExceeded", f"job ran longer than activeDeadlineSeconds={deadline}")
+    cause = f"; last: {observed.last_restart}" if observed.last_restart else ""
     if observed.restarts > observed.backoff_limit:
         return Transition(
             Phase.FAILED,
             "BackoffLimitExceeded",
-            f"{observed.restarts} pod restarts exceed backoffLimit={observed.backoff_limit}",
+            f"{observed.restarts} pod restarts exceed backoffLimit={observed.backoff_limit}{cause}",
         )
     states = list(observed.peer_states)
     if PeerState.FAILED in states:
@@ -76,7 +98,7 @@ def next_phase(current: Phase, observed: Observed) -> Transition:
     if len(states) == observed.peers and states and all(s == PeerState.SUCCEEDED for s in states):
         return Transition(Phase.SUCCEEDED, "AllPeersSucceeded", f"all {observed.peers} peers finished training")
     if observed.restarts > observed.previous_restarts:
-        return Transition(Phase.RESTARTING, "PodRestarted", f"{observed.restarts} pod restarts so far")
+        return Transition(Phase.RESTARTING, "PodRestarted", f"{observed.restarts} pod restarts so far{cause}")
     if any(s in (PeerState.TRAINING, PeerState.SUCCEEDED) for s in states):
         return Transition(Phase.RUNNING, "Training", "peers are training")
     if current in (Phase.RUNNING, Phase.RESTARTING):

@@ -293,6 +293,28 @@ async def test_prometheus_scrapes_the_pods_and_the_dashboard_has_data(release: N
     assert results[("Rejected events, by reason", "A")][0]["metric"]["reason"] == "malformed"
 
 
+def test_an_out_of_memory_kill_fails_the_job_and_says_so(release: NodeCluster, namespace: str) -> None:
+    """Resource limits under a real runtime: an inline job whose peers get too little memory
+    (``function.resources``) is killed by the kernel's OOM killer in its memory cgroup; with
+    ``backoffLimit: 0`` the first restart fails the job, and its condition and event say why."""
+    plane, name = release.plane, "digits-oom"
+    manifest = inline_job(name, rounds=100)
+    manifest["spec"]["function"]["resources"] = {"requests": {"memory": "96Mi"}, "limits": {"memory": "96Mi"}}
+    manifest["spec"]["runPolicy"] = {"backoffLimit": 0}
+    with Follower(plane, namespace, name, 4) as follow:
+        apply(plane, namespace, manifest)
+        failed = follow.wait_phase("Failed", timeout=300)
+    peer = pods(plane, namespace, name, "peer")
+    limits = {p["spec"]["containers"][0]["resources"]["limits"]["memory"] for p in peer}
+    condition = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert condition["reason"] == "BackoffLimitExceeded", condition
+    assert "OOMKilled (exit 137): it exceeded its memory limit" in condition["message"], condition
+    events = plane.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=BackoffLimitExceeded",
+                           "-o", "jsonpath={.items[*].message}").stdout
+    assert "OOMKilled" in events, events
+    assert limits <= {"96Mi"}
+
+
 def test_helm_uninstall_runs_the_pre_delete_hook_as_a_pod(release: NodeCluster, namespace: str) -> None:
     """`helm uninstall` with a job training: the chart's pre-delete hook Job runs as a real pod (its
     image, its ServiceAccount's token, the API through the Service ``kubernetes``), deletes the job and

@@ -51,3 +51,32 @@ def test_conditions_follow_the_phase_and_keep_transition_times() -> None:
     done = {c["type"]: c for c in conditions(Transition(Phase.SUCCEEDED, "AllPeersSucceeded", "ok"), again, "t3")}
     assert done["Running"]["status"] == "False" and done["Running"]["lastTransitionTime"] == "t3"
     assert done["Succeeded"]["status"] == "True" and done["Created"]["lastTransitionTime"] == "t1"
+
+
+def _pod(name: str, *containers: tuple[str, int, dict[str, object] | None]) -> dict[str, object]:
+    return {"metadata": {"name": name}, "status": {"containerStatuses": [
+        {"name": c, "restartCount": n, "lastState": {"terminated": t} if t else {}} for c, n, t in containers]}}
+
+
+def test_the_restart_cause_is_the_latest_terminated_container_and_an_oom_kill_names_the_limit() -> None:
+    from p2ptrain_operator.lifecycle import restart_cause
+
+    assert restart_cause(_pod("j-peer-0", ("peer", 0, None))) is None
+    early = {"reason": "Error", "exitCode": 1, "finishedAt": "2026-12-08T04:00:00Z"}
+    late = {"reason": "OOMKilled", "exitCode": 137, "finishedAt": "2026-12-08T04:00:09Z"}
+    when, why = restart_cause(_pod("j-peer-1", ("peer", 1, early), ("sidecar", 2, late))) or ("", "")
+    assert when == late["finishedAt"]
+    assert why.startswith("pod j-peer-1 container sidecar OOMKilled (exit 137): it exceeded its memory limit")
+    assert "function.resources" in why
+    _, plain = restart_cause(_pod("j-redis-0", ("redis", 1, early))) or ("", "")
+    assert plain == "pod j-redis-0 container redis Error (exit 1)"
+
+
+def test_a_failure_from_restarts_says_why_the_last_container_ended() -> None:
+    observed = Observed(peers=2, restarts=1, backoff_limit=0, last_restart="pod j-peer-1 container peer OOMKilled (exit 137)")
+    transition = next_phase(Phase.RUNNING, observed)
+    assert transition.reason == "BackoffLimitExceeded"
+    assert transition.message == "1 pod restarts exceed backoffLimit=0; last: pod j-peer-1 container peer OOMKilled (exit 137)"
+    restarting = next_phase(Phase.RUNNING, Observed(peers=2, peer_states=[PeerState.TRAINING] * 2, restarts=1,
+                                                     last_restart="pod j-peer-0 container peer Error (exit 1)"))
+    assert restarting.message == "1 pod restarts so far; last: pod j-peer-0 container peer Error (exit 1)"

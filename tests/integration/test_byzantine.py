@@ -54,6 +54,9 @@ async def _train_under_attack(rule: str) -> tuple[list[Peer], int]:
         name=f"byz-{rule}", peers=5, functionsPerPeer=1, batchSize=32, rounds=ROUNDS,
         optimizer={"learningRate": 0.2}, aggregation={"rule": rule, "byzantine": 1 if rule != "mean" else 0},
         exchange={"roundDeadlineSeconds": 30}, evaluation={"everyRounds": ROUNDS},
+        # The attacker here only sends gradients; it runs no peer, so it would never publish a state at a
+        # re-sync and every sync would wait out the deadline for it. Replicas are compared bit for bit below.
+        training={"resyncEveryRounds": 0},
     )
     async with running_job(spec) as job:
         honest = [p for p in job.peers if p.index != ATTACKER]

@@ -35,11 +35,15 @@ ACCURACY = 0.95  # the example's accuracy (README): what the job must reach as p
 JOB_TIMEOUT = 900  # seconds: pods start on two shared cores, each importing torch
 
 
-def inline_job(name: str, rounds: int, output_claim: str | None = None) -> dict[str, Any]:
-    """examples/digits-inline.yaml as a user would adapt it: a name, more rounds, an output claim."""
+def inline_job(name: str, rounds: int, output_claim: str | None = None, keep_pods: bool = False) -> dict[str, Any]:
+    """examples/digits-inline.yaml as a user would adapt it: a name, more rounds, an output claim, and
+    with ``keep_pods`` the pods kept after the job ends (``cleanPodPolicy: None``), so every peer's last
+    status can still be read."""
     manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     manifest["metadata"]["name"] = name
     manifest["spec"]["rounds"] = rounds
+    if keep_pods:
+        manifest["spec"]["runPolicy"] = {"cleanPodPolicy": "None"}
     if output_claim:
         manifest["spec"]["output"] = {"claimName": output_claim, "path": f"models/{name}.safetensors"}
     return manifest
@@ -80,6 +84,11 @@ class Follower:
             while not self._stop.wait(1):
                 with contextlib.suppress(Exception):  # a poll that fails is retried next second
                     self._poll(client)
+
+    def read_peers(self) -> None:
+        """Read every peer's ``/status`` now (after the job ended, with its pods kept)."""
+        with httpx.Client(timeout=5) as client:
+            self._poll(client)
 
     def _poll(self, client: httpx.Client) -> None:
         printed = self.plane.kubectl("get", "p2ptrainingjobs", self.name, "-n", self.namespace, "--no-headers",
@@ -158,7 +167,8 @@ def replace_pod(plane: ControlPlane, namespace: str, pod_name: str, timeout: flo
 
 def assert_replicas_end_identical(follow: Follower, rounds: int) -> None:
     """Every peer's parameter hash after the last round is the same (``training.resyncEveryRounds``
-    repairs what a restarted peer's rounds made different in between)."""
+    repairs what a restarted peer's rounds made different in between). The job's pods are kept."""
+    follow.read_peers()
     last = follow.replicas.hashes.get(rounds, {})
     assert len(last) == 4 and len(set(last.values())) == 1, (last, follow.replicas.result())
 
@@ -178,7 +188,7 @@ def test_an_inline_job_trains_as_pods_and_survives_a_peer_deletion(release: Node
     deleted mid-run, is made again and resumes from its checkpoint; the replicas stay identical; the
     job ends Succeeded and the export Job writes the model to the claim."""
     plane, name = release.plane, "digits"
-    manifest = inline_job(name, rounds=300, output_claim="models")
+    manifest = inline_job(name, rounds=300, output_claim="models", keep_pods=True)
     with output_volume(release, namespace, "models") as volume, Follower(plane, namespace, name, 4) as follow:
         started = time.monotonic()
         apply(plane, namespace, manifest)
@@ -211,7 +221,7 @@ def test_a_deleted_redis_pod_is_recovered_from(release: NodeCluster, namespace: 
     round re-run. Here its pod is deleted mid-run (an emptyDir: the new pod starts empty)."""
     plane, name = release.plane, "digits-redis"
     with Follower(plane, namespace, name, 4) as follow:
-        apply(plane, namespace, inline_job(name, rounds=200))
+        apply(plane, namespace, inline_job(name, rounds=200, keep_pods=True))
         follow.wait_round(40)
         replace_pod(plane, namespace, f"{name}-redis-2")
         done = follow.wait_phase("Succeeded")

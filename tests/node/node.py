@@ -221,8 +221,8 @@ class Node:
 
     # -- images ------------------------------------------------------------------------------------------------
 
-    def ctr(self, *args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run("ctr", f"--address={self.socket}", "--namespace=k8s.io", *args, timeout=timeout)
+    def ctr(self, *args: str | Path, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("ctr", f"--address={self.socket}", "--namespace=k8s.io", *args, timeout=timeout, check=check)
 
     def load_image(self, archive: Path) -> list[str]:
         """Import an image archive (docker-archive or OCI) into the node's runtime and unpack it, as
@@ -241,8 +241,9 @@ class Node:
         return added
 
     def _drop_layer_blobs(self, image: str) -> None:
-        index = json.loads(self.ctr("content", "get", self._image_target(image)).stdout)
-        manifests = [m["digest"] for m in index.get("manifests", [])] or [self._image_target(image)]
+        target = self._image_target(image)
+        index = json.loads(self.ctr("content", "get", target).stdout)
+        manifests = [m["digest"] for m in index.get("manifests", [])] or [target]
         for digest in manifests:
             manifest = json.loads(self.ctr("content", "get", digest).stdout)
             layers = [layer["digest"] for layer in manifest.get("layers", [])]
@@ -314,7 +315,7 @@ state = "{w / 'containerd' / 'state'}"
         def serving() -> bool:
             if process.popen.poll() is not None:
                 raise NodeError(f"containerd exited with {process.popen.returncode}:\n{process.tail()}")
-            return self.socket.exists() and run("ctr", f"--address={self.socket}", "version", check=False).returncode == 0
+            return self.socket.exists() and self.ctr("version", check=False).returncode == 0
 
         wait_for(serving, 60, "containerd to serve", interval=0.5)
 
@@ -422,16 +423,13 @@ state = "{w / 'containerd' / 'state'}"
         """Every container and sandbox the node's runtime still runs (kubelet is stopped: it would make
         them again)."""
         for kind in ("tasks", "containers"):
-            listed = run("ctr", f"--address={self.socket}", "--namespace=k8s.io", kind, "list", "--quiet", check=False)
-            for ident in listed.stdout.split():
+            for ident in self.ctr(kind, "list", "--quiet", check=False).stdout.split():
                 if kind == "tasks":
-                    run("ctr", f"--address={self.socket}", "--namespace=k8s.io", "tasks", "kill", "--signal=SIGKILL",
-                        ident, check=False)
+                    self.ctr("tasks", "kill", "--signal=SIGKILL", ident, check=False)
                     time.sleep(0.1)
-                    run("ctr", f"--address={self.socket}", "--namespace=k8s.io", "tasks", "delete", "--force",
-                        ident, check=False)
+                    self.ctr("tasks", "delete", "--force", ident, check=False)
                 else:
-                    run("ctr", f"--address={self.socket}", "--namespace=k8s.io", "containers", "delete", ident, check=False)
+                    self.ctr("containers", "delete", ident, check=False)
 
     def _kill_leftovers(self) -> None:
         """Processes still in the node's cgroup, and the runtime's shims of this node's socket."""

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from p2ptrain.config import PEER_PORT
 from p2ptrain.status import ReplicaCheck
+from tests.cluster import objects
 from tests.cluster.conftest import RELEASE, RELEASE_NAMESPACE
 from tests.cluster.controlplane import ROOT, ControlPlane, wait_for
 from tests.node.conftest import NodeCluster
@@ -50,8 +51,7 @@ def inline_job(name: str, rounds: int, output_claim: str | None = None, keep_pod
 
 
 def pods(plane: ControlPlane, namespace: str, job: str, component: str) -> list[dict[str, Any]]:
-    selector = f"p2ptrain.dev/job={job},app.kubernetes.io/component={component}"
-    return list(json.loads(plane.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)["items"])
+    return objects.pods(plane, namespace, {"p2ptrain.dev/job": job, "app.kubernetes.io/component": component})
 
 
 def ready(pod: dict[str, Any]) -> bool:

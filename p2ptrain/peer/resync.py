@@ -5,9 +5,10 @@ apply different updates and their replicas drift; with the full quorum too, when
 its deadline without a restarting or late peer, which then closes it with its own gradient. Every
 ``resyncEveryRounds`` rounds, and after the last round, each peer publishes its parameter hash and
 packed state (model and optimizer) for that round in its own Redis, then reads the other peers' hashes
-from theirs. When the hashes differ, every peer adopts the coordinate-wise median of the same peers' states of that round: the same bytes in, the
-same deterministic median out, so every replica is bitwise identical again (and, with 2f+1 states, f
-Byzantine ones cannot pull the result outside the honest range).
+from theirs. When the hashes differ, every peer adopts the coordinate-wise median of the same peers'
+states of that round: the same bytes in, the same deterministic median out, so every replica is
+bitwise identical again (and, with 2f+1 states, f Byzantine ones cannot pull the result outside the
+honest range).
 
 Which peers take part is agreed through Redis as well: the first peers to decide write the list they
 used (``members``) beside their state, and a peer that arrives later takes that list instead of its
